@@ -1,0 +1,1 @@
+"""The network as a participant sees it: transports, discovery, routing and the client."""

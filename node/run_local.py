@@ -1,0 +1,72 @@
+"""`hearth run`: one generation in this process, with the model split into spans like a swarm's."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from shard.errors import InvalidInput
+from shard.generate import Emitted, generate_local
+from shard.pipeline import LocalPipeline
+from shard.quant import QUANT_MODES
+from shard.sampling import SamplingParams
+from shard.tokenizer import TOKENIZER_FILE, Tokenizer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
+    parser.add_argument("--quant", choices=QUANT_MODES, default="none", help="weight quantization of the blocks")
+    parser.add_argument("--split", type=int, default=1, metavar="K", help="run the blocks as K spans")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT")
+    prompt.add_argument("--prompt-ids", metavar="1,2,3", help="token ids, comma-separated")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    parser.add_argument("--seed", type=int, default=None, metavar="S")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+
+
+def run(args: argparse.Namespace) -> int:
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    tokenizer = Tokenizer.from_dir(args.model) if (Path(args.model) / TOKENIZER_FILE).exists() else None
+    prompt_ids = _prompt_ids(args, tokenizer)
+    pipeline = LocalPipeline.load(args.model, parts=args.split, quant=args.quant)
+    on_token = None if args.json else _streamer(tokenizer)
+    result = generate_local(pipeline, prompt_ids, params, tokenizer=tokenizer, on_token=on_token)
+    if args.json:
+        print(json.dumps({"prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text,
+                          "finish_reason": result.finish_reason, "tokens_per_s": round(result.tokens_per_s, 2)}))
+    else:
+        print(f"\n[{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s, {result.finish_reason}]",
+              file=sys.stderr)
+    return 0
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[int]:
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(part) for part in args.prompt_ids.split(",") if part.strip()]
+        except ValueError as err:
+            raise InvalidInput(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from err
+        if not ids:
+            raise InvalidInput("--prompt-ids is empty")
+        return ids
+    if tokenizer is None:
+        raise InvalidInput(f"--prompt needs {TOKENIZER_FILE} in {args.model}; pass --prompt-ids instead")
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise InvalidInput("the prompt encodes to no tokens")
+    return ids
+
+
+def _streamer(tokenizer: Tokenizer | None):
+    def on_token(emitted: Emitted) -> None:
+        sys.stdout.write(emitted.text if tokenizer is not None else f"{emitted.token_id} ")
+        sys.stdout.flush()
+
+    return on_token

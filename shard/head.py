@@ -1,0 +1,72 @@
+"""The client's part of the model: token embeddings in, final norm and LM head out.
+
+These stay on the user's device, so token ids and logits never cross the network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shard.blocks import RMSNorm
+from shard.checkpoint import Checkpoint
+from shard.config import ModelConfig, load_config
+from shard.errors import CorruptCheckpoint, InvalidInput, QuantizationError
+from shard.quant import QUANT_MODES, quantize_linears_
+
+
+class ClientHead(nn.Module):
+    def __init__(self, config: ModelConfig, embed: torch.Tensor, norm: torch.Tensor, lm_head: nn.Module):
+        super().__init__()
+        self.config = config
+        self.embed_weight = nn.Parameter(embed, requires_grad=False)  # [V, D]
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm.weight = nn.Parameter(norm, requires_grad=False)
+        self.lm_head = lm_head
+
+    @torch.inference_mode()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids: [B, T] int64 -> [B, T, D]
+        if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
+            raise InvalidInput(f"token ids must be an integer [batch, tokens] tensor, got {ids.dtype} {list(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            bad = int(ids.max()) if int(ids.max()) >= self.config.vocab_size else int(ids.min())
+            raise InvalidInput(f"token id {bad} is outside the vocabulary of {self.config.vocab_size}")
+        return F.embedding(ids, self.embed_weight)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [B, T, D] -> [B, T, V] fp32
+        if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
+            raise InvalidInput(f"hidden states must be [batch, tokens, {self.config.hidden_size}], got {list(hidden.shape)}")
+        normed = self.norm(hidden.to(self.embed_weight.dtype))
+        return self.lm_head(normed).to(torch.float32)
+
+
+def load_head(model_dir: str | Path, *, quant: str = "none", group_size: int = 32,
+              dtype: torch.dtype = torch.float32, verify: bool = True) -> ClientHead:
+    """Embeddings, final norm and LM head (tied to the embeddings or not); `quant` applies to the LM head."""
+    if quant not in QUANT_MODES:
+        raise QuantizationError(f"quantization {quant!r} is not one of {', '.join(QUANT_MODES)}")
+    config = load_config(model_dir, verify=verify)
+    checkpoint = Checkpoint(model_dir, verify=verify)
+    embed = _read(checkpoint, "model.embed_tokens.weight", (config.vocab_size, config.hidden_size), dtype)
+    norm = _read(checkpoint, "model.norm.weight", (config.hidden_size,), dtype)
+    tied = config.tie_word_embeddings or not checkpoint.has("lm_head.weight")
+    head_weight = embed if tied else _read(checkpoint, "lm_head.weight", (config.vocab_size, config.hidden_size), dtype)
+    lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
+    # a tied head shares the embedding storage unless it is quantized (then it gets its own copy)
+    lm_head.weight = nn.Parameter(head_weight if quant == "none" else head_weight.to(torch.float32), requires_grad=False)
+    container = nn.Sequential(lm_head)
+    quantize_linears_(container, quant, group_size)
+    return ClientHead(config, embed, norm, container[0])
+
+
+def _read(checkpoint: Checkpoint, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    tensor = checkpoint.read(name, dtype)
+    if tuple(tensor.shape) != shape:
+        raise CorruptCheckpoint(f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}")
+    return tensor

@@ -1,0 +1,489 @@
+"""Weight-only quantization of linear layers: int8 per output channel, int4 in groups.
+
+Owns the quantized linear modules (`Int8Linear`, `Int4Linear`), their portable saved format,
+the choice between torch's packed CPU kernels and a pure-torch dequantize fallback, and the
+in-place swap of `nn.Linear` layers (`quantize_linears_`, `empty_quantized_linears_`).
+
+Portable format (what `state_dict()` holds, so a span saved with safetensors on one machine
+loads on any other; no kernel-specific layout is ever saved):
+- int8: `weight` int8 [out, in], `scales` bf16 [out]; w ~= weight * scales[:, None].
+  Symmetric per output channel, codes in [-127, 127].
+- int4: `qweight` uint8 [out, in/2] (column 2j in the low nibble, 2j+1 in the high one),
+  `scales` and `zeros` bf16 [out, in/group]; w ~= (code - 8) * scale + zero per group.
+  Asymmetric (min/max) per group: on random and heavy-tailed weights it gives 16-30% lower
+  output error than symmetric int4, and the CPU kernel reads a float zero per group anyway,
+  so it costs nothing at run time.
+- `bias` fp32 [out] when the layer has one.
+Scales and zeros are stored in bf16 because the kernels consume bf16: the kernel path and the
+dequantize path then use bit-identical quantization parameters.
+
+Kernel choice (numbers from benchmarks/bench_quant_kernels.py, see benchmarks/RESULTS.md): the
+packed kernels only pay off with bf16 activations (with fp32 ones they are 6-15x slower than
+fp32 `F.linear`), so activations are cast to bf16 and the output back to fp32. They compute
+x @ W^T row by row, so their time grows with M faster than fp32 GEMM's does:
+- int8: kernel for 1 <= M <= INT8_KERNEL_MAX_ROWS, else fp32 `F.linear` on chunks of
+  dequantized rows (the output is scaled per channel afterwards).
+- int4: kernel at every M; dequantizing int4 to fp32 costs more than the kernel's extra time
+  until prompts of several hundred tokens.
+The fallback is also used where this torch lacks an op or the shape does not fit the kernel
+(int8: in % 16 != 0; int4: out % 16 != 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from shard.errors import QuantizationError
+
+QUANT_MODES = ("none", "int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
+# Largest number of rows (tokens x sequences) for which int8 uses the packed bf16 kernel.
+INT8_KERNEL_MAX_ROWS = 32
+# Weights dequantized at a time by the fallback path (4 MiB of fp32).
+_DEQUANT_CHUNK_ELEMS = 1 << 20
+# Smallest scale, so that a constant row or group does not divide by zero.
+_MIN_SCALE = 1e-20
+
+_INT8_MM = "_weight_int8pack_mm"
+_INT4_MM = "_weight_int4pack_mm_for_cpu"
+_INT4_CONVERT = "_convert_weight_to_int4pack_for_cpu"
+# innerKTiles of the int4 packing: the CPU op gives the same bytes for 1, 2, 4 and 8.
+_INT4_INNER_K_TILES = 2
+
+
+def _has_aten_op(name: str) -> bool:
+    """Whether this torch build has `torch.ops.aten.<name>` (tests patch this to force the fallback)."""
+    return hasattr(torch.ops.aten, name)
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise QuantizationError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_group_size(group_size: int, in_features: int) -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise QuantizationError(
+            f"int4 group_size {group_size!r} is not one of {INT4_GROUP_SIZES}"
+        )
+    if in_features % group_size:
+        raise QuantizationError(
+            f"int4 group_size {group_size} does not divide in_features {in_features}"
+        )
+
+
+def _check_weight(weight: Tensor, bias: Tensor | None) -> None:
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise QuantizationError(
+            f"expected a float weight [out, in], got {weight.dtype} {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise QuantizationError(
+            f"bias shape {tuple(bias.shape)} does not match out_features {weight.shape[0]}"
+        )
+
+
+def _check_saved(state_dict: dict, prefix: str, expected: dict[str, tuple]) -> None:
+    """Refuse saved tensors whose shape or dtype differs from `expected[name] = (shape, dtype)`."""
+    for name, (shape, dtype) in expected.items():
+        tensor = state_dict.get(prefix + name)
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise QuantizationError(
+                f"saved tensor {prefix + name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                f"expected {dtype} {shape}"
+            )
+
+
+def _rows_per_chunk(in_features: int) -> int:
+    return max(1, _DEQUANT_CHUNK_ELEMS // in_features)
+
+
+def _bias_or_none(bias: bool, out_features: int, device) -> Tensor | None:
+    return torch.zeros(out_features, device=device) if bias else None
+
+
+# --- int8 -------------------------------------------------------------------------------
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8: returns (codes int8 [out, in], scales bf16 [out])."""
+    w = weight.detach().float()  # [out, in]
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=_MIN_SCALE).to(torch.bfloat16)  # [out]
+    codes = (w / scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+def int8_dequant_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """Fallback x @ W^T for int8 W: fp32 GEMM on chunks of dequantized rows, then scale."""
+    # x: [M, in] fp32, weight: [out, in] int8, scales: [out] -> [M, out] fp32
+    rows = _rows_per_chunk(weight.shape[1])
+    parts = [F.linear(x, weight[r : r + rows].float()) for r in range(0, weight.shape[0], rows)]
+    return torch.cat(parts, dim=-1) * scales.float()
+
+
+class Int8Linear(nn.Module):
+    """Linear layer with int8 weights, symmetric per output channel; fp32 in, fp32 out."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        super().__init__()
+        _check_positive("in_features", in_features)
+        _check_positive("out_features", out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer(
+            "weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer(
+            "scales", torch.ones(out_features, dtype=torch.bfloat16, device=device)
+        )
+        self.register_buffer("bias", _bias_or_none(bias, out_features, device))
+
+    @classmethod
+    def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> Int8Linear:
+        _check_weight(weight, bias)
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, bias is not None, device="meta")
+        layer.weight, layer.scales = quantize_int8(weight)
+        if bias is not None:
+            layer.bias = bias.detach().float().clone()
+        return layer
+
+    def uses_kernel(self, rows: int) -> bool:
+        """Whether a forward over `rows` rows runs the packed kernel (else the fallback)."""
+        return (
+            1 <= rows <= INT8_KERNEL_MAX_ROWS
+            and self.in_features % 16 == 0
+            and _has_aten_op(_INT8_MM)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [..., in] -> [..., out]
+        x2 = x.reshape(-1, self.in_features).float()  # [M, in]
+        if self.uses_kernel(x2.shape[0]):
+            mm = getattr(torch.ops.aten, _INT8_MM)
+            y = mm(x2.to(torch.bfloat16), self.weight, self.scales).float()  # [M, out]
+        else:
+            y = int8_dequant_matmul(x2, self.weight, self.scales)  # [M, out]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        expected = {
+            "weight": ((self.out_features, self.in_features), torch.int8),
+            "scales": ((self.out_features,), torch.bfloat16),
+        }
+        if self.bias is not None:
+            expected["bias"] = ((self.out_features,), torch.float32)
+        _check_saved(state_dict, prefix, expected)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+# --- int4 -------------------------------------------------------------------------------
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """Codes uint8 [out, in] in 0..15 -> uint8 [out, in/2]: column 2j low nibble, 2j+1 high."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    """Inverse of `pack_nibbles`: uint8 [out, in/2] -> codes uint8 [out, in]."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric int4 per group: returns (qweight uint8 [out, in/2], scales, zeros bf16 [out, in/g]).
+
+    Each group's [min, max] maps onto codes 0..15; w ~= (code - 8) * scale + zero.
+    """
+    out_features, in_features = weight.shape
+    w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)  # [out, in/g]
+    scales = ((high - low) / 15).clamp(min=_MIN_SCALE).to(torch.bfloat16)
+    zeros = (low + 8 * scales.float()).to(torch.bfloat16)
+    # Codes from the rounded (stored) parameters, so they are optimal for what is saved.
+    codes = (w - zeros.float()[..., None]) / scales.float()[..., None]
+    codes = codes.round_().add_(8).clamp_(0, 15).to(torch.uint8)  # [out, in/g, g]
+    return pack_nibbles(codes.reshape(out_features, in_features)), scales, zeros
+
+
+def int4_dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """Portable int4 -> fp32 weight [out, in]."""
+    out_features = qweight.shape[0]
+    codes = unpack_nibbles(qweight).reshape(out_features, -1, group_size).float()
+    w = torch.addcmul(zeros.float()[..., None], codes - 8, scales.float()[..., None])
+    return w.reshape(out_features, -1)  # [out, in]
+
+
+def int4_dequant_matmul(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int
+) -> Tensor:
+    """Fallback x @ W^T for portable int4 W: fp32 GEMM on chunks of dequantized rows."""
+    # x: [M, in] fp32 -> [M, out] fp32
+    rows = _rows_per_chunk(x.shape[-1])
+    parts = [
+        F.linear(x, int4_dequantize(qweight[r : r + rows], scales[r : r + rows],
+                                    zeros[r : r + rows], group_size))
+        for r in range(0, qweight.shape[0], rows)
+    ]
+    return torch.cat(parts, dim=-1)
+
+
+def cpu_int4_layout(codes: Tensor) -> Tensor:
+    """Our model of `_convert_weight_to_int4pack_for_cpu` (AVX-512 build): codes [N, K] -> [N, K/2].
+
+    Rows come in blocks of 64, each stored as [K, 32] bytes (row j low nibble, row 32+j high);
+    the last N % 64 rows as [K, t/2] bytes (row 2j low, 2j+1 high). Checked against the op on
+    every tensor it packs (`Int4Linear._adopt`), so a different build only costs memory.
+    """
+    n_rows, k = codes.shape
+    head = n_rows // 64 * 64
+    parts = []
+    if head:
+        blocks = codes[:head].reshape(head // 64, 2, 32, k).permute(0, 3, 1, 2)  # [nb, K, 2, 32]
+        parts.append((blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(-1))
+    if n_rows > head:
+        tail = codes[head:].reshape((n_rows - head) // 2, 2, k).permute(2, 1, 0)  # [K, 2, t/2]
+        parts.append((tail[:, 0] | (tail[:, 1] << 4)).reshape(-1))
+    return torch.cat(parts).reshape(n_rows, k // 2)
+
+
+def cpu_int4_codes(packed: Tensor, n_rows: int, k: int) -> Tensor:
+    """Inverse of `cpu_int4_layout`: kernel-packed uint8 -> codes uint8 [N, K]."""
+    flat = packed.reshape(-1)
+    head = n_rows // 64 * 64
+    parts = []
+    if head:
+        blocks = flat[: head * k // 2].reshape(head // 64, k, 32)
+        codes = torch.stack([blocks & 15, blocks >> 4], dim=2)  # [nb, K, 2, 32]
+        parts.append(codes.permute(0, 2, 3, 1).reshape(head, k))
+    if n_rows > head:
+        tail = flat[head * k // 2 :].reshape(k, (n_rows - head) // 2)
+        codes = torch.stack([tail & 15, tail >> 4], dim=1)  # [K, 2, t/2]
+        parts.append(codes.permute(2, 1, 0).reshape(n_rows - head, k))
+    return torch.cat(parts)
+
+
+class Int4Linear(nn.Module):
+    """Linear layer with int4 weights, asymmetric per group along `in`; fp32 in, fp32 out.
+
+    When torch's CPU int4 kernel fits, the weights live only in the kernel's layout
+    (`kernel_weight`, `kernel_scale_zeros`: non-persistent buffers, never saved) and
+    `state_dict()` rebuilds the portable tensors from it, so int4 costs 0.5 byte per weight.
+    Otherwise the portable buffers `qweight`, `scales`, `zeros` are used by the fallback.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, group_size: int = 32,
+        device=None,
+    ):
+        super().__init__()
+        _check_positive("in_features", in_features)
+        _check_positive("out_features", out_features)
+        _check_group_size(group_size, in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = group_size
+        groups = in_features // group_size
+        # An empty layer holds zero weights: every code is 8 and every zero 0.
+        self.register_buffer("qweight", torch.full(
+            (out_features, in_features // 2), 0x88, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(
+            out_features, groups, dtype=torch.bfloat16, device=device))
+        self.register_buffer("zeros", torch.zeros(
+            out_features, groups, dtype=torch.bfloat16, device=device))
+        self.register_buffer("bias", _bias_or_none(bias, out_features, device))
+        self.register_buffer("kernel_weight", None, persistent=False)
+        self.register_buffer("kernel_scale_zeros", None, persistent=False)
+
+    @classmethod
+    def from_float(
+        cls, weight: Tensor, bias: Tensor | None = None, group_size: int = 32
+    ) -> Int4Linear:
+        _check_weight(weight, bias)
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, bias is not None, group_size, device="meta")
+        layer._adopt(*quantize_int4(weight, group_size))
+        if bias is not None:
+            layer.bias = bias.detach().float().clone()
+        return layer
+
+    def kernel_fits(self) -> bool:
+        """Whether this torch has the CPU int4 kernel and this layer's shape suits it."""
+        return (
+            self.out_features % 16 == 0
+            and _has_aten_op(_INT4_MM)
+            and _has_aten_op(_INT4_CONVERT)
+        )
+
+    def _adopt(self, qweight: Tensor, scales: Tensor, zeros: Tensor) -> None:
+        """Take portable tensors; derive the kernel layout when the kernel fits."""
+        self.qweight, self.scales, self.zeros = qweight, scales, zeros
+        self.kernel_weight = self.kernel_scale_zeros = None
+        if not self.kernel_fits():
+            return
+        codes = unpack_nibbles(qweight)  # [out, in]
+        convert = getattr(torch.ops.aten, _INT4_CONVERT)
+        self.kernel_weight = convert(codes.int(), _INT4_INNER_K_TILES)
+        # [in/g, out, 2]: (scale, zero) per group and output channel, as the kernel reads them.
+        self.kernel_scale_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()
+        if torch.equal(self.kernel_weight, cpu_int4_layout(codes)):
+            self.qweight = self.scales = self.zeros = None  # state_dict() rebuilds them
+
+    def portable(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(qweight, scales, zeros) in the portable format, rebuilt from the kernel's if dropped."""
+        if self.qweight is not None:
+            return self.qweight, self.scales, self.zeros
+        codes = cpu_int4_codes(self.kernel_weight, self.out_features, self.in_features)
+        scale_zeros = self.kernel_scale_zeros
+        return (
+            pack_nibbles(codes),
+            scale_zeros[..., 0].t().contiguous(),
+            scale_zeros[..., 1].t().contiguous(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [..., in] -> [..., out]
+        x2 = x.reshape(-1, self.in_features).float()  # [M, in]
+        if self.kernel_weight is not None:
+            mm = getattr(torch.ops.aten, _INT4_MM)
+            y = mm(x2.to(torch.bfloat16), self.kernel_weight, self.group_size,
+                   self.kernel_scale_zeros).float()  # [M, out]
+        else:
+            y = int4_dequant_matmul(x2, *self.portable(), self.group_size)  # [M, out]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _saved_layout(self) -> dict[str, tuple]:
+        groups = self.in_features // self.group_size
+        layout = {
+            "qweight": ((self.out_features, self.in_features // 2), torch.uint8),
+            "scales": ((self.out_features, groups), torch.bfloat16),
+            "zeros": ((self.out_features, groups), torch.bfloat16),
+        }
+        if self.bias is not None:
+            layout["bias"] = ((self.out_features,), torch.float32)
+        return layout
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        qweight, scales, zeros = self.portable()
+        destination[prefix + "qweight"] = qweight
+        destination[prefix + "scales"] = scales
+        destination[prefix + "zeros"] = zeros
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ):
+        layout = self._saved_layout()
+        _check_saved(state_dict, prefix, layout)
+        if strict:
+            unexpected_keys.extend(
+                key for key in state_dict
+                if key.startswith(prefix) and key[len(prefix):] not in layout
+            )
+        missing = [prefix + name for name in layout if prefix + name not in state_dict]
+        missing_keys.extend(missing)
+        if missing:
+            return
+        if self.bias is not None:
+            self.bias = state_dict[prefix + "bias"]
+        self._adopt(*(state_dict[prefix + name] for name in ("qweight", "scales", "zeros")))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, group_size={self.group_size}"
+        )
+
+
+# --- swapping nn.Linear layers --------------------------------------------------------------
+
+
+def quantize_linears_(module: nn.Module, mode: str, group_size: int = 32) -> None:
+    """Replace every `nn.Linear` inside `module` (recursively), in place, by its quantized form.
+
+    `mode` is one of QUANT_MODES ("none" changes nothing); `group_size` is used by int4.
+    Everything is validated before the first layer is replaced.
+    """
+    def quantize(linear: nn.Linear) -> nn.Module:
+        if mode == "int8":
+            return Int8Linear.from_float(linear.weight, linear.bias)
+        return Int4Linear.from_float(linear.weight, linear.bias, group_size)
+
+    _swap_linears(module, mode, group_size, quantize, need_weights=True)
+
+
+def empty_quantized_linears_(module: nn.Module, mode: str, group_size: int = 32) -> None:
+    """Like `quantize_linears_`, but with empty quantized layers for `load_state_dict` to fill.
+
+    The new layers are created on each linear's device (use `load_state_dict(..., assign=True)`
+    for a module built on the meta device).
+    """
+    def empty(linear: nn.Linear) -> nn.Module:
+        has_bias, device = linear.bias is not None, linear.weight.device
+        if mode == "int8":
+            return Int8Linear(linear.in_features, linear.out_features, has_bias, device=device)
+        return Int4Linear(
+            linear.in_features, linear.out_features, has_bias, group_size, device=device
+        )
+
+    _swap_linears(module, mode, group_size, empty, need_weights=False)
+
+
+def _swap_linears(module: nn.Module, mode: str, group_size: int, make, need_weights: bool):
+    if mode not in QUANT_MODES:
+        raise QuantizationError(
+            f"unknown quantization mode {mode!r}; expected one of {QUANT_MODES}"
+        )
+    if mode == "none":
+        return
+    if isinstance(module, nn.Linear):
+        raise QuantizationError(
+            "cannot replace the nn.Linear passed in itself; pass the module that holds it"
+        )
+    targets = _linears(module)
+    for qualified, _, _, linear in targets:
+        _check_swappable(qualified, linear, mode, group_size, need_weights)
+    replaced: dict[int, nn.Module] = {}
+    for _, parent, name, linear in targets:
+        if id(linear) not in replaced:  # a layer shared by two parents stays shared
+            replaced[id(linear)] = make(linear)
+        setattr(parent, name, replaced[id(linear)])
+
+
+def _linears(module: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+    """(qualified name, parent, attribute, layer) for every nn.Linear strictly inside `module`."""
+    found = []
+    for parent_name, parent in module.named_modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                found.append((f"{parent_name}.{name}".lstrip("."), parent, name, child))
+    return found
+
+
+def _check_swappable(
+    qualified: str, linear: nn.Linear, mode: str, group_size: int, need_weights: bool
+) -> None:
+    if mode == "int4":
+        try:
+            _check_group_size(group_size, linear.in_features)
+        except QuantizationError as err:
+            raise QuantizationError(f"layer {qualified!r}: {err}") from err
+    if need_weights and linear.weight.is_meta:
+        raise QuantizationError(
+            f"layer {qualified!r} has no weights (meta device); load them first, or use "
+            "empty_quantized_linears_ to load an already-quantized span"
+        )

@@ -1,0 +1,145 @@
+"""A span: the contiguous blocks [start, end) of one model, loaded lazily and run over a KV cache.
+
+`load_span` reads only the span's tensors, block by block, quantizing each block as it arrives so
+that peak memory is the quantized span plus one float block. `save_span` / `load_saved_span` keep
+an already-quantized span on disk so a node need not redo the work at its next start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from shard.blocks import DecoderBlock, attention_mask
+from shard.checkpoint import Checkpoint
+from shard.config import ModelConfig, RopeConfig, load_config
+from shard.errors import CorruptCheckpoint, InvalidInput, PromptTooLong, QuantizationError, SpanOutOfRange
+from shard.kv_cache import KVCache
+from shard.quant import QUANT_MODES, empty_quantized_linears_, quantize_linears_
+from shard.rope import inverse_frequencies, rotary_tables
+
+SAVED_SPAN_FORMAT = "hearth-span/1"
+
+
+class SpanModel(nn.Module):
+    def __init__(self, config: ModelConfig, start: int, end: int, *,
+                 dtype: torch.dtype = torch.float32, quant: str = "none", group_size: int = 32):
+        super().__init__()
+        check_span(config, start, end)
+        self.config, self.start, self.end = config, start, end
+        self.dtype, self.quant, self.group_size = dtype, quant, group_size
+        with torch.device("meta"):
+            self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(end - start))
+        self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
+
+    def new_cache(self, batch: int, max_length: int) -> KVCache:
+        if not 0 < max_length <= self.config.max_position_embeddings:
+            raise PromptTooLong(max_length, self.config.max_position_embeddings)
+        return KVCache(len(self.blocks), batch, self.config.num_kv_heads, self.config.head_dim,
+                       max_length, self.dtype)
+
+    def cache_bytes(self, batch: int, max_length: int) -> int:
+        return KVCache.bytes_needed(len(self.blocks), batch, self.config.num_kv_heads,
+                                    self.config.head_dim, max_length, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        # hidden: [B, T, D] -> [B, T, D], positions cache.length .. cache.length + T - 1
+        B, T, D = self._check_input(hidden, cache)
+        cache.check_room(T)
+        positions = torch.arange(cache.length, cache.length + T)
+        cos, sin = rotary_tables(self.inv_freq, positions, self.dtype)
+        mask = attention_mask(cache.length, T, self.config.sliding_window)
+        x = hidden.to(self.dtype)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, layer, mask)
+        cache.advance(T)
+        return x
+
+    def _check_input(self, hidden: torch.Tensor, cache: KVCache) -> tuple[int, int, int]:
+        if hidden.dim() != 3 or hidden.shape[2] != self.config.hidden_size or hidden.shape[1] == 0:
+            raise InvalidInput(
+                f"hidden states must be [batch, tokens>0, {self.config.hidden_size}], got {list(hidden.shape)}"
+            )
+        if hidden.shape[0] != cache.batch:
+            raise InvalidInput(f"batch of {hidden.shape[0]} sequences sent to a session of batch {cache.batch}")
+        if not hidden.is_floating_point():
+            raise InvalidInput(f"hidden states must be floating point, got {hidden.dtype}")
+        return tuple(hidden.shape)
+
+
+def check_span(config: ModelConfig, start: int, end: int) -> None:
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= config.num_layers):
+        raise SpanOutOfRange(start, end, config.num_layers)
+
+
+def load_span(model_dir: str | Path, start: int, end: int, *, quant: str = "none", group_size: int = 32,
+              dtype: torch.dtype = torch.float32, verify: bool = True) -> SpanModel:
+    """Blocks [start, end) of the checkpoint in `model_dir`, quantized as asked."""
+    if quant not in QUANT_MODES:
+        raise QuantizationError(f"quantization {quant!r} is not one of {', '.join(QUANT_MODES)}")
+    config = load_config(model_dir, verify=verify)
+    if quant != "none":
+        dtype = torch.float32  # quantized linears take and return fp32 activations
+    model = SpanModel(config, start, end, dtype=dtype, quant=quant, group_size=group_size)
+    checkpoint = Checkpoint(model_dir, verify=verify)
+    for offset, block in enumerate(model.blocks):
+        prefix = f"model.layers.{start + offset}."
+        state = {}
+        for name, meta in block.state_dict().items():
+            tensor = checkpoint.read(prefix + name, torch.float32 if quant != "none" else dtype)
+            if tensor.shape != meta.shape:
+                raise CorruptCheckpoint(
+                    f"tensor {prefix + name!r} has shape {list(tensor.shape)}, expected {list(meta.shape)}"
+                )
+            state[name] = tensor
+        block.load_state_dict(state, assign=True)
+        quantize_linears_(block, quant, group_size)
+    return model
+
+
+def save_span(model: SpanModel, path: str | Path, *, source_digest: str = "") -> None:
+    """Write a (quantized) span with everything needed to load it without the original checkpoint."""
+    header = {
+        "format": SAVED_SPAN_FORMAT, "start": model.start, "end": model.end, "quant": model.quant,
+        "group_size": model.group_size, "dtype": str(model.dtype).removeprefix("torch."),
+        "config": dataclasses.asdict(model.config), "source_digest": source_digest,
+    }
+    state = {name: t.contiguous() for name, t in model.state_dict().items()}
+    save_file(state, str(path), metadata={"hearth": json.dumps(header)})
+
+
+def load_saved_span(path: str | Path) -> tuple[SpanModel, str]:
+    """A span written by `save_span`, and the digest of the checkpoint it came from."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = json.loads((handle.metadata() or {})["hearth"])
+            state = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise CorruptCheckpoint(f"{path} is not a saved Hearth span: {err!r}") from err
+    except Exception as err:  # safetensors' own error type
+        raise CorruptCheckpoint(f"{path} is not a valid safetensors file: {err}") from err
+    if header.get("format") != SAVED_SPAN_FORMAT:
+        raise CorruptCheckpoint(f"{path} has format {header.get('format')!r}, expected {SAVED_SPAN_FORMAT!r}")
+    config = _config_from_saved(header["config"])
+    model = SpanModel(config, header["start"], header["end"], dtype=getattr(torch, header["dtype"]),
+                      quant=header["quant"], group_size=header["group_size"])
+    for block in model.blocks:
+        empty_quantized_linears_(block, model.quant, model.group_size)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise CorruptCheckpoint(f"{path} does not match its header: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model, header.get("source_digest", "")
+
+
+def _config_from_saved(raw: dict) -> ModelConfig:
+    fields = dict(raw)
+    fields["rope"] = RopeConfig(**fields["rope"])
+    fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+    return ModelConfig(**fields)

@@ -1,0 +1,46 @@
+"""A node's memory follows its span: loading a quarter of the blocks reads about a quarter of the weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from tests.conftest import save_tiny_checkpoint
+
+_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    from shard.span import load_span
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    before_anon, before_peak = status("RssAnon"), status("VmHWM")
+    span = load_span(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    weights = sum(p.numel() * p.element_size() for p in span.parameters())
+    print(json.dumps({"anon": status("RssAnon") - before_anon, "peak": status("VmHWM") - before_peak,
+                      "weights": weights}))
+    """
+)
+
+
+def test_loading_a_quarter_of_the_blocks_reads_a_quarter(tmp_path):
+    model_dir = save_tiny_checkpoint(
+        tmp_path / "model", "llama", shard_size="20MB", hidden_size=512, intermediate_size=1536,
+        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, vocab_size=1024,
+    )
+    total = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    result = subprocess.run([sys.executable, "-c", _CHILD, str(model_dir), "2", "4"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    quarter = measured["weights"]
+    assert 0.2 * total < quarter < 0.3 * total
+    # resident anonymous memory after the load: the span's weights, not the model's
+    assert measured["anon"] < 1.25 * quarter + 8 * 2**20
+    # peak (also counting the mapped file pages of the tensors read) stays well under the whole model
+    assert measured["peak"] < 2.2 * quarter + 8 * 2**20
+    assert measured["peak"] < 0.6 * total
