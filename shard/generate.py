@@ -37,8 +37,8 @@ class Decoding:
         self.text = ""
         self.sampler = Sampler(params)
         eos = tokenizer.eos_token_ids if tokenizer is not None else eos_token_ids
-        self.stops = StopChecker(params, eos)
-        self.detokenizer = tokenizer.incremental_decoder() if tokenizer is not None else None
+        detokenizer = tokenizer.incremental_decoder() if tokenizer is not None else None
+        self.stops = StopChecker(params, eos, detokenizer=detokenizer)
 
     @property
     def finish(self) -> FinishReason | None:
@@ -48,14 +48,9 @@ class Decoding:
         # logits: [V] of the sequence's last position
         token = self.sampler.sample(logits.unsqueeze(0), [self.prompt_ids + self.token_ids])[0]
         self.token_ids.append(token)
-        delta = self.detokenizer.push(token) if self.detokenizer is not None else ""
-        step = self.stops.step(token, delta)
-        if step.done and self.detokenizer is not None and step.finish is FinishReason.LENGTH:
-            step_text = step.text + self.detokenizer.flush()
-        else:
-            step_text = step.text
-        self.text += step_text
-        return Emitted(token, step_text, step.finish)
+        step = self.stops.step(token, None if self.stops.detokenizer is not None else "")
+        self.text += step.text
+        return Emitted(token, step.text, step.finish)
 
 
 @dataclass

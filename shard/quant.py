@@ -54,7 +54,7 @@ _INT4_INNER_K_TILES = 2
 
 
 def _has_aten_op(name: str) -> bool:
-    """Whether this torch build has `torch.ops.aten.<name>` (tests patch this to force the fallback)."""
+    """Whether this torch has `torch.ops.aten.<name>` (tests patch this to force the fallback)."""
     return hasattr(torch.ops.aten, name)
 
 
@@ -64,7 +64,7 @@ def _check_positive(name: str, value: int) -> None:
 
 
 def _check_group_size(group_size: int, in_features: int) -> None:
-    if group_size not in INT4_GROUP_SIZES:
+    if type(group_size) is not int or group_size not in INT4_GROUP_SIZES:
         raise QuantizationError(
             f"int4 group_size {group_size!r} is not one of {INT4_GROUP_SIZES}"
         )
@@ -202,7 +202,7 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
 
 
 def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Asymmetric int4 per group: returns (qweight uint8 [out, in/2], scales, zeros bf16 [out, in/g]).
+    """Asymmetric int4 per group: (qweight uint8 [out, in/2], scales, zeros bf16 [out, in/g]).
 
     Each group's [min, max] maps onto codes 0..15; w ~= (code - 8) * scale + zero.
     """

@@ -140,6 +140,8 @@ class Sampler:
         if self.params.greedy:
             return scores.argmax(dim=-1).tolist()
         probs = torch.softmax(scores, dim=-1)  # [B, V] fp32
+        if torch.isnan(probs).any():  # logits / a tiny temperature overflowed to inf
+            raise SamplingError(f"temperature {self.params.temperature} overflows these logits")
         uniforms = torch.rand(probs.shape[0], dtype=torch.float64, generator=self._generator)
         self.draws += probs.shape[0]
         return _inverse_cdf(probs, uniforms).tolist()

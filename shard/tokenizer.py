@@ -188,10 +188,10 @@ class IncrementalDecoder:
         return "".join(self.push(token_id) for token_id in token_ids)
 
     def flush(self) -> str:
-        """Text still held back (e.g. a final incomplete character, as U+FFFD)."""
+        """At the end of a sequence: the text still held back (an incomplete character as U+FFFD)."""
         prefix_text = self._decode(self._prefix_offset, self._read_offset)
         text = self._decode(self._prefix_offset, len(self.token_ids))
-        self._prefix_offset = self._read_offset = len(self.token_ids)
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
         self._in_byte_run = False
         return text[len(prefix_text) :]
 

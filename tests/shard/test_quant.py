@@ -235,7 +235,7 @@ def test_int4_load_reports_missing_and_unexpected_keys():
 # --- validation -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("group_size", [0, 16, 48, 256, "32", True])
+@pytest.mark.parametrize("group_size", [0, 16, 48, 256, "32", 32.0, True])
 def test_invalid_group_size_is_refused_by_name(group_size):
     with pytest.raises(QuantizationError, match=repr(group_size).replace("'", ".")):
         Int4Linear(256, 64, True, group_size)

@@ -245,6 +245,11 @@ def test_bad_logits_raise(logits: torch.Tensor, previous: list, match: str) -> N
         Sampler(SamplingParams()).sample(logits, previous)
 
 
+def test_overflowing_temperature_raises() -> None:
+    with pytest.raises(SamplingError, match="temperature 1e-40"):
+        Sampler(SamplingParams(temperature=1e-40, seed=0)).sample(torch.tensor([[1.0, 2.0]]), [[]])
+
+
 def test_previous_id_outside_vocab_raises() -> None:
     with pytest.raises(SamplingError, match="previous token id 9"):
         Sampler(SamplingParams(repetition_penalty=1.2)).sample(torch.zeros(1, 5), [[1, 9]])

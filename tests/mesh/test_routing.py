@@ -1,0 +1,73 @@
+"""Route planning on hand-made snapshots of announced spans."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh.routing import Hop, NoRouteError, ServerSpan, plan_route, uncovered
+
+
+def test_single_server_covering_everything():
+    route = plan_route([ServerSpan("a", 0, 8)], 0, 8)
+    assert route.hops == (Hop("a", 0, 8),)
+
+
+def test_chain_of_three_thirds():
+    servers = [ServerSpan("c", 6, 9), ServerSpan("a", 0, 3), ServerSpan("b", 3, 6)]
+    assert plan_route(servers, 0, 9).peers == ["a", "b", "c"]
+
+
+def test_overlapping_spans_of_different_lengths_are_cut_to_fit():
+    servers = [ServerSpan("long", 0, 6), ServerSpan("tail", 4, 8)]
+    route = plan_route(servers, 0, 8)
+    assert route.hops == (Hop("long", 0, 6), Hop("tail", 6, 8))
+
+
+def test_fast_server_preferred_over_slow_one():
+    servers = [ServerSpan("slow", 0, 8, block_seconds=0.010), ServerSpan("fast", 0, 8, block_seconds=0.002)]
+    assert plan_route(servers, 0, 8).peers == ["fast"]
+
+
+def test_round_trips_weigh_against_extra_hops():
+    servers = [ServerSpan("whole", 0, 8, block_seconds=0.003),
+               ServerSpan("left", 0, 4, block_seconds=0.002), ServerSpan("right", 4, 8, block_seconds=0.002)]
+    # two hops save 8 ms of compute but cost an extra round trip
+    assert plan_route(servers, 0, 8, rtts={"whole": 0.001, "left": 0.001, "right": 0.001}).peers == ["left", "right"]
+    assert plan_route(servers, 0, 8, rtts={"whole": 0.001, "left": 0.02, "right": 0.02}).peers == ["whole"]
+
+
+def test_banned_peers_are_skipped():
+    servers = [ServerSpan("a", 0, 8), ServerSpan("b", 0, 4), ServerSpan("c", 4, 8)]
+    assert plan_route(servers, 0, 8, banned={"a"}).peers == ["b", "c"]
+
+
+def test_route_for_a_sub_range_of_blocks_replaces_one_hop():
+    servers = [ServerSpan("a", 0, 5), ServerSpan("b", 3, 9), ServerSpan("c", 5, 9)]
+    route = plan_route(servers, 3, 6, banned={"x"})
+    assert route.hops[0].start == 3 and route.hops[-1].end == 6
+
+
+def test_no_route_names_the_missing_blocks():
+    servers = [ServerSpan("a", 0, 3), ServerSpan("b", 5, 7)]
+    with pytest.raises(NoRouteError) as err:
+        plan_route(servers, 0, 9)
+    assert err.value.missing == [(3, 5), (7, 9)]
+    assert "[3, 5)" in str(err.value) and "[7, 9)" in str(err.value)
+
+
+def test_banning_the_only_server_of_a_range_leaves_a_gap():
+    with pytest.raises(NoRouteError) as err:
+        plan_route([ServerSpan("a", 0, 4), ServerSpan("b", 4, 8)], 0, 8, banned=["b"])
+    assert err.value.missing == [(4, 8)]
+
+
+def test_same_snapshot_same_route_whatever_the_order():
+    servers = [ServerSpan(p, s, e) for p, s, e in [("x", 0, 4), ("y", 0, 4), ("z", 4, 8), ("w", 4, 8)]]
+    routes = {tuple(plan_route(order, 0, 8).hops) for order in (servers, servers[::-1], servers[1:] + servers[:1])}
+    assert len(routes) == 1
+
+
+def test_uncovered():
+    assert uncovered([ServerSpan("a", 2, 4)], 0, 6) == [(0, 2), (4, 6)]
+    assert uncovered([], 0, 3) == [(0, 3)]
+    assert uncovered([ServerSpan("a", 0, 3)], 0, 3) == []
