@@ -193,3 +193,9 @@ def _relative_key(relpath: str | Path) -> str:
     if not text or path.is_absolute() or ".." in path.parts or str(path) in ("", "."):
         raise ManifestMismatch(text, "path must be relative and inside the model directory")
     return path.as_posix()
+
+
+def model_digest(model_dir: str | Path) -> str:
+    """The model's identity on the wire: its manifest's digest (hashing the files if it has none)."""
+    manifest = load_manifest(model_dir)
+    return (manifest if manifest is not None else build_manifest(model_dir)).digest

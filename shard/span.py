@@ -38,6 +38,18 @@ class SpanModel(nn.Module):
             self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(end - start))
         self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
 
+    def sub_span(self, start: int, end: int) -> SpanModel:
+        """Blocks [start, end) of this span as a span of their own, sharing the weights."""
+        if not self.start <= start < end <= self.end:
+            raise SpanOutOfRange(start, end, self.config.num_layers)
+        view = SpanModel.__new__(SpanModel)
+        nn.Module.__init__(view)
+        view.config, view.start, view.end = self.config, start, end
+        view.dtype, view.quant, view.group_size = self.dtype, self.quant, self.group_size
+        view.blocks = nn.ModuleList(self.blocks[start - self.start : end - self.start])
+        view.register_buffer("inv_freq", self.inv_freq, persistent=False)
+        return view
+
     def new_cache(self, batch: int, max_length: int) -> KVCache:
         if not 0 < max_length <= self.config.max_position_embeddings:
             raise PromptTooLong(max_length, self.config.max_position_embeddings)

@@ -79,3 +79,14 @@ def test_prefill_in_chunks_equals_one_prefill(checkpoint_factory):
     chunked.start(1, 16)
     chunked.forward(prompt[:, :3])
     assert torch.allclose(whole.forward(prompt), chunked.forward(prompt[:, 3:]), atol=1e-5)
+
+
+def test_sub_span_of_a_span_computes_the_same_as_loading_those_blocks(checkpoint_factory):
+    from shard.head import load_head
+    from shard.span import load_span
+
+    model_dir = checkpoint_factory("llama3")
+    hidden = load_head(model_dir).embed(prompt_ids())
+    view = load_span(model_dir, 1, 6).sub_span(2, 4)
+    direct = load_span(model_dir, 2, 4)
+    assert torch.equal(view(hidden, view.new_cache(1, 8)), direct(hidden, direct.new_cache(1, 8)))

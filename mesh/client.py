@@ -1,0 +1,217 @@
+"""The client library: find peers, plan a route, open a session per hop, generate text.
+
+Embeddings, LM head, sampling and the tokenizer run here, from the user's own model directory, so
+token ids and text never leave the device: only hidden states travel, hop by hop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import trio
+
+from mesh.discovery import Discovery, PeerRecord
+from mesh.errors import TransportError
+from mesh.routing import Route, ServerSpan, plan_route
+from mesh.session import HopFailed, HopSession, open_hop
+from mesh.transport import INFO_PROTOCOL, MessageStream, Transport
+from protocol import Codec, Hello, ProtocolError, Role, SpanInfo
+from shard.config import load_config
+from shard.errors import InvalidInput, PromptTooLong
+from shard.generate import Decoding, Emitted
+from shard.head import ClientHead, load_head
+from shard.manifest import model_digest
+from shard.sampling import SamplingParams
+from shard.tokenizer import TOKENIZER_FILE, Tokenizer
+
+log = logging.getLogger("hearth.client")
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    codec: Codec = Codec.FP16  # activations on the wire; FP32 is exact
+    open_timeout_s: float = 10.0
+    probe_timeout_s: float = 3.0
+    step_timeout_s: float = 10.0  # per step, plus step_timeout_per_token_s per token in it
+    step_timeout_per_token_s: float = 0.05
+    io_timeout_s: float = 30.0
+
+
+@dataclass
+class HopReport:
+    peer_id: str
+    start: int
+    end: int
+    compute_s: float = 0.0
+    total_s: float = 0.0  # round trips including compute
+
+
+@dataclass
+class GenerationReport:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str | None = None
+    finish_reason: str = "length"
+    hops: list[HopReport] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = self.prefill_s + self.decode_s
+        return len(self.token_ids) / total if total > 0 else 0.0
+
+    @property
+    def route(self) -> list[dict]:
+        return [{"peer_id": h.peer_id, "start": h.start, "end": h.end} for h in self.hops]
+
+
+class Client:
+    def __init__(self, transport: Transport, discovery: Discovery, model_dir: str | Path, *,
+                 options: ClientOptions = ClientOptions(), head: ClientHead | None = None,
+                 tokenizer: Tokenizer | None = None):
+        self.transport, self.discovery, self.options = transport, discovery, options
+        self.model_dir = Path(model_dir)
+        self.config = load_config(model_dir)
+        self.head = head if head is not None else load_head(model_dir)
+        if tokenizer is None and (self.model_dir / TOKENIZER_FILE).exists():
+            tokenizer = Tokenizer.from_dir(model_dir)
+        self.tokenizer = tokenizer
+        self.manifest_hash = model_digest(model_dir)
+        self.model_id = self.model_dir.name
+        self.rtts: dict[str, float] = {}
+
+    async def servers(self) -> list[tuple[PeerRecord, SpanInfo]]:
+        """Records of peers serving this model that answer now, with their fresh span info."""
+        records = await self.discovery.lookup(self.manifest_hash)
+        alive: list[tuple[PeerRecord, SpanInfo]] = []
+
+        async def probe(record: PeerRecord) -> None:
+            info = await self._probe(record)
+            if info is not None:
+                alive.append((record, info))
+
+        async with trio.open_nursery() as nursery:
+            for record in records:
+                nursery.start_soon(probe, record)
+        return sorted(alive, key=lambda pair: pair[0].peer_id)
+
+    async def _probe(self, record: PeerRecord) -> SpanInfo | None:
+        self.transport.add_peer_addrs(record.peer_id, list(record.addrs))
+        timeout = self.options.probe_timeout_s
+        try:
+            with trio.fail_after(timeout):
+                started = trio.current_time()
+                raw = await self.transport.open_stream(record.peer_id, INFO_PROTOCOL, timeout=timeout)
+                stream = MessageStream(raw, Role.CLIENT, io_timeout=timeout)
+                try:
+                    await stream.request(Hello(software="hearth-client/0.1", codecs=tuple(Codec)))
+                    info = await stream.receive()
+                finally:
+                    await stream.aclose()
+            self.rtts[record.peer_id] = trio.current_time() - started
+        except (trio.TooSlowError, TransportError, ProtocolError) as err:
+            log.info("peer %s does not answer: %s", record.peer_id, err)
+            return None
+        if not isinstance(info, SpanInfo) or info.manifest_hash != self.manifest_hash:
+            return None
+        return info
+
+    async def plan(self, start: int = 0, end: int | None = None, *, banned: frozenset[str] = frozenset()) -> Route:
+        """The cheapest route over the peers that answer now; NoRouteError names missing blocks."""
+        end = self.config.num_layers if end is None else end
+        spans = [ServerSpan(record.peer_id, info.start, info.end,
+                            block_seconds=1.0 / max(info.throughput * (info.end - info.start), 1e-9))
+                 for record, info in await self.servers()]
+        return plan_route(spans, start, end, rtts=self.rtts, banned=banned)
+
+    def encode_prompt(self, prompt: str | None, prompt_ids: list[int] | None, messages: list[dict] | None) -> list[int]:
+        if sum(x is not None for x in (prompt, prompt_ids, messages)) != 1:
+            raise InvalidInput("give exactly one of prompt, prompt_ids or messages")
+        if prompt_ids is not None:
+            return list(prompt_ids)
+        if self.tokenizer is None:
+            raise InvalidInput(f"text prompts need {TOKENIZER_FILE} in {self.model_dir}")
+        text = prompt if prompt is not None else self.tokenizer.apply_chat_template(messages)
+        ids = self.tokenizer.encode(text, add_special_tokens=messages is None)
+        if not ids:
+            raise InvalidInput("the prompt encodes to no tokens")
+        return ids
+
+    async def generate(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None,
+                       messages: list[dict] | None = None, params: SamplingParams = SamplingParams(),
+                       report: GenerationReport | None = None) -> AsyncIterator[Emitted]:
+        """Stream the tokens of one completion; `report` (if given) is filled in as it goes."""
+        ids = self.encode_prompt(prompt, prompt_ids, messages)
+        limit = self.config.max_position_embeddings
+        if len(ids) >= limit:
+            raise PromptTooLong(len(ids), limit)
+        report = report if report is not None else GenerationReport(ids)
+        report.prompt_ids = ids
+        decoding = Decoding(params, ids, tokenizer=self.tokenizer, eos_token_ids=self.config.eos_token_ids)
+        max_length = min(limit, len(ids) + params.max_new_tokens)
+        pipeline = await self._open_pipeline(max_length)
+        report.hops = [HopReport(h.peer_id, h.start, h.end) for h in pipeline]
+        try:
+            inputs, position = torch.tensor([ids]), 0
+            while True:
+                started = trio.current_time()
+                logits = await self._forward(pipeline, inputs, position, report)
+                position += inputs.shape[1]
+                emitted = decoding.accept(logits)
+                _account(report, trio.current_time() - started, first=position == len(ids))
+                report.token_ids = decoding.token_ids
+                report.finish_reason = decoding.finish.value if decoding.finish else "length"
+                report.text = decoding.text if self.tokenizer is not None else None
+                yield emitted
+                if emitted.finish is not None or position >= max_length:
+                    break
+                inputs = torch.tensor([[emitted.token_id]])
+        finally:
+            with trio.CancelScope(shield=True):
+                for hop in pipeline:
+                    await hop.close()
+
+    async def generate_text(self, prompt: str | None = None, **kwargs) -> GenerationReport:
+        report = GenerationReport([])
+        async for _ in self.generate(prompt, report=report, **kwargs):
+            pass
+        return report
+
+    async def _open_pipeline(self, max_length: int) -> list[HopSession]:
+        route = await self.plan()
+        hops: list[HopSession] = []
+        try:
+            for hop in route.hops:
+                hops.append(await open_hop(
+                    self.transport, hop.peer_id, hop.start, hop.end, model_id=self.model_id,
+                    manifest_hash=self.manifest_hash, max_length=max_length, batch=1, codec=self.options.codec,
+                    timeout=self.options.open_timeout_s, io_timeout=self.options.io_timeout_s))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for opened in hops:
+                    await opened.close()
+            raise
+        return hops
+
+    async def _forward(self, pipeline: list[HopSession], ids: torch.Tensor, position: int,
+                       report: GenerationReport) -> torch.Tensor:
+        hidden = self.head.embed(ids).to(torch.float32).numpy()
+        timeout = self.options.step_timeout_s + self.options.step_timeout_per_token_s * ids.shape[1]
+        for hop, hop_report in zip(pipeline, report.hops):
+            started = trio.current_time()
+            hidden = await hop.step(hidden, position, timeout=timeout)
+            hop_report.total_s += trio.current_time() - started
+            hop_report.compute_s = hop.compute_seconds
+        return self.head.logits(torch.from_numpy(hidden[:, -1:]))[0, 0]
+
+
+def _account(report: GenerationReport, seconds: float, *, first: bool) -> None:
+    if first:
+        report.prefill_s += seconds
+    else:
+        report.decode_s += seconds

@@ -1,0 +1,120 @@
+"""The client's side of an inference session: one stream per hop, hidden states sent hop by hop.
+
+A `HopSession` is the session on one node for blocks [start, end); it keeps every input it sent
+(the hop's history) so a replacement can be brought to the same state. A `PipelineSession` chains
+the hops of a route and runs one step through all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+import numpy as np
+import trio
+
+from mesh.errors import TransportError
+from mesh.transport import INFERENCE_PROTOCOL, MessageStream, Transport
+from protocol import (
+    Codec, CloseSession, Error, Hello, OpenSession, ProtocolError, Role, SessionOpened,
+    Step, StepResult, decode_tensor, encode_tensor,
+)
+
+log = logging.getLogger("hearth.client")
+
+CLIENT_SOFTWARE = "hearth-client/0.1"
+
+
+class HopFailed(Exception):
+    """A hop cannot continue: its peer vanished, timed out, refused, or answered nonsense."""
+
+    def __init__(self, peer_id: str, start: int, end: int, reason: str, *, retry_elsewhere: bool = True):
+        self.peer_id, self.start, self.end = peer_id, start, end
+        self.reason, self.retry_elsewhere = reason, retry_elsewhere
+        super().__init__(f"hop {peer_id} for blocks [{start}, {end}) failed: {reason}")
+
+
+@dataclass
+class StepRecord:
+    start_position: int
+    hidden: np.ndarray  # the input sent, [B, T, D] float32
+
+
+@dataclass
+class HopSession:
+    peer_id: str
+    start: int
+    end: int
+    stream: MessageStream
+    session_id: str
+    codec: Codec
+    step_number: int = 0
+    history: list[StepRecord] = field(default_factory=list)
+    compute_seconds: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return sum(record.hidden.shape[1] for record in self.history)
+
+    async def step(self, hidden: np.ndarray, start_position: int, *, timeout: float, replay: bool = False) -> np.ndarray:
+        """Send `hidden` [B, T, D] at `start_position`; the hop's output. Raises HopFailed."""
+        message = Step(session_id=self.session_id, step=self.step_number, start_position=start_position,
+                       hidden=encode_tensor(hidden, self.codec), replay=replay)
+        try:
+            reply = await self.stream.request(message, timeout=timeout)
+        except (TransportError, ProtocolError) as err:
+            raise HopFailed(self.peer_id, self.start, self.end, str(err)) from err
+        self.step_number += 1
+        if isinstance(reply, Error):
+            raise HopFailed(self.peer_id, self.start, self.end, f"node says: {reply.reason}",
+                            retry_elsewhere=reply.retry_elsewhere)
+        if not isinstance(reply, StepResult):
+            raise HopFailed(self.peer_id, self.start, self.end, f"expected step_result, got {reply.TYPE}")
+        try:
+            output = decode_tensor(reply.hidden).astype(np.float32, copy=False)
+        except ProtocolError as err:
+            raise HopFailed(self.peer_id, self.start, self.end, f"bad step result: {err}") from err
+        if output.shape != hidden.shape:
+            raise HopFailed(self.peer_id, self.start, self.end,
+                            f"step result has shape {list(output.shape)}, sent {list(hidden.shape)}")
+        if not replay:
+            self.history.append(StepRecord(start_position, hidden))
+        self.compute_seconds += reply.compute_seconds
+        return output
+
+    async def close(self) -> None:
+        with trio.move_on_after(1.0):
+            try:
+                await self.stream.send(CloseSession(session_id=self.session_id), timeout=1.0)
+            except (TransportError, ProtocolError):
+                pass
+        await self.stream.aclose()
+
+
+async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, model_id: str,
+                   manifest_hash: str, max_length: int, batch: int, codec: Codec, timeout: float,
+                   io_timeout: float) -> HopSession:
+    """Open a session for blocks [start, end) on `peer_id`. Raises HopFailed."""
+    session_id = secrets.token_hex(8)
+    try:
+        with trio.fail_after(timeout):
+            raw = await transport.open_stream(peer_id, INFERENCE_PROTOCOL, timeout=timeout)
+            stream = MessageStream(raw, Role.CLIENT, io_timeout=io_timeout)
+            hello = await stream.request(Hello(software=CLIENT_SOFTWARE, codecs=tuple(Codec)), timeout=timeout)
+            if isinstance(hello, Hello) and codec not in hello.codecs:
+                codec = Codec.FP32
+            reply = await stream.request(OpenSession(
+                session_id=session_id, model_id=model_id, manifest_hash=manifest_hash, start=start, end=end,
+                max_length=max_length, batch_size=batch, codec=codec), timeout=timeout)
+    except trio.TooSlowError as err:
+        raise HopFailed(peer_id, start, end, f"no session within {timeout:g} s") from err
+    except (TransportError, ProtocolError) as err:
+        raise HopFailed(peer_id, start, end, str(err)) from err
+    if isinstance(reply, Error):
+        await stream.aclose()
+        raise HopFailed(peer_id, start, end, f"node refused: {reply.reason}", retry_elsewhere=reply.retry_elsewhere)
+    if not isinstance(reply, SessionOpened):
+        await stream.aclose()
+        raise HopFailed(peer_id, start, end, f"expected session_opened, got {reply.TYPE}")
+    return HopSession(peer_id, start, end, stream, session_id, codec)

@@ -1,0 +1,115 @@
+"""The transport seam: byte streams to peers by protocol id, and messages over them with timeouts.
+
+A `Transport` (libp2p in `mesh.libp2p_transport`, in-memory in `mesh.memory_transport`) opens
+`ByteStream`s to peers and hands incoming ones to the handler registered for their protocol.
+Everything above it talks in protocol messages through a `MessageStream`: the sans-IO
+`protocol.Connection` driven over a `ByteStream`, with every read and write bounded in time.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from mesh.errors import StreamClosed, TransportError, TransportTimeout
+from protocol import Connection, Message, Role
+
+INFERENCE_PROTOCOL = "/hearth/inference/1"
+INFO_PROTOCOL = "/hearth/info/1"
+DEFAULT_IO_TIMEOUT_S = 30.0
+READ_CHUNK = 1 << 16
+
+
+class ByteStream(abc.ABC):
+    """An ordered, reliable byte pipe to one peer. Implementations raise `StreamClosed` on a reset."""
+
+    peer_id: str
+
+    @abc.abstractmethod
+    async def send_all(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def receive_some(self, max_bytes: int) -> bytes:
+        """Up to `max_bytes` bytes; b"" once the peer has closed its side."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+
+StreamHandler = Callable[[ByteStream], Awaitable[None]]
+
+
+class Transport(abc.ABC):
+    """One peer's endpoint: its identity, its addresses, streams out and handlers for streams in."""
+
+    peer_id: str
+
+    @property
+    @abc.abstractmethod
+    def addrs(self) -> list[str]:
+        """Addresses others can dial, each ending in this peer's id."""
+
+    @abc.abstractmethod
+    async def dial(self, addr: str, *, timeout: float) -> str:
+        """Connect to the peer at `addr` (with its id in it); return its peer id. Raises DialError."""
+
+    @abc.abstractmethod
+    async def open_stream(self, peer_id: str, protocol_id: str, *, timeout: float) -> ByteStream:
+        """A new stream to a known peer. Raises DialError."""
+
+    @abc.abstractmethod
+    def set_handler(self, protocol_id: str, handler: StreamHandler) -> None:
+        """Run `handler(stream)` in the transport's nursery for each incoming stream of `protocol_id`."""
+
+    @abc.abstractmethod
+    def add_peer_addrs(self, peer_id: str, addrs: list[str]) -> None:
+        """Remember where a peer can be reached (from discovery)."""
+
+
+class MessageStream:
+    """Protocol messages over a `ByteStream`; each read and write is bounded by `io_timeout`."""
+
+    def __init__(self, raw: ByteStream, role: Role, *, io_timeout: float = DEFAULT_IO_TIMEOUT_S,
+                 max_frame_bytes: int | None = None):
+        self.raw = raw
+        self.peer_id = raw.peer_id
+        kwargs = {} if max_frame_bytes is None else {"max_frame_bytes": max_frame_bytes}
+        self.connection = Connection(role, **kwargs)
+        self.io_timeout = io_timeout
+
+    async def send(self, message: Message, *, timeout: float | None = None) -> None:
+        data = self.connection.send(message)
+        seconds = self.io_timeout if timeout is None else timeout
+        with trio.move_on_after(seconds) as scope:
+            await self.raw.send_all(data)
+        if scope.cancelled_caught:
+            raise TransportTimeout(self.peer_id, f"sending {type(message).__name__}", seconds)
+
+    async def receive(self, *, timeout: float | None = None) -> Message:
+        """The next message; raises StreamClosed at end of stream, TransportTimeout, or a ProtocolError."""
+        seconds = self.io_timeout if timeout is None else timeout
+        with trio.move_on_after(seconds) as scope:
+            while (message := self.connection.next_event()) is None:
+                data = await self.raw.receive_some(READ_CHUNK)
+                if not data:
+                    raise StreamClosed(self.peer_id)
+                self.connection.receive_data(data)
+            return message
+        raise TransportTimeout(self.peer_id, "waiting for a message", seconds)
+
+    async def request(self, message: Message, *, timeout: float | None = None) -> Message:
+        """Send `message` and wait for the reply, both within `timeout`."""
+        seconds = self.io_timeout if timeout is None else timeout
+        with trio.move_on_after(seconds) as scope:
+            await self.send(message, timeout=seconds)
+            return await self.receive(timeout=seconds)
+        raise TransportTimeout(self.peer_id, f"request {type(message).__name__}", seconds)
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1.0):
+            try:
+                await self.raw.aclose()
+            except TransportError:
+                pass

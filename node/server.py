@@ -1,0 +1,155 @@
+"""The node's side of the wire: the conversation on each incoming stream.
+
+Inference streams (`INFERENCE_PROTOCOL`) carry one session each: Hello both ways, OpenSession ->
+SessionOpened, then Step -> StepResult until CloseSession. Info streams (`INFO_PROTOCOL`) answer
+Hello with this node's Hello and current SpanInfo, and Ping with Pong (clients measure round trips
+with them). Whatever a peer gets wrong earns it an `Error` reply naming the problem; the node logs
+it and keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+
+import trio
+
+from mesh.errors import TransportError
+from mesh.transport import ByteStream, MessageStream
+from node.sessions import ServedSession, SessionManager, SessionRefused
+from protocol import (
+    Codec, CloseSession, Error, ErrorCode, Hello, Message, OpenSession, Ping, Pong, ProtocolError,
+    Role, SessionOpened, SpanInfo, Step, StepResult, decode_tensor, encode_tensor,
+)
+
+log = logging.getLogger("hearth.node")
+
+SOFTWARE = "hearth/0.1"
+SUPPORTED_CODECS = tuple(Codec)
+
+
+class InferenceServer:
+    def __init__(self, manager: SessionManager, span_info: Callable[[], SpanInfo], *,
+                 allowed_peers: Collection[str] | None = None, io_timeout: float = 30.0):
+        self.manager = manager
+        self.span_info = span_info
+        self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
+        self.io_timeout = io_timeout
+        self._live: dict[str, trio.CancelScope] = {}
+
+    def hello(self) -> Hello:
+        return Hello(software=SOFTWARE, codecs=SUPPORTED_CODECS)
+
+    async def handle_info(self, raw: ByteStream) -> None:
+        stream = MessageStream(raw, Role.HOP, io_timeout=self.io_timeout)
+        try:
+            while True:
+                message = await stream.receive(timeout=self.io_timeout)
+                if isinstance(message, Ping):
+                    await stream.send(Pong(nonce=message.nonce))
+                elif isinstance(message, Hello):
+                    await stream.send(self.hello())
+                    await stream.send(self.span_info())
+                else:
+                    await self._refuse(stream, ErrorCode.UNEXPECTED_MESSAGE,
+                                       f"{type(message).__name__} is not allowed on an info stream")
+                    return
+        except (TransportError, ProtocolError) as err:
+            log.debug("info stream from %s ended: %s", raw.peer_id, err)
+        finally:
+            await stream.aclose()
+
+    async def handle_inference(self, raw: ByteStream) -> None:
+        stream = MessageStream(raw, Role.HOP, io_timeout=self.io_timeout)
+        session: ServedSession | None = None
+        try:
+            session = await self._open(stream)
+            if session is not None:
+                await self._serve(stream, session)
+        except ProtocolError as err:
+            log.warning("peer %s sent bad data: %s", raw.peer_id, err)
+            await self._refuse(stream, err.code, str(err))
+        except SessionRefused as err:
+            log.info("peer %s refused: %s", raw.peer_id, err.reason)
+            await self._refuse(stream, err.code, err.reason, retry_elsewhere=err.retry_elsewhere,
+                               session_id=session.session_id if session else "")
+        except TransportError as err:
+            log.info("stream from %s ended: %s", raw.peer_id, err)
+        except Exception:  # a bug of ours must not take the node down, and the peer should know
+            log.exception("internal error serving %s", raw.peer_id)
+            await self._refuse(stream, ErrorCode.INTERNAL_ERROR, "internal error on the node; retry elsewhere",
+                               retry_elsewhere=True)
+        finally:
+            if session is not None:
+                self._live.pop(session.session_id, None)
+                self.manager.close(session)
+            await stream.aclose()
+
+    async def _open(self, stream: MessageStream) -> ServedSession | None:
+        message = await stream.receive(timeout=self.io_timeout)
+        if isinstance(message, Hello):
+            await stream.send(self.hello())
+            message = await stream.receive(timeout=self.io_timeout)
+        if not isinstance(message, OpenSession):
+            raise SessionRefused(ErrorCode.UNEXPECTED_MESSAGE, f"expected open_session, got {message.TYPE}")
+        if self.allowed_peers is not None and stream.peer_id not in self.allowed_peers:
+            raise SessionRefused(ErrorCode.OVERLOADED, f"peer {stream.peer_id} is not on this node's allow-list")
+        info = self.span_info()
+        if message.manifest_hash != info.manifest_hash:
+            raise SessionRefused(ErrorCode.MODEL_MISMATCH,
+                                 f"this node serves model {info.manifest_hash[:16]}..., not {message.manifest_hash[:16]}...",
+                                 retry_elsewhere=True)
+        session = self.manager.open(message.session_id, stream.peer_id, message.start, message.end,
+                                    message.max_length, message.batch_size)
+        session.codec = message.codec
+        await stream.send(SessionOpened(session_id=message.session_id))
+        log.info("session %s opened by %s for blocks [%d, %d)", message.session_id, stream.peer_id,
+                 message.start, message.end)
+        return session
+
+    async def _serve(self, stream: MessageStream, session: ServedSession) -> None:
+        with trio.CancelScope() as scope:
+            self._live[session.session_id] = scope
+            while True:
+                message = await self._next(stream, session)
+                if isinstance(message, CloseSession):
+                    log.info("session %s closed after %d steps", session.session_id, session.steps)
+                    return
+                if isinstance(message, Ping):
+                    await stream.send(Pong(nonce=message.nonce))
+                    continue
+                await self._step(stream, session, message)
+        if self.manager.draining:
+            raise SessionRefused(ErrorCode.SHUTTING_DOWN, "this node is shutting down; replay elsewhere",
+                                 retry_elsewhere=True)
+
+    async def _next(self, stream: MessageStream, session: ServedSession) -> Message:
+        idle = self.manager.limits.idle_timeout_s
+        with trio.move_on_after(idle) as scope:
+            return await stream.receive(timeout=idle + 1)
+        raise SessionRefused(ErrorCode.SESSION_EXPIRED, f"session {session.session_id} was idle for {idle:g} s",
+                             retry_elsewhere=True)
+
+    async def _step(self, stream: MessageStream, session: ServedSession, message: Message) -> None:
+        if not isinstance(message, Step):
+            raise SessionRefused(ErrorCode.UNEXPECTED_MESSAGE, f"expected step, got {message.TYPE}")
+        hidden = decode_tensor(message.hidden)
+        with trio.CancelScope(shield=True):  # a drain waits for the step in flight
+            output, seconds = await self.manager.step(session, hidden, message.start_position)
+        result = encode_tensor(output, session.codec)
+        await stream.send(StepResult(session_id=session.session_id, step=message.step, hidden=result,
+                                     compute_seconds=seconds))
+
+    def drain(self) -> None:
+        """Refuse new sessions and end open ones with an error telling their clients to go elsewhere."""
+        self.manager.draining = True
+        for scope in list(self._live.values()):
+            scope.cancel()
+
+    async def _refuse(self, stream: MessageStream, code: ErrorCode, reason: str, *,
+                      retry_elsewhere: bool = False, session_id: str = "") -> None:
+        try:
+            await stream.send(Error(code=code, reason=reason, retry_elsewhere=retry_elsewhere,
+                                    session_id=session_id), timeout=2.0)
+        except (TransportError, ProtocolError):
+            pass  # the peer is gone or the stream is unusable; nothing more to tell it

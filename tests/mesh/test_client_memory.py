@@ -1,0 +1,124 @@
+"""The real node and client code over the in-memory transport: a pipeline across three peers."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from mesh.client import Client, ClientOptions
+from mesh.discovery import MemoryDirectory
+from mesh.memory_transport import MemoryNetwork, MemoryTransport
+from mesh.routing import NoRouteError
+from node.node import Node
+from node.sessions import SessionLimits
+from protocol import Codec
+from shard.generate import generate_local
+from shard.manifest import model_digest
+from shard.pipeline import LocalPipeline
+from shard.sampling import SamplingParams
+from shard.span import load_span
+
+PROMPT = [5, 17, 33, 2, 9, 71, 4]
+
+
+class Swarm:
+    """In-memory nodes serving spans of one checkpoint, and clients to talk to them."""
+
+    def __init__(self, model_dir, nursery: trio.Nursery):
+        self.model_dir, self.nursery = model_dir, nursery
+        self.network = MemoryNetwork()
+        self.directory = MemoryDirectory(trio.current_time)
+        self.digest = model_digest(model_dir)
+        self.nodes: dict[str, Node] = {}
+
+    async def add_node(self, name: str, start: int, end: int, **limits) -> Node:
+        transport = await self.nursery.start(self._transport, name)
+        node = Node(load_span(self.model_dir, start, end), "tiny", self.digest, limits=SessionLimits(**limits),
+                    wall_clock=trio.current_time, token_seconds=0.001)
+        await self.nursery.start(node.run, transport, self.directory)
+        self.nodes[name] = node
+        return node
+
+    async def _transport(self, name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with MemoryTransport.open(self.network, name) as transport:
+            task_status.started(transport)
+            await trio.sleep_forever()
+
+    async def client(self, name: str, codec: Codec = Codec.FP32) -> Client:
+        transport = await self.nursery.start(self._transport, name)
+        return Client(transport, self.directory, self.model_dir, options=ClientOptions(codec=codec))
+
+
+@pytest.fixture
+async def swarm(checkpoint_factory):
+    async with trio.open_nursery() as nursery:
+        yield Swarm(checkpoint_factory("llama"), nursery)
+        nursery.cancel_scope.cancel()
+
+
+def local_tokens(model_dir, n: int, **sampling) -> list[int]:
+    return generate_local(LocalPipeline.load(model_dir), PROMPT, SamplingParams(max_new_tokens=n, **sampling)).token_ids
+
+
+async def test_three_hops_give_the_local_tokens(swarm):
+    for name, (start, end) in {"a": (0, 2), "b": (2, 4), "c": (4, 6)}.items():
+        await swarm.add_node(name, start, end)
+    client = await swarm.client("user")
+    report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=8))
+    assert report.token_ids == local_tokens(swarm.model_dir, 8)
+    assert [hop["peer_id"] for hop in report.route] == ["a", "b", "c"]
+
+
+async def test_seeded_sampling_over_the_network_equals_local(swarm):
+    await swarm.add_node("a", 0, 3)
+    await swarm.add_node("b", 3, 6)
+    client = await swarm.client("user")
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=11)
+    report = await client.generate_text(prompt_ids=PROMPT, params=params)
+    assert report.token_ids == local_tokens(swarm.model_dir, 8, temperature=1.0, top_p=0.9, seed=11)
+
+
+async def test_fp16_codec_stays_within_tolerance(swarm):
+    await swarm.add_node("a", 0, 3)
+    await swarm.add_node("b", 3, 6)
+    client = await swarm.client("user", codec=Codec.FP16)
+    report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=8))
+    expected = local_tokens(swarm.model_dir, 8)
+    assert sum(a == b for a, b in zip(report.token_ids, expected)) >= 7
+
+
+async def test_overlapping_spans_and_concurrent_clients(swarm):
+    await swarm.add_node("long", 0, 4)
+    await swarm.add_node("tail", 3, 6)
+    clients = [await swarm.client(f"user{i}") for i in range(4)]
+    prompts = [PROMPT, PROMPT[:3], PROMPT[2:], [8, 8, 8]]
+    results = {}
+
+    async def run(i):
+        results[i] = (await clients[i].generate_text(prompt_ids=prompts[i], params=SamplingParams(max_new_tokens=6))).token_ids
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(run, i)
+    for i, prompt in enumerate(prompts):
+        expected = generate_local(LocalPipeline.load(swarm.model_dir), prompt, SamplingParams(max_new_tokens=6))
+        assert results[i] == expected.token_ids
+
+
+async def test_missing_blocks_are_named(swarm):
+    await swarm.add_node("a", 0, 2)
+    client = await swarm.client("user")
+    with pytest.raises(NoRouteError) as err:
+        await client.generate_text(prompt_ids=PROMPT)
+    assert err.value.missing == [(2, 6)]
+
+
+async def test_sessions_are_freed_after_generation(swarm):
+    node = await swarm.add_node("a", 0, 6, kv_cache_bytes=1 << 20)
+    client = await swarm.client("user")
+    for _ in range(3):
+        await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=4))
+        with trio.fail_after(1):
+            while node.manager.sessions:
+                await trio.sleep(0.01)
+    assert node.manager.reserved_bytes == 0
