@@ -7,6 +7,7 @@ token ids and text never leave the device: only hidden states travel, hop by hop
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,10 @@ import trio
 
 from mesh.discovery import Discovery, PeerRecord
 from mesh.errors import TransportError
+from mesh.backoff import BanList
+from mesh.pipeline import Recovery, RoutePipeline, StepTiming
 from mesh.routing import Route, ServerSpan, plan_route
-from mesh.session import HopFailed, HopSession, open_hop
+from mesh.session import HopSession, open_hop
 from mesh.transport import INFO_PROTOCOL, MessageStream, Transport
 from protocol import Codec, Hello, ProtocolError, Role, SpanInfo
 from shard.config import load_config
@@ -39,6 +42,9 @@ class ClientOptions:
     step_timeout_s: float = 10.0  # per step, plus step_timeout_per_token_s per token in it
     step_timeout_per_token_s: float = 0.05
     io_timeout_s: float = 30.0
+    request_timeout_s: float = 300.0  # the whole generation, recoveries included
+    ban_s: float = 15.0  # first ban of a failed peer; doubles on each repeat
+    seed: int = 0  # for backoff jitter
 
 
 @dataclass
@@ -59,6 +65,7 @@ class GenerationReport:
     hops: list[HopReport] = field(default_factory=list)
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    recoveries: list[Recovery] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -84,6 +91,8 @@ class Client:
         self.manifest_hash = model_digest(model_dir)
         self.model_id = self.model_dir.name
         self.rtts: dict[str, float] = {}
+        self.bans = BanList(base_s=options.ban_s)
+        self.rng = random.Random(options.seed)
 
     async def servers(self) -> list[tuple[PeerRecord, SpanInfo]]:
         """Records of peers serving this model that answer now, with their fresh span info."""
@@ -154,9 +163,10 @@ class Client:
         report.prompt_ids = ids
         decoding = Decoding(params, ids, tokenizer=self.tokenizer, eos_token_ids=self.config.eos_token_ids)
         max_length = min(limit, len(ids) + params.max_new_tokens)
-        pipeline = await self._open_pipeline(max_length)
-        report.hops = [HopReport(h.peer_id, h.start, h.end) for h in pipeline]
+        pipeline = self._pipeline(max_length)
+        report.recoveries = pipeline.recoveries
         try:
+            await pipeline.open(0, self.config.num_layers)
             inputs, position = torch.tensor([ids]), 0
             while True:
                 started = trio.current_time()
@@ -172,9 +182,7 @@ class Client:
                     break
                 inputs = torch.tensor([[emitted.token_id]])
         finally:
-            with trio.CancelScope(shield=True):
-                for hop in pipeline:
-                    await hop.close()
+            await pipeline.close()
 
     async def generate_text(self, prompt: str | None = None, **kwargs) -> GenerationReport:
         report = GenerationReport([])
@@ -182,32 +190,30 @@ class Client:
             pass
         return report
 
-    async def _open_pipeline(self, max_length: int) -> list[HopSession]:
-        route = await self.plan()
-        hops: list[HopSession] = []
-        try:
-            for hop in route.hops:
-                hops.append(await open_hop(
-                    self.transport, hop.peer_id, hop.start, hop.end, model_id=self.model_id,
-                    manifest_hash=self.manifest_hash, max_length=max_length, batch=1, codec=self.options.codec,
-                    timeout=self.options.open_timeout_s, io_timeout=self.options.io_timeout_s))
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                for opened in hops:
-                    await opened.close()
-            raise
-        return hops
+    def _pipeline(self, max_length: int) -> RoutePipeline:
+        async def plan(start: int, end: int, banned: frozenset[str]) -> Route:
+            return await self.plan(start, end, banned=banned)
 
-    async def _forward(self, pipeline: list[HopSession], ids: torch.Tensor, position: int,
+        async def open_one(peer_id: str, start: int, end: int) -> HopSession:
+            return await open_hop(
+                self.transport, peer_id, start, end, model_id=self.model_id, manifest_hash=self.manifest_hash,
+                max_length=max_length, batch=1, codec=self.options.codec, timeout=self.options.open_timeout_s,
+                io_timeout=self.options.io_timeout_s)
+
+        timing = StepTiming(self.options.step_timeout_s, self.options.step_timeout_per_token_s)
+        return RoutePipeline(plan, open_one, deadline=trio.current_time() + self.options.request_timeout_s,
+                             rng=self.rng, bans=self.bans, timing=timing)
+
+    async def _forward(self, pipeline: RoutePipeline, ids: torch.Tensor, position: int,
                        report: GenerationReport) -> torch.Tensor:
         hidden = self.head.embed(ids).to(torch.float32).numpy()
-        timeout = self.options.step_timeout_s + self.options.step_timeout_per_token_s * ids.shape[1]
-        for hop, hop_report in zip(pipeline, report.hops):
-            started = trio.current_time()
-            hidden = await hop.step(hidden, position, timeout=timeout)
-            hop_report.total_s += trio.current_time() - started
-            hop_report.compute_s = hop.compute_seconds
+        hidden = await pipeline.forward(hidden, position)
+        report.hops = _hop_reports(pipeline.hops)
         return self.head.logits(torch.from_numpy(hidden[:, -1:]))[0, 0]
+
+
+def _hop_reports(hops: list[HopSession]) -> list[HopReport]:
+    return [HopReport(h.peer_id, h.start, h.end, h.compute_seconds, h.wall_seconds) for h in hops]
 
 
 def _account(report: GenerationReport, seconds: float, *, first: bool) -> None:

@@ -51,7 +51,8 @@ class HopSession:
     codec: Codec
     step_number: int = 0
     history: list[StepRecord] = field(default_factory=list)
-    compute_seconds: float = 0.0
+    compute_seconds: float = 0.0  # the node's compute, as it reports it
+    wall_seconds: float = 0.0  # our round trips, compute included
 
     @property
     def length(self) -> int:
@@ -61,6 +62,7 @@ class HopSession:
         """Send `hidden` [B, T, D] at `start_position`; the hop's output. Raises HopFailed."""
         message = Step(session_id=self.session_id, step=self.step_number, start_position=start_position,
                        hidden=encode_tensor(hidden, self.codec), replay=replay)
+        started = trio.current_time()
         try:
             reply = await self.stream.request(message, timeout=timeout)
         except (TransportError, ProtocolError) as err:
@@ -78,9 +80,9 @@ class HopSession:
         if output.shape != hidden.shape:
             raise HopFailed(self.peer_id, self.start, self.end,
                             f"step result has shape {list(output.shape)}, sent {list(hidden.shape)}")
-        if not replay:
-            self.history.append(StepRecord(start_position, hidden))
+        self.history.append(StepRecord(start_position, hidden))  # replayed inputs too: a later failover replays them
         self.compute_seconds += reply.compute_seconds
+        self.wall_seconds += trio.current_time() - started
         return output
 
     async def close(self) -> None:

@@ -35,6 +35,7 @@ class SessionLimits:
     max_length: int = 4096  # positions per session, also capped by the model's context
     idle_timeout_s: float = 300.0
     max_batch: int = 8
+    compute_in_thread: bool = True  # False runs torch in the event loop (virtual-time tests, simulator)
 
 
 class ServedSession:
@@ -109,7 +110,10 @@ class SessionManager:
                                  f"step starts at position {start_position} but the cache holds {cache.length}")
         async with self.compute_lock:
             started = trio.current_time()
-            output = await trio.to_thread.run_sync(self._forward, session, hidden, start_position)
+            if self.limits.compute_in_thread:
+                output = await trio.to_thread.run_sync(self._forward, session, hidden, start_position)
+            else:
+                output = self._forward(session, hidden, start_position)
             seconds = trio.current_time() - started
         session.steps += 1
         self.tokens_served += hidden.shape[0] * hidden.shape[1]

@@ -225,7 +225,7 @@ def quantize_int8_blockwise(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _scales_rounded_up(absmax: np.ndarray) -> np.ndarray:
     """fp16 scales >= absmax / 127, so no code leaves [-127, 127]; raises if one cannot be."""
-    exact = absmax * np.float32(1 / 127)
+    exact = absmax / np.float32(127)  # a true division: re-encoding decoded values is exact
     if exact.size and exact.max() > FP16_MAX:
         _raise_unrepresentable(absmax)
     scales = exact.astype("<f2")

@@ -44,9 +44,9 @@ class Swarm:
             task_status.started(transport)
             await trio.sleep_forever()
 
-    async def client(self, name: str, codec: Codec = Codec.FP32) -> Client:
+    async def client(self, name: str, codec: Codec = Codec.FP32, **options) -> Client:
         transport = await self.nursery.start(self._transport, name)
-        return Client(transport, self.directory, self.model_dir, options=ClientOptions(codec=codec))
+        return Client(transport, self.directory, self.model_dir, options=ClientOptions(codec=codec, **options))
 
 
 @pytest.fixture
@@ -107,10 +107,12 @@ async def test_overlapping_spans_and_concurrent_clients(swarm):
 
 async def test_missing_blocks_are_named(swarm):
     await swarm.add_node("a", 0, 2)
-    client = await swarm.client("user")
+    client = await swarm.client("user", request_timeout_s=1.0)
+    started = trio.current_time()
     with pytest.raises(NoRouteError) as err:
         await client.generate_text(prompt_ids=PROMPT)
     assert err.value.missing == [(2, 6)]
+    assert trio.current_time() - started < 1.5  # waited for coverage up to the deadline, not longer
 
 
 async def test_sessions_are_freed_after_generation(swarm):

@@ -130,6 +130,14 @@ def test_int8_block64_wire_size_and_code_range() -> None:
     assert (np.abs(codes.reshape(-1, 64)).max(axis=1) >= 126).all()  # scale is not loose
 
 
+@settings(PROTOCOL_PROFILE)
+@given(float_arrays(np.float32))
+def test_int8_block64_reencoding_is_exact(array: np.ndarray) -> None:
+    """A client relaying a hop's output to the next hop adds no error by re-encoding it."""
+    once = roundtrip(array, Codec.INT8_BLOCK64)
+    assert roundtrip(once, Codec.INT8_BLOCK64).tobytes() == once.tobytes()
+
+
 def test_int8_block64_keeps_tiny_and_zero_blocks() -> None:
     array = np.zeros(192, np.float32)
     array[64:128] = 1e-9  # scale below fp16's smallest subnormal: rounded up to it

@@ -1,0 +1,36 @@
+"""Retry policy as pure functions and small state: exponential backoff with jitter, lengthening bans.
+
+Time comes in as `now` (trio's clock in the client) and randomness from a seeded `random.Random`,
+so tests and the simulator replay the exact same decisions.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+
+def backoff_delay(attempt: int, rng: random.Random, *, base_s: float = 0.1, cap_s: float = 5.0) -> float:
+    """Seconds to wait before retry number `attempt` (0-based): exponential, capped, jittered to 50-100%."""
+    ceiling = min(cap_s, base_s * 2**attempt)
+    return ceiling * (0.5 + 0.5 * rng.random())
+
+
+@dataclass
+class BanList:
+    """Peers the client will not use for a while; each repeat offence doubles the ban."""
+
+    base_s: float = 15.0
+    cap_s: float = 600.0
+    until: dict[str, float] = field(default_factory=dict)
+    strikes: dict[str, int] = field(default_factory=dict)
+
+    def ban(self, peer_id: str, now: float) -> float:
+        """Ban `peer_id` from `now`; returns the ban's length in seconds."""
+        self.strikes[peer_id] = self.strikes.get(peer_id, 0) + 1
+        length = min(self.cap_s, self.base_s * 2 ** (self.strikes[peer_id] - 1))
+        self.until[peer_id] = now + length
+        return length
+
+    def banned(self, now: float) -> frozenset[str]:
+        return frozenset(peer for peer, end in self.until.items() if end > now)

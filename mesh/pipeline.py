@@ -1,0 +1,152 @@
+"""A route of hop sessions that heals itself: failover by replaying each failed hop's history.
+
+When a hop fails (its stream resets or ends, a step times out, or the node answers with an error
+that says retrying elsewhere can help), the peer is banned for a while, a replacement is planned
+for exactly that hop's blocks (possibly several peers with other span boundaries), sessions are
+opened there, and the failed hop's history (every input it was sent, in the original chunks) is
+replayed so the new KV caches hold the same positions. The step in flight then continues from the
+replacement, so greedy output is identical to a run without failure. Without any route the client
+waits for coverage, with backoff, until its deadline, then raises `NoRouteError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+import trio
+
+from mesh.backoff import BanList, backoff_delay
+from mesh.routing import NoRouteError, Route
+from mesh.session import HopFailed, HopSession, StepRecord
+
+log = logging.getLogger("hearth.client")
+
+Planner = Callable[[int, int, frozenset[str]], Awaitable[Route]]
+Opener = Callable[[str, int, int], Awaitable[HopSession]]
+
+
+class GenerationFailed(Exception):
+    """The request could not finish by its deadline; says why."""
+
+
+@dataclass
+class Recovery:
+    failed_peer: str
+    start: int
+    end: int
+    reason: str
+    replacements: list[str]
+    tokens_replayed: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"failed_peer": self.failed_peer, "blocks": [self.start, self.end], "reason": self.reason,
+                "replacements": self.replacements, "tokens_replayed": self.tokens_replayed,
+                "seconds": round(self.seconds, 4)}
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    base_s: float = 10.0
+    per_token_s: float = 0.05
+
+    def timeout(self, tokens: int) -> float:
+        return self.base_s + self.per_token_s * tokens
+
+
+class RoutePipeline:
+    def __init__(self, plan: Planner, open_hop: Opener, *, deadline: float, rng: random.Random,
+                 bans: BanList, timing: StepTiming = StepTiming()):
+        self.plan, self.open_hop = plan, open_hop
+        self.deadline, self.rng, self.bans, self.timing = deadline, rng, bans, timing
+        self.hops: list[HopSession] = []
+        self.recoveries: list[Recovery] = []
+
+    async def open(self, start: int, end: int) -> None:
+        self.hops = await self._cover(start, end, [])
+
+    async def forward(self, hidden: np.ndarray, position: int) -> np.ndarray:
+        """Run `hidden` [B, T, D] at `position` through every hop, replacing hops that fail."""
+        index = 0
+        while index < len(self.hops):
+            hop = self.hops[index]
+            try:
+                hidden = await hop.step(hidden, position, timeout=self._timeout(hidden.shape[1]))
+                index += 1
+            except HopFailed as err:
+                if not err.retry_elsewhere:
+                    raise
+                await self._replace(index, err)
+        return hidden
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            for hop in self.hops:
+                await hop.close()
+
+    async def _replace(self, index: int, err: HopFailed) -> None:
+        failed = self.hops[index]
+        started = trio.current_time()
+        length = self.bans.ban(failed.peer_id, started)
+        log.warning("%s; banned for %.0f s, replaying %d tokens elsewhere", err, length, failed.length)
+        with trio.CancelScope(shield=True):
+            await failed.close()
+        replacements = await self._cover(failed.start, failed.end, failed.history)
+        self.hops[index : index + 1] = replacements
+        self.recoveries.append(Recovery(
+            failed.peer_id, failed.start, failed.end, err.reason, [h.peer_id for h in replacements],
+            failed.length, trio.current_time() - started))
+
+    async def _cover(self, start: int, end: int, history: list[StepRecord]) -> list[HopSession]:
+        """Open sessions covering [start, end) and replay `history` into them, retrying to the deadline."""
+        attempt = 0
+        while True:
+            try:
+                with trio.fail_at(self.deadline):
+                    route = await self.plan(start, end, self.bans.banned(trio.current_time()))
+                    return await self._open_and_replay(route, history)
+            except trio.TooSlowError as err:
+                raise GenerationFailed(f"the request's deadline passed while covering blocks [{start}, {end})") from err
+            except NoRouteError as err:
+                failure: Exception = err
+            except HopFailed as err:
+                if not err.retry_elsewhere:
+                    raise
+                self.bans.ban(err.peer_id, trio.current_time())
+                log.warning("%s while recovering; banned", err)
+                failure = err
+            delay = backoff_delay(attempt, self.rng)
+            if trio.current_time() + delay >= self.deadline:
+                if isinstance(failure, NoRouteError):
+                    raise failure
+                raise GenerationFailed(f"no working route for blocks [{start}, {end}) before the deadline; "
+                                       f"last failure: {failure}") from failure
+            await trio.sleep(delay)
+            attempt += 1
+
+    async def _open_and_replay(self, route: Route, history: list[StepRecord]) -> list[HopSession]:
+        hops: list[HopSession] = []
+        try:
+            for hop in route.hops:
+                hops.append(await self.open_hop(hop.peer_id, hop.start, hop.end))
+            for record in history:
+                hidden = record.hidden
+                for hop in hops:
+                    hidden = await hop.step(hidden, record.start_position, replay=True,
+                                            timeout=self._timeout(hidden.shape[1]))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for hop in hops:
+                    await hop.close()
+            raise
+        return hops
+
+    def _timeout(self, tokens: int) -> float:
+        remaining = self.deadline - trio.current_time()
+        if remaining <= 0:
+            raise GenerationFailed("the request's deadline passed")
+        return min(self.timing.timeout(tokens), remaining)
