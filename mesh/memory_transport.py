@@ -8,6 +8,7 @@ go silent, as with a power cut: only timeouts notice).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from mesh.errors import DialError, StreamClosed
 from mesh.transport import ByteStream, StreamHandler, Transport
 
 ADDR_PREFIX = "/memory/"
+log = logging.getLogger("hearth.mesh")
 
 
 @dataclass(frozen=True)
@@ -208,5 +210,16 @@ class MemoryTransport(Transport):
     def add_peer_addrs(self, peer_id: str, addrs: list[str]) -> None:
         self.known[peer_id] = list(addrs)
 
-    def spawn(self, handler: StreamHandler, stream: ByteStream) -> None:
-        self._nursery.start_soon(handler, stream)
+    def spawn(self, handler: StreamHandler, stream: MemoryByteStream) -> None:
+        self._nursery.start_soon(self._run_handler, handler, stream)
+
+    @staticmethod
+    async def _run_handler(handler: StreamHandler, stream: MemoryByteStream) -> None:
+        """As libp2p does: a handler's exception resets its stream only; a handler that returns closes it."""
+        try:
+            await handler(stream)
+        except Exception:
+            log.exception("stream handler for %s failed", stream.peer_id)
+            stream.reset()
+        else:
+            await stream.aclose()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mesh.routing import NoRouteError
+from node.swarm import NodeStartError
 from shard.errors import ShardError
 
 EXIT_BAD_INPUT = 2
@@ -18,6 +20,18 @@ def build_parser() -> argparse.ArgumentParser:
     run_local.add_arguments(commands.add_parser(
         "run", help="generate text with a whole model in this process",
         description="Generate with the model split into spans run one after another in this process."))
+    from node import daemon, generate_remote
+
+    daemon.add_arguments(commands.add_parser(
+        "node", help="serve a span of a model to the swarm",
+        description="Load blocks A:B of a model, join the swarm over libp2p and serve inference sessions."))
+    generate_remote.add_arguments(commands.add_parser(
+        "generate", help="generate text through the swarm",
+        description="Find peers, plan a route through them and stream a completion; the prompt stays here."))
+    swarm = commands.add_parser("swarm", help="start N local nodes splitting a model, until Ctrl-C")
+    swarm.add_argument("--model", required=True, metavar="DIR")
+    swarm.add_argument("--nodes", type=int, default=3, metavar="N")
+    swarm.add_argument("--quant", choices=("none", "int8", "int4"), default="none")
     manifest = commands.add_parser("manifest", help="write hearth-manifest.json for a model directory")
     manifest.add_argument("model_dir", metavar="DIR")
     return parser
@@ -28,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
-    except ShardError as err:
+    except (ShardError, NoRouteError, NodeStartError) as err:
         print(f"hearth {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -40,6 +54,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         from node import run_local
 
         return run_local.run(args)
+    if args.command == "node":
+        from node import daemon
+
+        return daemon.run(args)
+    if args.command == "generate":
+        from node import generate_remote
+
+        return generate_remote.run(args)
+    if args.command == "swarm":
+        return run_swarm(args)
     if args.command == "manifest":
         from shard.manifest import write_manifest
 
@@ -47,6 +71,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
         return 0
     raise AssertionError(f"unhandled command {args.command}")  # argparse only accepts known commands
+
+
+def run_swarm(args: argparse.Namespace) -> int:
+    import signal
+
+    from node.swarm import LocalSwarm
+
+    with LocalSwarm(args.model, quant=args.quant) as swarm:
+        swarm.start(swarm.spans(args.nodes))
+        for node in swarm.nodes:
+            print(f"{node.name} pid {node.pid} blocks {node.args[3]}: {node.addr}", flush=True)
+        print(f"bootstrap: {swarm.bootstrap[0]}\nCtrl-C stops every node.", flush=True)
+        try:
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        except KeyboardInterrupt:
+            pass
+    return 0
 
 
 if __name__ == "__main__":

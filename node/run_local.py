@@ -19,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
     parser.add_argument("--quant", choices=QUANT_MODES, default="none", help="weight quantization of the blocks")
     parser.add_argument("--split", type=int, default=1, metavar="K", help="run the blocks as K spans")
+    add_prompt_and_sampling_arguments(parser)
+
+
+def add_prompt_and_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT")
     prompt.add_argument("--prompt-ids", metavar="1,2,3", help="token ids, comma-separated")
@@ -30,9 +34,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
 
 
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def prompt_arguments(args: argparse.Namespace) -> dict:
+    """The prompt as `Client.generate` keywords: text or ids."""
+    if args.prompt_ids is not None:
+        return {"prompt_ids": parse_ids(args.prompt_ids)}
+    return {"prompt": args.prompt}
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise InvalidInput(f"--prompt-ids must be comma-separated integers, got {text!r}") from err
+    if not ids:
+        raise InvalidInput("--prompt-ids is empty")
+    return ids
+
+
 def run(args: argparse.Namespace) -> int:
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    params = sampling_params(args)
     tokenizer = Tokenizer.from_dir(args.model) if (Path(args.model) / TOKENIZER_FILE).exists() else None
     prompt_ids = _prompt_ids(args, tokenizer)
     pipeline = LocalPipeline.load(args.model, parts=args.split, quant=args.quant)
@@ -49,13 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[int]:
     if args.prompt_ids is not None:
-        try:
-            ids = [int(part) for part in args.prompt_ids.split(",") if part.strip()]
-        except ValueError as err:
-            raise InvalidInput(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from err
-        if not ids:
-            raise InvalidInput("--prompt-ids is empty")
-        return ids
+        return parse_ids(args.prompt_ids)
     if tokenizer is None:
         raise InvalidInput(f"--prompt needs {TOKENIZER_FILE} in {args.model}; pass --prompt-ids instead")
     ids = tokenizer.encode(args.prompt)

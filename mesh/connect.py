@@ -1,0 +1,72 @@
+"""Joining the swarm over libp2p: a transport, its bootstrap dials, and DHT discovery.
+
+`joined(...)` is what both the node daemon and the client use to enter the network: it starts a
+libp2p host, dials the bootstrap addresses (falling back to the peer cache when none answers),
+and runs Kademlia discovery on top. `connect(...)` adds a `Client` for a model directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from mesh.client import Client, ClientOptions
+from mesh.dht import DhtDiscovery
+from mesh.errors import DialError
+from mesh.libp2p_transport import Libp2pTransport
+from mesh.peer_cache import PeerCache, rejoin
+
+log = logging.getLogger("hearth.mesh")
+
+DIAL_TIMEOUT_S = 10.0
+
+
+async def dial_bootstrap(transport: Libp2pTransport, bootstrap: Sequence[str], cache: PeerCache | None) -> list[str]:
+    """Dial every bootstrap address at once; with none reachable, the cached peers. Returns peer ids reached."""
+    reached: list[str] = []
+
+    async def dial(addr: str) -> None:
+        try:
+            reached.append(await transport.dial(addr, timeout=DIAL_TIMEOUT_S))
+        except DialError as err:
+            log.warning("bootstrap peer unreachable: %s", err)
+
+    async with trio.open_nursery() as nursery:
+        for addr in bootstrap:
+            nursery.start_soon(dial, addr)
+    if not reached and cache is not None and cache.peers():
+        reached = await rejoin(transport, cache, timeout=DIAL_TIMEOUT_S)
+    return reached
+
+
+@asynccontextmanager
+async def joined(*, bootstrap: Sequence[str] = (), listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+                 identity_path: os.PathLike | str | None = None, peer_cache_path: os.PathLike | str | None = None,
+                 enable_mdns: bool = False, wall_clock: Callable[[], float]
+                 ) -> AsyncIterator[tuple[Libp2pTransport, DhtDiscovery]]:
+    cache = PeerCache(peer_cache_path, clock=wall_clock) if peer_cache_path else None
+    async with Libp2pTransport(identity_path=identity_path, listen=listen, enable_mdns=enable_mdns,
+                               peer_cache=cache) as transport:
+        reached = await dial_bootstrap(transport, bootstrap, cache)
+        if bootstrap and not reached:
+            log.warning("no bootstrap or cached peer answered; waiting for peers to find us")
+        async with DhtDiscovery(transport, clock=wall_clock) as discovery:
+            yield transport, discovery
+
+
+@asynccontextmanager
+async def connect(*, bootstrap: Sequence[str], model: str | Path, options: ClientOptions = ClientOptions(),
+                  wall_clock: Callable[[], float] | None = None, listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+                  peer_cache_path: os.PathLike | str | None = None) -> AsyncIterator[Client]:
+    """`async with mesh.connect(bootstrap=[...], model=DIR) as client:` then `client.generate(...)`."""
+    import time
+
+    async with joined(bootstrap=bootstrap, listen=listen, peer_cache_path=peer_cache_path,
+                      wall_clock=wall_clock or time.time) as (transport, discovery):
+        client = await trio.to_thread.run_sync(lambda: Client(transport, discovery, model, options=options))
+        yield client

@@ -1,0 +1,130 @@
+"""`hearth node`: load a span, join the swarm over libp2p, serve and announce until signalled.
+
+Prints `listening on <multiaddr>/p2p/<id>` once it serves. SIGINT or SIGTERM withdraws the
+announcement and ends open sessions with an error telling their clients to go elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from mesh.connect import joined
+from node.node import Node, measure_token_seconds
+from node.sessions import SessionLimits
+from shard.config import load_config
+from shard.errors import InvalidInput
+from shard.manifest import model_digest
+from shard.quant import QUANT_MODES
+from shard.span import load_span
+
+log = logging.getLogger("hearth.node")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    model_dir: Path
+    start: int
+    end: int
+    quant: str = "none"
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    bootstrap: tuple[str, ...] = ()
+    identity: Path | None = None
+    peer_cache: Path | None = None
+    mdns: bool = False
+    limits: SessionLimits = SessionLimits()
+    allowed_peers: frozenset[str] | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
+    parser.add_argument("--blocks", required=True, metavar="A:B", help="serve blocks A (inclusive) to B (exclusive)")
+    parser.add_argument("--quant", choices=QUANT_MODES, default="none")
+    parser.add_argument("--listen", action="append", metavar="MULTIADDR",
+                        help="address to listen on (default /ip4/127.0.0.1/tcp/0); repeatable")
+    parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                        help="a peer to join through (with /p2p/ id); repeatable")
+    parser.add_argument("--identity", type=Path, metavar="PATH", help="ed25519 key file (created if missing)")
+    parser.add_argument("--peer-cache", type=Path, metavar="PATH", help="where to remember peers for rejoining")
+    parser.add_argument("--mdns", action="store_true", help="find peers on the LAN")
+    parser.add_argument("--max-sessions", type=int, default=16, metavar="N")
+    parser.add_argument("--kv-cache-bytes", type=int, default=1 << 30, metavar="N")
+    parser.add_argument("--max-length", type=int, default=4096, metavar="N", help="positions per session")
+    parser.add_argument("--idle-timeout", type=float, default=300.0, metavar="S")
+    parser.add_argument("--allow-peers", type=Path, metavar="FILE", help="only these peer ids (one per line) may open sessions")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def settings_from_args(args: argparse.Namespace) -> NodeSettings:
+    start, end = parse_blocks(args.blocks)
+    for name in ("max_sessions", "kv_cache_bytes", "max_length"):
+        if getattr(args, name) <= 0:
+            raise InvalidInput(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    limits = SessionLimits(max_sessions=args.max_sessions, kv_cache_bytes=args.kv_cache_bytes,
+                           max_length=args.max_length, idle_timeout_s=args.idle_timeout)
+    return NodeSettings(
+        model_dir=Path(args.model), start=start, end=end, quant=args.quant,
+        listen=tuple(args.listen or ("/ip4/127.0.0.1/tcp/0",)), bootstrap=tuple(args.bootstrap),
+        identity=args.identity, peer_cache=args.peer_cache, mdns=args.mdns, limits=limits,
+        allowed_peers=read_allow_list(args.allow_peers) if args.allow_peers else None)
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError as err:
+        raise InvalidInput(f"--blocks must look like A:B (e.g. 0:8), got {text!r}") from err
+    return start, end
+
+
+def read_allow_list(path: Path) -> frozenset[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise InvalidInput(f"cannot read --allow-peers file {path}: {err.strerror}") from err
+    return frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = settings_from_args(args)
+    config = load_config(settings.model_dir)  # bad config or span: a clear error before any network
+    if not 0 <= settings.start < settings.end <= config.num_layers:
+        raise InvalidInput(f"--blocks {settings.start}:{settings.end} is outside the model's {config.num_layers} blocks")
+    trio.run(serve, settings)
+    return 0
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def serve(settings: NodeSettings) -> None:
+    say(f"loading blocks {settings.start}:{settings.end} of {settings.model_dir} ({settings.quant})")
+    span = await trio.to_thread.run_sync(
+        lambda: load_span(settings.model_dir, settings.start, settings.end, quant=settings.quant))
+    digest = await trio.to_thread.run_sync(model_digest, settings.model_dir)
+    token_seconds = await trio.to_thread.run_sync(measure_token_seconds, span)
+    async with joined(bootstrap=settings.bootstrap, listen=settings.listen, identity_path=settings.identity,
+                      peer_cache_path=settings.peer_cache, enable_mdns=settings.mdns,
+                      wall_clock=time.time) as (transport, discovery):
+        node = Node(span, settings.model_dir.name, digest, limits=settings.limits,
+                    allowed_peers=settings.allowed_peers, wall_clock=time.time, token_seconds=token_seconds)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node.run, transport, discovery)
+                say(f"announced blocks {settings.start}:{settings.end} ({1 / token_seconds:.0f} tokens/s through the span)")
+                for addr in transport.addrs:
+                    say(f"listening on {addr}")
+                async for signum in signals:
+                    say(f"{signal.Signals(signum).name}: draining")
+                    node.stop()
+                    break
+    say("stopped")

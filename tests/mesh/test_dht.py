@@ -1,0 +1,207 @@
+"""Discovery in the Kademlia DHT between libp2p hosts in this process, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import pytest
+import trio
+from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
+from libp2p.records.validator import BlankValidator
+
+from mesh.dht import (
+    MAX_RECORD_BYTES,
+    MAX_TTL_S,
+    NAMESPACE,
+    DhtDiscovery,
+    PeerRecordValidator,
+    check_record,
+    provider_key,
+    record_key,
+)
+from mesh.discovery import InvalidRecord, PeerRecord
+from mesh.errors import StreamClosed
+from mesh.libp2p_transport import Libp2pTransport
+from protocol import SpanInfo
+from tests.mesh.conftest import LOOPBACK
+
+pytestmark = pytest.mark.timeout(60)
+MODEL = "5f3a9c"
+PROPAGATION_S = 10.0  # bound on polling for records to show up
+
+
+class FakeClock:
+    """The wall clock records expire by, moved by hand."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def record_of(transport: Libp2pTransport, start: int, end: int, expires_at: float, model: str = MODEL) -> PeerRecord:
+    info = SpanInfo(model_id="tiny", manifest_hash=model, start=start, end=end)
+    return PeerRecord(transport.peer_id, tuple(transport.addrs), info, expires_at)
+
+
+async def wait_for_spans(discovery: DhtDiscovery, expected: dict[str, tuple[int, int]]) -> list[PeerRecord]:
+    """Poll lookups (bounded) until they show exactly `expected` (peer id -> span)."""
+    with trio.move_on_after(PROPAGATION_S):
+        while True:
+            records = await discovery.lookup(MODEL)
+            if {r.peer_id: (r.info.start, r.info.end) for r in records} == expected:
+                return records
+            await trio.sleep(0.05)
+    records = await discovery.lookup(MODEL)
+    assert {r.peer_id: (r.info.start, r.info.end) for r in records} == expected
+    return records
+
+
+@contextlib.asynccontextmanager
+async def dht_peer(clock, bootstrap: str | None = None):
+    async with Libp2pTransport(listen=LOOPBACK) as transport:
+        if bootstrap is not None:
+            await transport.dial(bootstrap, timeout=5)
+        async with DhtDiscovery(transport, clock=clock, timeout=5) as discovery:
+            yield transport, discovery
+
+
+async def test_announce_on_one_peer_and_look_up_from_another():
+    clock = FakeClock()
+    async with dht_peer(clock) as (a, da), dht_peer(clock, a.addrs[0]) as (b, db), \
+            dht_peer(clock, a.addrs[0]) as (c, dc):
+        await db.announce(record_of(b, 0, 3, clock.now + 30))
+        records = await wait_for_spans(dc, {b.peer_id: (0, 3)})
+        assert records[0].addrs == tuple(b.addrs)
+        await dc.announce(record_of(c, 3, 6, clock.now + 30))
+        both = {b.peer_id: (0, 3), c.peer_id: (3, 6)}
+        for discovery in (da, db, dc):
+            await wait_for_spans(discovery, both)
+        assert await dc.lookup("some-other-model") == []
+
+
+async def test_expired_records_are_dropped_and_a_refresh_brings_them_back():
+    clock = FakeClock()
+    async with dht_peer(clock) as (a, da), dht_peer(clock, a.addrs[0]) as (b, db):
+        await db.announce(record_of(b, 0, 3, clock.now + 30))
+        await wait_for_spans(da, {b.peer_id: (0, 3)})
+        clock.now += 31
+        assert await da.lookup(MODEL) == []
+        assert await db.lookup(MODEL) == []
+        await db.announce(record_of(b, 0, 4, clock.now + 30))
+        await wait_for_spans(da, {b.peer_id: (0, 4)})
+
+
+async def test_records_survive_the_bootstrap_host_leaving():
+    clock = FakeClock()
+    leave = trio.Event()
+
+    async def run_bootstrap(task_status=trio.TASK_STATUS_IGNORED):
+        async with dht_peer(clock) as (a, _):
+            task_status.started(a.addrs[0])
+            await leave.wait()
+
+    async with trio.open_nursery() as nursery:
+        bootstrap = await nursery.start(run_bootstrap)
+        async with dht_peer(clock, bootstrap) as (b, db), dht_peer(clock, bootstrap) as (c, dc):
+            await db.announce(record_of(b, 0, 3, clock.now + 30))
+            await dc.announce(record_of(c, 3, 6, clock.now + 30))
+            both = {b.peer_id: (0, 3), c.peer_id: (3, 6)}
+            await wait_for_spans(db, both)
+            await wait_for_spans(dc, both)
+            leave.set()
+            await wait_for_spans(db, both)
+            await wait_for_spans(dc, both)
+            # a refresh after the bootstrap host left still reaches the other peer
+            await db.announce(record_of(b, 0, 4, clock.now + 60))
+            await wait_for_spans(dc, {b.peer_id: (0, 4), c.peer_id: (3, 6)})
+            # and a newcomer that only knows c finds both
+            async with dht_peer(clock, c.addrs[0]) as (_, dd):
+                await wait_for_spans(dd, {b.peer_id: (0, 4), c.peer_id: (3, 6)})
+
+
+async def test_withdrawn_record_disappears():
+    clock = FakeClock()
+    async with dht_peer(clock) as (a, da), dht_peer(clock, a.addrs[0]) as (b, db):
+        await db.announce(record_of(b, 0, 3, clock.now + 30))
+        await wait_for_spans(da, {b.peer_id: (0, 3)})
+        await db.withdraw(b.peer_id, MODEL)
+        await wait_for_spans(da, {})
+        assert await db.lookup(MODEL) == []
+
+
+async def test_garbage_from_a_rogue_peer_is_refused_where_stored_and_where_read():
+    clock = FakeClock()
+    async with dht_peer(clock) as (a, da), dht_peer(clock, a.addrs[0]) as (b, db), \
+            dht_peer(clock, a.addrs[0]) as (rogue, dr):
+        dr.dht.register_validator(NAMESPACE, BlankValidator())  # the rogue skips our checks
+        key = record_key(MODEL, rogue.peer_id)
+        await dr.dht.put_value(key, b"\xc1 garbage")
+        await dr.dht.provide(provider_key(MODEL).hex())
+        await db.announce(record_of(b, 0, 3, clock.now + 30))
+        await wait_for_spans(da, {b.peer_id: (0, 3)})
+        assert da.dht.value_store.get(key.encode()) is None
+        assert db.dht.value_store.get(key.encode()) is None
+        assert [r.peer_id for r in await db.lookup(MODEL)] == [b.peer_id]
+
+
+async def test_operations_are_bounded_when_dht_peers_never_answer():
+    async def black_hole(raw):
+        with contextlib.suppress(StreamClosed):
+            while await raw.receive_some(1 << 16):
+                pass
+
+    clock = FakeClock()
+    async with Libp2pTransport(listen=LOOPBACK) as silent:
+        silent.set_handler(str(KAD_PROTOCOL_ID), black_hole)  # speaks the DHT protocol, never answers
+        async with dht_peer(clock, silent.addrs[0]) as (b, db):
+            db.timeout = 1.0
+            for operation in (db.announce(record_of(b, 0, 3, clock.now + 30)), db.lookup(MODEL)):
+                started = trio.current_time()
+                await operation
+                assert trio.current_time() - started < 2.0  # libp2p alone waits 10 s per query
+            assert await db.lookup(MODEL) != []  # still served from the local store
+
+
+async def test_announcing_another_peers_record_is_refused():
+    clock = FakeClock()
+    async with dht_peer(clock) as (a, da), Libp2pTransport(listen=LOOPBACK) as other:
+        with pytest.raises(InvalidRecord, match="cannot announce"):
+            await da.announce(record_of(other, 0, 3, clock.now + 30))
+
+
+def test_validator_checks_key_size_and_contents():
+    info = SpanInfo(model_id="tiny", manifest_hash=MODEL, start=0, end=3)
+    good = PeerRecord("12D3KooWpeer", ("/ip4/127.0.0.1/tcp/1/p2p/12D3KooWpeer",), info, 100.0)
+    key = record_key(MODEL, good.peer_id)
+    assert check_record(key, good.to_bytes()) == good
+    with pytest.raises(InvalidRecord):
+        check_record(key, b"\xc1 not msgpack")
+    with pytest.raises(InvalidRecord, match="exceeds"):
+        check_record(key, b"\x00" * (MAX_RECORD_BYTES + 1))
+    with pytest.raises(InvalidRecord, match="stored under peer"):
+        check_record(record_key(MODEL, "12D3KooWother"), good.to_bytes())
+    with pytest.raises(InvalidRecord, match="stored under model"):
+        check_record(record_key("othermodel", good.peer_id), good.to_bytes())
+    for bad_key in ("/hearth/only-model", "/other/m/p", "hearth/m/p", "/hearth//p", "/hearth/m/p/extra"):
+        with pytest.raises(InvalidRecord):
+            check_record(bad_key, good.to_bytes())
+    assert check_record(key, good.to_bytes(), now=100.0 - MAX_TTL_S) == good
+    with pytest.raises(InvalidRecord, match="the limit is"):
+        check_record(key, good.to_bytes(), now=100.0 - MAX_TTL_S - 1)  # would pin the key too long
+    for never in (float("inf"), float("nan")):
+        with pytest.raises(InvalidRecord, match="expires at"):
+            check_record(key, dataclasses.replace(good, expires_at=never).to_bytes())
+
+
+def test_validator_selects_the_record_that_expires_last():
+    info = SpanInfo(model_id="tiny", manifest_hash=MODEL, start=0, end=3)
+    key = record_key(MODEL, "12D3KooWpeer")
+    older, newer, pinned = (PeerRecord("12D3KooWpeer", ("/a",), info, t).to_bytes() for t in (100.0, 130.0, 1e12))
+    validator = PeerRecordValidator(FakeClock(90.0))
+    assert validator.select(key, [older, newer]) == 1
+    assert validator.select(key, [newer, older]) == 0
+    assert validator.select(key, [b"garbage", older]) == 1
+    assert validator.select(key, [older, pinned]) == 0
