@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import trio
 
 from mesh.connect import joined
@@ -58,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=4096, metavar="N", help="positions per session")
     parser.add_argument("--idle-timeout", type=float, default=300.0, metavar="S")
     parser.add_argument("--allow-peers", type=Path, metavar="FILE", help="only these peer ids (one per line) may open sessions")
+    parser.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: torch's choice)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -95,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = settings_from_args(args)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     config = load_config(settings.model_dir)  # bad config or span: a clear error before any network
     if not 0 <= settings.start < settings.end <= config.num_layers:
         raise InvalidInput(f"--blocks {settings.start}:{settings.end} is outside the model's {config.num_layers} blocks")

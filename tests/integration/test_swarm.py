@@ -1,0 +1,115 @@
+"""Issue 4 end to end: real node processes over libp2p on loopback, a client given one address."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import trio
+
+from mesh.client import ClientOptions
+from mesh.connect import connect
+from protocol import Codec
+from shard.sampling import SamplingParams
+from tests.integration.conftest import local_tokens
+
+PROMPT = [5, 17, 33, 2, 9, 71, 4]
+
+
+async def generate(bootstrap: str, model_dir, *, codec=Codec.FP32, n=12, prompt=PROMPT):
+    async with connect(bootstrap=[bootstrap], model=model_dir, options=ClientOptions(codec=codec)) as client:
+        return await client.generate_text(prompt_ids=prompt, params=SamplingParams(max_new_tokens=n))
+
+
+async def test_three_nodes_equal_hearth_run_exactly(local_swarm):
+    local_swarm.start(local_swarm.spans(3))
+    report = await generate(local_swarm.nodes[2].addr, local_swarm.model_dir)
+    assert report.token_ids == local_tokens(local_swarm.model_dir, PROMPT, 12)
+    assert [hop["peer_id"] for hop in report.route] == [node.peer_id for node in local_swarm.nodes]
+
+
+async def test_default_codec_stays_within_tolerance(local_swarm):
+    local_swarm.start(local_swarm.spans(3))
+    report = await generate(local_swarm.nodes[0].addr, local_swarm.model_dir, codec=ClientOptions().codec)
+    expected = local_tokens(local_swarm.model_dir, PROMPT, 12)
+    assert sum(a == b for a, b in zip(report.token_ids, expected)) >= 11
+
+
+def test_hearth_generate_json_matches_hearth_run(local_swarm):
+    local_swarm.start(local_swarm.spans(3))
+    common = ["--model", str(local_swarm.model_dir), "--prompt-ids", "5,17,33", "--max-new-tokens", "6", "--json"]
+    remote = subprocess.run([sys.executable, "-m", "node.cli", "generate", "--bootstrap", local_swarm.nodes[1].addr,
+                             "--codec", "fp32", *common], capture_output=True, text=True, timeout=120)
+    local = subprocess.run([sys.executable, "-m", "node.cli", "run", *common], capture_output=True, text=True, timeout=120)
+    assert remote.returncode == 0, remote.stderr
+    remote_out, local_out = json.loads(remote.stdout), json.loads(local.stdout)
+    assert remote_out["token_ids"] == local_out["token_ids"]
+    assert [hop["start"] for hop in remote_out["route"]] == [0, 2, 4] and remote_out["recoveries"] == []
+
+
+async def test_nothing_is_central_after_the_bootstrap_node_stops(local_swarm):
+    local_swarm.start([(0, 3), (0, 3), (3, 6)])
+    bootstrap, other, last = local_swarm.nodes
+    bootstrap.stop()
+    report = await generate(last.addr, local_swarm.model_dir)
+    assert report.token_ids == local_tokens(local_swarm.model_dir, PROMPT, 12)
+    assert bootstrap.peer_id not in [hop["peer_id"] for hop in report.route]
+
+
+async def test_four_concurrent_clients_each_get_their_own_output(local_swarm):
+    local_swarm.start(local_swarm.spans(2))
+    prompts = [PROMPT, [8, 8, 8], [100, 3], [40, 41, 42, 43, 44]]
+    results = {}
+
+    async def one(i):
+        results[i] = (await generate(local_swarm.nodes[i % 2].addr, local_swarm.model_dir, prompt=prompts[i], n=8)).token_ids
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(prompts)):
+            nursery.start_soon(one, i)
+    for i, prompt in enumerate(prompts):
+        assert results[i] == local_tokens(local_swarm.model_dir, prompt, 8)
+
+
+async def test_raw_libp2p_garbage_gets_error_replies_and_the_node_keeps_serving(local_swarm):
+    from mesh.libp2p_transport import Libp2pTransport
+    from mesh.transport import INFERENCE_PROTOCOL, MessageStream
+    from protocol import Error, ErrorCode, Role
+
+    local_swarm.start([(0, 6)])
+    node = local_swarm.nodes[0]
+    async with Libp2pTransport(listen=["/ip4/127.0.0.1/tcp/0"]) as transport:
+        peer = await transport.dial(node.addr, timeout=10)
+        replies = []
+        for garbage in [b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1", (1 << 31).to_bytes(4, "big"), b"\x00\x00\x00\x01\x90"]:
+            raw = await transport.open_stream(peer, INFERENCE_PROTOCOL, timeout=10)
+            await raw.send_all(garbage)
+            replies.append(await MessageStream(raw, Role.CLIENT).receive(timeout=10))
+        assert all(isinstance(r, Error) for r in replies)
+        assert [r.code for r in replies] == [ErrorCode.MALFORMED_FRAME, ErrorCode.FRAME_TOO_LARGE,
+                                             ErrorCode.INVALID_MESSAGE]  # an array where a map belongs
+    assert node.process.poll() is None
+    report = await generate(node.addr, local_swarm.model_dir, n=4)
+    assert report.token_ids == local_tokens(local_swarm.model_dir, PROMPT, 4)
+
+
+async def test_allow_list_refuses_other_peers(checkpoint_factory, tmp_path):
+    from mesh.session import HopFailed
+    from node.swarm import LocalSwarm
+
+    allow = tmp_path / "allow.txt"
+    allow.write_text("# only this made-up peer\n12D3KooWNotARealPeerButItDoesNotMatter\n")
+    swarm = LocalSwarm(checkpoint_factory("llama"), extra_args=["--threads", "1", "--allow-peers", str(allow)])
+    try:
+        swarm.start([(0, 6)])
+        options = ClientOptions(codec=Codec.FP32, request_timeout_s=3)
+        async with connect(bootstrap=[swarm.nodes[0].addr], model=swarm.model_dir, options=options) as client:
+            try:
+                await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=2))
+            except HopFailed as err:
+                assert "allow-list" in str(err)
+            else:
+                raise AssertionError("a peer off the allow-list was served")
+    finally:
+        swarm.stop()
