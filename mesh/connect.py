@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import trio
@@ -44,12 +44,42 @@ async def dial_bootstrap(transport: Libp2pTransport, bootstrap: Sequence[str], c
     return reached
 
 
+@contextmanager
+def single_errors() -> Iterator[None]:
+    """Re-raise an exception group holding one exception as that exception.
+
+    The libp2p host and the DHT run in nurseries, which wrap whatever the caller's block raises
+    (a `NoRouteError`, say) in exception groups; callers should see the error itself.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from group
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    found = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
 @asynccontextmanager
 async def joined(*, bootstrap: Sequence[str] = (), listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
                  identity_path: os.PathLike | str | None = None, peer_cache_path: os.PathLike | str | None = None,
                  enable_mdns: bool = False, wall_clock: Callable[[], float]
                  ) -> AsyncIterator[tuple[Libp2pTransport, DhtDiscovery]]:
     cache = PeerCache(peer_cache_path, clock=wall_clock) if peer_cache_path else None
+    with single_errors():
+        async with _joined(bootstrap, listen, identity_path, cache, enable_mdns, wall_clock) as joined_pair:
+            yield joined_pair
+
+
+@asynccontextmanager
+async def _joined(bootstrap, listen, identity_path, cache, enable_mdns, wall_clock):
     async with Libp2pTransport(identity_path=identity_path, listen=listen, enable_mdns=enable_mdns,
                                peer_cache=cache) as transport:
         reached = await dial_bootstrap(transport, bootstrap, cache)

@@ -41,7 +41,8 @@ class Recovery:
     reason: str
     replacements: list[str]
     tokens_replayed: int
-    seconds: float
+    seconds: float  # from detecting the failure to the replacement holding the history
+    detected_at: float = 0.0  # trio clock
 
     def to_json(self) -> dict:
         return {"failed_peer": self.failed_peer, "blocks": [self.start, self.end], "reason": self.reason,
@@ -99,7 +100,7 @@ class RoutePipeline:
         self.hops[index : index + 1] = replacements
         self.recoveries.append(Recovery(
             failed.peer_id, failed.start, failed.end, err.reason, [h.peer_id for h in replacements],
-            failed.length, trio.current_time() - started))
+            failed.length, trio.current_time() - started, started))
 
     async def _cover(self, start: int, end: int, history: list[StepRecord]) -> list[HopSession]:
         """Open sessions covering [start, end) and replay `history` into them, retrying to the deadline."""
