@@ -20,7 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     run_local.add_arguments(commands.add_parser(
         "run", help="generate text with a whole model in this process",
         description="Generate with the model split into spans run one after another in this process."))
-    from node import daemon, generate_remote
+    from node import daemon, demo, generate_remote
+
+    demo.add_arguments(commands.add_parser(
+        "demo", help="start a local swarm and generate text through it (the main job)",
+        description="Start node processes on this machine, each serving part of the model, and stream a "
+                    "completion through them. --kill-one kills a node mid-answer to show failover."))
 
     daemon.add_arguments(commands.add_parser(
         "node", help="serve a span of a model to the swarm",
@@ -62,6 +67,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from node import generate_remote
 
         return generate_remote.run(args)
+    if args.command == "demo":
+        from node import demo
+
+        return demo.run(args)
     if args.command == "swarm":
         return run_swarm(args)
     if args.command == "manifest":
