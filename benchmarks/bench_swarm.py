@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_local import save_model  # noqa: E402
 from mesh.client import ClientOptions  # noqa: E402
-from mesh.connect import connect  # noqa: E402
+from mesh.join import connect  # noqa: E402
 from node.swarm import LocalSwarm  # noqa: E402
 from shard.generate import generate_local  # noqa: E402
 from shard.pipeline import LocalPipeline  # noqa: E402

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import trio
 
-from mesh.connect import joined
+from mesh.join import joined
 from node.node import Node, measure_token_seconds
 from node.sessions import SessionLimits
 from shard.config import load_config

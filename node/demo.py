@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from mesh.client import ClientOptions, GenerationReport
-from mesh.connect import connect
+from mesh.join import connect
 from node.swarm import LocalSwarm
 from shard.quant import QUANT_MODES
 from shard.sampling import SamplingParams

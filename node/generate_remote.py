@@ -11,7 +11,7 @@ import time
 import trio
 
 from mesh.client import ClientOptions, GenerationReport
-from mesh.connect import connect
+from mesh.join import connect
 from node.run_local import add_prompt_and_sampling_arguments, prompt_arguments, sampling_params
 from protocol import Codec
 

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from mesh.client import ClientOptions
-from mesh.connect import connect
+from mesh.join import connect
 from mesh.routing import NoRouteError
 from mesh.session import HopSession
 from protocol import Codec

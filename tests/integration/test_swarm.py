@@ -9,7 +9,7 @@ import sys
 import trio
 
 from mesh.client import ClientOptions
-from mesh.connect import connect
+from mesh.join import connect
 from protocol import Codec
 from shard.sampling import SamplingParams
 from tests.integration.conftest import local_tokens
@@ -113,3 +113,28 @@ async def test_allow_list_refuses_other_peers(checkpoint_factory, tmp_path):
                 raise AssertionError("a peer off the allow-list was served")
     finally:
         swarm.stop()
+
+
+def test_sync_client_and_mesh_connect_for_plain_python(local_swarm):
+    import mesh
+
+    local_swarm.start(local_swarm.spans(2))
+    with mesh.SyncClient(bootstrap=[local_swarm.nodes[0].addr], model=local_swarm.model_dir,
+                         options=mesh.ClientOptions(codec=Codec.FP32)) as client:
+        streamed = [token.token_id for token in client.generate(prompt_ids=PROMPT, max_new_tokens=6)]
+        report = client.generate_text(prompt_ids=PROMPT, max_new_tokens=6)
+        partial = client.generate(prompt_ids=PROMPT, max_new_tokens=6)
+        first = next(partial)
+        partial.close()  # abandoning a stream frees its sessions
+    assert streamed == report.token_ids == local_tokens(local_swarm.model_dir, PROMPT, 6)
+    assert first.token_id == streamed[0]
+
+
+async def test_mesh_connect_is_the_documented_entry_point(local_swarm):
+    import mesh
+
+    local_swarm.start([(0, 6)])
+    async with mesh.connect(bootstrap=[local_swarm.nodes[0].addr], model=local_swarm.model_dir,
+                            options=mesh.ClientOptions(codec=Codec.FP32)) as client:
+        tokens = [t.token_id async for t in client.generate(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=5))]
+    assert tokens == local_tokens(local_swarm.model_dir, PROMPT, 5)
