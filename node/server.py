@@ -36,6 +36,7 @@ class InferenceServer:
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
         self.io_timeout = io_timeout
         self._live: dict[str, trio.CancelScope] = {}
+        manager.on_evict = self._evicted
 
     def hello(self) -> Hello:
         return Hello(software=SOFTWARE, codecs=SUPPORTED_CODECS)
@@ -119,9 +120,17 @@ class InferenceServer:
                     await stream.send(Pong(nonce=message.nonce))
                     continue
                 await self._step(stream, session, message)
+        if session.evicted:
+            raise SessionRefused(ErrorCode.CACHE_FULL, "session evicted to make room in this node's KV cache; "
+                                 "replay elsewhere", retry_elsewhere=True)
         if self.manager.draining:
             raise SessionRefused(ErrorCode.SHUTTING_DOWN, "this node is shutting down; replay elsewhere",
                                  retry_elsewhere=True)
+
+    def _evicted(self, session: ServedSession) -> None:
+        scope = self._live.get(session.session_id)
+        if scope is not None:
+            scope.cancel()
 
     async def _next(self, stream: MessageStream, session: ServedSession) -> Message:
         idle = self.manager.limits.idle_timeout_s

@@ -8,6 +8,7 @@ one forward pass at a time, so the event loop keeps answering pings and other se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ class SessionLimits:
     idle_timeout_s: float = 300.0
     max_batch: int = 8
     compute_in_thread: bool = True  # False runs torch in the event loop (virtual-time tests, simulator)
+    evict_idle_s: float = 30.0  # a session idle this long may be evicted to make room for a new one
 
 
 class ServedSession:
@@ -44,6 +46,8 @@ class ServedSession:
         self.span, self.cache = span, cache
         self.steps = 0
         self.codec = Codec.FP32  # what step results are encoded with (the client's choice)
+        self.last_active = trio.current_time()
+        self.evicted = False
 
     @property
     def nbytes(self) -> int:
@@ -59,6 +63,7 @@ class SessionManager:
         self.compute_lock = trio.Lock()
         self.tokens_served = 0
         self.compute_seconds = 0.0
+        self.on_evict: Callable[[ServedSession], None] = lambda session: None
 
     @property
     def free_cache_tokens(self) -> int:
@@ -86,6 +91,7 @@ class SessionManager:
                                  retry_elsewhere=True)
         view = self.span if (start, end) == (self.span.start, self.span.end) else self.span.sub_span(start, end)
         needed = view.cache_bytes(batch, max_length)
+        self._evict_idle_for(needed)
         if self.reserved_bytes + needed > self.limits.kv_cache_bytes:
             raise SessionRefused(ErrorCode.CACHE_FULL,
                                  f"session needs {needed} bytes of KV cache; {self.limits.kv_cache_bytes - self.reserved_bytes} free",
@@ -94,6 +100,18 @@ class SessionManager:
         self.sessions[session_id] = session
         self.reserved_bytes += session.nbytes
         return session
+
+    def _evict_idle_for(self, needed: int) -> None:
+        """Evict the longest-idle sessions (idle at least `evict_idle_s`) until `needed` bytes fit."""
+        now = trio.current_time()
+        idle = sorted((s for s in self.sessions.values() if now - s.last_active >= self.limits.evict_idle_s),
+                      key=lambda s: s.last_active)
+        for session in idle:
+            if self.reserved_bytes + needed <= self.limits.kv_cache_bytes:
+                return
+            session.evicted = True
+            self.close(session)
+            self.on_evict(session)
 
     def close(self, session: ServedSession) -> None:
         if self.sessions.pop(session.session_id, None) is not None:
@@ -116,6 +134,7 @@ class SessionManager:
                 output = self._forward(session, hidden, start_position)
             seconds = trio.current_time() - started
         session.steps += 1
+        session.last_active = trio.current_time()
         self.tokens_served += hidden.shape[0] * hidden.shape[1]
         self.compute_seconds += seconds
         return output, seconds

@@ -30,7 +30,8 @@ async def served(checkpoint_factory):
     network, directory = MemoryNetwork(), MemoryDirectory(trio.current_time)
     digest = model_digest(model_dir)
     node = Node(load_span(model_dir, 0, 6), "tiny", digest, wall_clock=trio.current_time, token_seconds=0.001,
-                limits=SessionLimits(max_sessions=2, kv_cache_bytes=400_000, max_length=64, idle_timeout_s=5),
+                limits=SessionLimits(max_sessions=2, kv_cache_bytes=400_000, max_length=64, idle_timeout_s=5,
+                                    evict_idle_s=2),
                 allowed_peers={"peer", "user"})
     async with trio.open_nursery() as nursery:
         async with MemoryTransport.open(network, "node") as node_transport, \
@@ -191,3 +192,12 @@ async def test_shutdown_tells_open_sessions_to_go_elsewhere(served):
     fresh = await stream_to_node(served["peer"])
     await fresh.send(open_message(served["digest"], "s9"))
     assert (await expect_error(fresh, ErrorCode.SHUTTING_DOWN, "go elsewhere")).retry_elsewhere
+
+
+async def test_idle_session_is_evicted_to_make_room_and_told_to_replay_elsewhere(served, autojump_clock):
+    first = await opened(served, "s1", max_length=64, batch_size=3)  # 295 kB of the 400 kB budget
+    await trio.sleep(3)  # idle past evict_idle_s (2 s), not yet expired (5 s)
+    second = await opened(served, "s2", max_length=64, batch_size=2)  # 197 kB: fits only if s1 goes
+    reply = await expect_error(first, ErrorCode.CACHE_FULL, "evicted")
+    assert reply.retry_elsewhere
+    assert isinstance(await second.request(step("s2", 0, 0, (2, 1, HIDDEN))), StepResult)
