@@ -31,7 +31,7 @@ async def served(checkpoint_factory):
     digest = model_digest(model_dir)
     node = Node(load_span(model_dir, 0, 6), "tiny", digest, wall_clock=trio.current_time, token_seconds=0.001,
                 limits=SessionLimits(max_sessions=2, kv_cache_bytes=400_000, max_length=64, idle_timeout_s=5,
-                                    evict_idle_s=2),
+                                    evict_idle_s=2, compute_in_thread=False),
                 allowed_peers={"peer", "user"})
     async with trio.open_nursery() as nursery:
         async with MemoryTransport.open(network, "node") as node_transport, \
@@ -200,4 +200,5 @@ async def test_idle_session_is_evicted_to_make_room_and_told_to_replay_elsewhere
     second = await opened(served, "s2", max_length=64, batch_size=2)  # 197 kB: fits only if s1 goes
     reply = await expect_error(first, ErrorCode.CACHE_FULL, "evicted")
     assert reply.retry_elsewhere
-    assert isinstance(await second.request(step("s2", 0, 0, (2, 1, HIDDEN))), StepResult)
+    result = await second.request(step("s2", 0, 0, (2, 1, HIDDEN)))
+    assert isinstance(result, StepResult), result
