@@ -17,15 +17,16 @@ loads on any other; no kernel-specific layout is ever saved):
 Scales and zeros are stored in bf16 because the kernels consume bf16: the kernel path and the
 dequantize path then use bit-identical quantization parameters.
 
-Kernel choice (numbers from benchmarks/bench_quant_kernels.py, see benchmarks/RESULTS.md): the
-packed kernels only pay off with bf16 activations (with fp32 ones they are 6-15x slower than
-fp32 `F.linear`), so activations are cast to bf16 and the output back to fp32. They compute
-x @ W^T row by row, so their time grows with M faster than fp32 GEMM's does:
-- int8: kernel for 1 <= M <= INT8_KERNEL_MAX_ROWS, else fp32 `F.linear` on chunks of
-  dequantized rows (the output is scaled per channel afterwards).
-- int4: kernel at every M; dequantizing int4 to fp32 costs more than the kernel's extra time
-  until prompts of several hundred tokens.
-The fallback is also used where this torch lacks an op or the shape does not fit the kernel
+Kernel choice (measured with benchmarks/bench_quant_kernels.py, 2 threads; see
+benchmarks/RESULTS.md): the packed kernels only pay off with bf16 activations (with fp32 ones
+they are 6-15x slower than fp32 `F.linear`), so activations are cast to bf16 and the output
+back to fp32. Their time grows with the row count M (tokens x sequences) faster than a GEMM's:
+- int8: kernel for 1 <= M <= INT8_KERNEL_MAX_ROWS (48), else fp32 `F.linear` on chunks of
+  dequantized rows, scaled per channel afterwards (at 4096x4096: M=1 0.75 ms vs fp32 2.3 ms;
+  M=48 kernel 9.4 ms vs dequantize 12.4; M=64 12.5 vs 12.1; M=128 24.7 vs 19.0).
+- int4: kernel at every M. Dequantizing int4 to fp32 only wins from M ~ 200 (2048x5632, M=256:
+  30 vs 35 ms) and would need the portable weights, not kept in memory next to the kernel's.
+The fallback also serves where this torch lacks an op or the shape does not fit the kernel
 (int8: in % 16 != 0; int4: out % 16 != 0).
 """
 
@@ -40,7 +41,7 @@ from shard.errors import QuantizationError
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
 # Largest number of rows (tokens x sequences) for which int8 uses the packed bf16 kernel.
-INT8_KERNEL_MAX_ROWS = 32
+INT8_KERNEL_MAX_ROWS = 48
 # Weights dequantized at a time by the fallback path (4 MiB of fp32).
 _DEQUANT_CHUNK_ELEMS = 1 << 20
 # Smallest scale, so that a constant row or group does not divide by zero.
@@ -221,7 +222,8 @@ def int4_dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: 
     """Portable int4 -> fp32 weight [out, in]."""
     out_features = qweight.shape[0]
     codes = unpack_nibbles(qweight).reshape(out_features, -1, group_size).float()
-    w = torch.addcmul(zeros.float()[..., None], codes - 8, scales.float()[..., None])
+    scale = scales.float()[..., None]  # [out, in/g, 1]
+    w = torch.addcmul(zeros.float()[..., None] - 8 * scale, codes, scale)  # code * s + (z - 8s)
     return w.reshape(out_features, -1)  # [out, in]
 
 
