@@ -35,6 +35,7 @@ class _Pipe:
     def __init__(self):
         self.send, self.recv = trio.open_memory_channel(math.inf)
         self.reset = False
+        self.closed = False  # the sender closed its side
 
 
 class MemoryByteStream(ByteStream):
@@ -77,7 +78,13 @@ class MemoryByteStream(ByteStream):
         return data
 
     async def aclose(self) -> None:
+        self._out.closed = True
         await self._out.send.aclose()
+
+    @property
+    def finished(self) -> bool:
+        """Reset, or closed in both directions: nothing left for a crash to reset."""
+        return self._out.reset or (self._out.closed and self._in.closed)
 
     def reset(self) -> None:
         self._out.reset = self._in.reset = True
@@ -102,6 +109,7 @@ class MemoryNetwork:
         self._frozen: set[str] = set()
         self._cut: set[frozenset[str]] = set()
         self._streams: list[MemoryByteStream] = []
+        self._prune_at = 64  # prune finished streams when the list grows past this (amortized O(1) per open)
 
     def link(self, src: str, dst: str) -> Link:
         if (src, dst) in self._links:
@@ -130,6 +138,17 @@ class MemoryNetwork:
         """The peer goes silent without closing anything (power cut, suspended laptop)."""
         self._frozen.add(peer_id)
 
+    def open_streams(self) -> list[MemoryByteStream]:
+        """Streams not finished yet, oldest first (both ends of each)."""
+        return [s for s in self._streams if not s.finished]
+
+    def reset_streams(self, a: str, b: str) -> int:
+        """Reset every open stream between peers `a` and `b` (a dropped connection); returns how many."""
+        hit = [s for s in self._streams if {s.local, s.peer_id} == {a, b} and not s.finished]
+        for stream in hit:
+            stream.reset()
+        return len(hit)
+
     def cut(self, a: str, b: str) -> None:
         self._cut.add(frozenset((a, b)))
 
@@ -150,7 +169,10 @@ class MemoryNetwork:
         forward, backward = _Pipe(), _Pipe()
         ours = MemoryByteStream(self, src.peer_id, dst_id, forward, backward)
         theirs = MemoryByteStream(self, dst_id, src.peer_id, backward, forward)
-        self._streams = [s for s in self._streams if not s._out.reset] + [ours, theirs]
+        self._streams += [ours, theirs]
+        if len(self._streams) > self._prune_at:
+            self._streams = [s for s in self._streams if not s.finished]
+            self._prune_at = max(64, 2 * len(self._streams))
         dst.spawn(handler, theirs)
         return ours
 

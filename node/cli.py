@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_local.add_arguments(commands.add_parser(
         "run", help="generate text with a whole model in this process",
         description="Generate with the model split into spans run one after another in this process."))
-    from node import daemon, demo, generate_remote
+    from node import api_command, daemon, demo, generate_remote
 
     demo.add_arguments(commands.add_parser(
         "demo", help="start a local swarm and generate text through it (the main job)",
@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate_remote.add_arguments(commands.add_parser(
         "generate", help="generate text through the swarm",
         description="Find peers, plan a route through them and stream a completion; the prompt stays here."))
+    api_command.add_arguments(commands.add_parser(
+        "api", help="serve the OpenAI-compatible API over the swarm (no blocks)",
+        description="Join the swarm as a client and answer OpenAI-style requests on http://HOST:PORT/v1; "
+                    "prompts and tokens stay on this device."))
     swarm = commands.add_parser("swarm", help="start N local nodes splitting a model, until Ctrl-C")
     swarm.add_argument("--model", required=True, metavar="DIR")
     swarm.add_argument("--nodes", type=int, default=3, metavar="N")
@@ -67,6 +71,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from node import generate_remote
 
         return generate_remote.run(args)
+    if args.command == "api":
+        from node import api_command
+
+        return api_command.run(args)
     if args.command == "demo":
         from node import demo
 

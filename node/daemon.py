@@ -2,6 +2,10 @@
 
 Prints `listening on <multiaddr>/p2p/<id>` once it serves. SIGINT or SIGTERM withdraws the
 announcement and ends open sessions with an error telling their clients to go elsewhere.
+
+With `--api-port` the node also answers the OpenAI-compatible API (`node.api`) through a client of
+its own, joined through its own libp2p host; a loopback wraps that host so the client can use the
+node's own span too. It prints `api listening on http://HOST:PORT/v1` before `listening on`.
 """
 
 from __future__ import annotations
@@ -10,13 +14,17 @@ import argparse
 import logging
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import trio
 
+from mesh.client import Client
 from mesh.join import joined
+from mesh.loopback import LoopbackTransport
+from node.api import ApiServer, ApiSettings, check_model_dir
 from node.node import Node, measure_token_seconds
 from node.sessions import SessionLimits
 from shard.config import load_config
@@ -41,6 +49,7 @@ class NodeSettings:
     mdns: bool = False
     limits: SessionLimits = SessionLimits()
     allowed_peers: frozenset[str] | None = None
+    api: ApiSettings | None = None  # serve the OpenAI-compatible API too
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout", type=float, default=300.0, metavar="S")
     parser.add_argument("--allow-peers", type=Path, metavar="FILE", help="only these peer ids (one per line) may open sessions")
     parser.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: torch's choice)")
+    parser.add_argument("--api-port", type=int, metavar="PORT",
+                        help="also serve the OpenAI-compatible API on this port (0: any free port)")
+    parser.add_argument("--api-host", default="127.0.0.1", metavar="HOST",
+                        help="address the API binds (default 127.0.0.1; any other needs --api-key)")
+    parser.add_argument("--api-key", metavar="KEY", help="API requests must carry 'Authorization: Bearer KEY'")
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -74,7 +88,16 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
         model_dir=Path(args.model), start=start, end=end, quant=args.quant,
         listen=tuple(args.listen or ("/ip4/127.0.0.1/tcp/0",)), bootstrap=tuple(args.bootstrap),
         identity=args.identity, peer_cache=args.peer_cache, mdns=args.mdns, limits=limits,
-        allowed_peers=read_allow_list(args.allow_peers) if args.allow_peers else None)
+        allowed_peers=read_allow_list(args.allow_peers) if args.allow_peers else None,
+        api=api_settings_from_args(args))
+
+
+def api_settings_from_args(args: argparse.Namespace) -> ApiSettings | None:
+    if args.api_port is None:
+        if args.api_key is not None or args.api_host != "127.0.0.1":
+            raise InvalidInput("--api-host and --api-key need --api-port")
+        return None
+    return ApiSettings(host=args.api_host, port=args.api_port, api_key=args.api_key)
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -102,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(settings.model_dir)  # bad config or span: a clear error before any network
     if not 0 <= settings.start < settings.end <= config.num_layers:
         raise InvalidInput(f"--blocks {settings.start}:{settings.end} is outside the model's {config.num_layers} blocks")
+    if settings.api is not None:
+        check_model_dir(settings.model_dir)
     trio.run(serve, settings)
     return 0
 
@@ -118,17 +143,30 @@ async def serve(settings: NodeSettings) -> None:
     token_seconds = await trio.to_thread.run_sync(measure_token_seconds, span)
     async with joined(bootstrap=settings.bootstrap, listen=settings.listen, identity_path=settings.identity,
                       peer_cache_path=settings.peer_cache, enable_mdns=settings.mdns,
-                      wall_clock=time.time) as (transport, discovery):
+                      wall_clock=time.time) as (transport, discovery), \
+            (LoopbackTransport.wrap(transport) if settings.api else nullcontext(transport)) as transport:
         node = Node(span, settings.model_dir.name, digest, limits=settings.limits,
                     allowed_peers=settings.allowed_peers, wall_clock=time.time, token_seconds=token_seconds)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.run, transport, discovery)
                 say(f"announced blocks {settings.start}:{settings.end} ({1 / token_seconds:.0f} tokens/s through the span)")
+                api = await start_api(nursery, settings, transport, discovery) if settings.api else None
                 for addr in transport.addrs:
                     say(f"listening on {addr}")
                 async for signum in signals:
                     say(f"{signal.Signals(signum).name}: draining")
+                    if api is not None:
+                        api.stop()
                     node.stop()
                     break
     say("stopped")
+
+
+async def start_api(nursery: trio.Nursery, settings: NodeSettings, transport, discovery) -> ApiServer:
+    """The OpenAI-compatible API over a client of this node's own model, joined through its host."""
+    client = await trio.to_thread.run_sync(lambda: Client(transport, discovery, settings.model_dir))
+    api = ApiServer(client, settings.api, wall_clock=time.time)
+    url = await nursery.start(api.run)
+    say(f"api listening on {url}")
+    return api

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=3, metavar="N")
     parser.add_argument("--quant", choices=QUANT_MODES, default="int8")
     parser.add_argument("--max-new-tokens", type=int, default=80, metavar="N")
+    parser.add_argument("--repetition-penalty", type=float, default=1.2, metavar="R",
+                        help="discourages the small demo model's loops (1 = off); output stays greedy")
     parser.add_argument("--kill-one", action="store_true", help="kill a node on the route mid-answer")
 
 
@@ -66,7 +68,7 @@ async def _generate(swarm: LocalSwarm, args: argparse.Namespace) -> GenerationRe
     report = GenerationReport([])
     options = ClientOptions(step_timeout_s=5.0)
     async with connect(bootstrap=swarm.bootstrap, model=args.model, options=options) as client:
-        params = SamplingParams(max_new_tokens=args.max_new_tokens)
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
         route_shown = False
         sys.stdout.write(args.prompt)
         async for emitted in client.generate(args.prompt, params=params, report=report):

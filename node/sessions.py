@@ -132,6 +132,7 @@ class SessionManager:
                 output = await trio.to_thread.run_sync(self._forward, session, hidden, start_position)
             else:
                 output = self._forward(session, hidden, start_position)
+            await _modelled_compute(session.span, hidden.shape[0] * hidden.shape[1])
             seconds = trio.current_time() - started
         session.steps += 1
         session.last_active = trio.current_time()
@@ -149,3 +150,13 @@ class SessionManager:
         except ShardError as err:
             raise SessionRefused(ErrorCode.INVALID_TENSOR, str(err)) from err
         return output.to(torch.float32).numpy()
+
+
+async def _modelled_compute(span: SpanModel, tokens: int) -> None:
+    """A span that models its compute time (the simulator's) waits it out here, in trio's clock.
+
+    Real spans have no `compute_delay`, so for them this does nothing.
+    """
+    delay = getattr(span, "compute_delay", None)
+    if delay is not None:
+        await delay(tokens)

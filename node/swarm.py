@@ -121,9 +121,11 @@ class LocalSwarm:
             node.wait_ready(timeout)
         return started
 
-    def add(self, start: int, end: int) -> NodeProcess:
+    def add(self, start: int, end: int, *, extra_args: list[str] | None = None) -> NodeProcess:
+        """Start (without waiting for) one node serving [start, end); `extra_args` are for it alone."""
         name = f"node{len(self.nodes)}"
-        args = ["--model", str(self.model_dir), "--blocks", f"{start}:{end}", "--quant", self.quant, *self.extra_args]
+        args = ["--model", str(self.model_dir), "--blocks", f"{start}:{end}", "--quant", self.quant, *self.extra_args,
+                *(extra_args or [])]
         for addr in self.bootstrap:
             args += ["--bootstrap", addr]
         if self.work_dir is not None:

@@ -25,3 +25,15 @@ def local_swarm(checkpoint_factory, tmp_path):
 
 def local_tokens(model_dir, prompt: list[int], n: int) -> list[int]:
     return generate_local(LocalPipeline.load(model_dir), prompt, SamplingParams(max_new_tokens=n)).token_ids
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory):
+    """The tiny llama with a tokenizer (byte-fallback BPE) and a chat template: text in, text out."""
+    from tests.conftest import save_tiny_checkpoint
+    from tests.shard.test_tokenizer import PLAIN_TEMPLATE, sentencepiece_tokenizer, write_model
+
+    backend = sentencepiece_tokenizer()
+    path = write_model(tmp_path_factory.mktemp("chat") / "tiny-chat", backend, {
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": PLAIN_TEMPLATE})
+    return save_tiny_checkpoint(path, "llama", vocab_size=backend.get_vocab_size(), eos_token_id=2)

@@ -1,0 +1,65 @@
+"""`hearth api`: the OpenAI-compatible API over the swarm, from a device that serves no blocks.
+
+Joins the swarm as a client (embeddings, LM head and tokenizer from the local model directory),
+serves `node.api` and prints `api listening on http://HOST:PORT/v1` once it answers. SIGINT or
+SIGTERM stops it; requests still running are cancelled and their hops closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+from pathlib import Path
+
+import trio
+
+from mesh.client import ClientOptions
+from mesh.join import connect
+from node.api import DEFAULT_MAX_TOKENS, ApiServer, ApiSettings, check_model_dir
+from node.generate_remote import CODECS
+from shard.errors import InvalidInput
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", action="append", required=True, metavar="MULTIADDR",
+                        help="a peer of the swarm (with /p2p/ id); repeatable")
+    parser.add_argument("--model", required=True, type=Path, metavar="DIR",
+                        help="the model directory (embeddings, LM head, tokenizer and chat template run here)")
+    parser.add_argument("--port", type=int, default=8000, metavar="PORT", help="default 8000; 0 picks a free port")
+    parser.add_argument("--host", default="127.0.0.1", metavar="HOST",
+                        help="address to bind (default 127.0.0.1; any other needs --api-key)")
+    parser.add_argument("--api-key", metavar="KEY", help="requests must carry 'Authorization: Bearer KEY'")
+    parser.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
+                        help=f"tokens to generate when a request gives no max_tokens (default {DEFAULT_MAX_TOKENS})")
+    parser.add_argument("--codec", choices=sorted(CODECS), default="fp16", help="activations on the wire")
+    parser.add_argument("--timeout", type=float, default=300.0, metavar="S", help="deadline for each request")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = ApiSettings(host=args.host, port=args.port, api_key=args.api_key,
+                           default_max_tokens=args.default_max_tokens)
+    if args.timeout <= 0:
+        raise InvalidInput(f"--timeout must be positive, got {args.timeout}")
+    check_model_dir(args.model)
+    options = ClientOptions(codec=CODECS[args.codec], request_timeout_s=args.timeout)
+    trio.run(serve, args.bootstrap, args.model, settings, options)
+    return 0
+
+
+async def serve(bootstrap: list[str], model_dir: Path, settings: ApiSettings, options: ClientOptions) -> None:
+    async with connect(bootstrap=bootstrap, model=model_dir, options=options, wall_clock=time.time) as client:
+        api = ApiServer(client, settings, wall_clock=time.time)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(api.run)
+                print(f"api listening on {url}", flush=True)
+                async for signum in signals:
+                    print(f"{signal.Signals(signum).name}: stopping", flush=True)
+                    api.stop()
+                    break
+    print("stopped", flush=True)

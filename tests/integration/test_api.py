@@ -1,0 +1,248 @@
+"""Issue 7 end to end: the OpenAI-compatible API, driven by the official `openai` package.
+
+One swarm of real node processes serves the module: node0 serves blocks 0:3 and the API (with a
+key), node1..node3 serve 3:6, 0:3 and 3:6, so every block is served twice. A lone node serving
+0:3 with an API of its own is a swarm that cannot answer (503). The failover and disconnect tests
+run the same API in this process (`ApiServer` over a `mesh.Client`, the `hearth api` code) so
+they can act at an exact step of a hop, as tests/integration/test_failover.py does.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import openai
+import pytest
+import trio
+
+from mesh.client import ClientOptions
+from mesh.join import connect
+from mesh.session import HopSession
+from node.api import ApiServer, ApiSettings
+from node.swarm import LocalSwarm, NodeProcess
+from protocol import Codec
+from shard.tokenizer import Tokenizer
+from tests.integration.conftest import NODE_ARGS
+
+KEY = "sk-hearth-test"
+MESSAGES = [{"role": "user", "content": "Hello world"}]
+API_PREFIX = "api listening on "
+
+
+@dataclass
+class ApiSwarm:
+    swarm: LocalSwarm
+    url: str  # node0's API, which needs KEY
+    lone_url: str  # the API of a node alone with blocks 0:3, without a key
+    model: str
+
+
+def api_url(node: NodeProcess) -> str:
+    return node.wait_for(API_PREFIX, 10)[len(API_PREFIX):].strip()
+
+
+@pytest.fixture(scope="module")
+def api_swarm(chat_model_dir, tmp_path_factory):
+    swarm = LocalSwarm(chat_model_dir, extra_args=NODE_ARGS, work_dir=tmp_path_factory.mktemp("api-swarm"))
+    lone = LocalSwarm(chat_model_dir, extra_args=NODE_ARGS)
+    try:
+        head = swarm.add(0, 3, extra_args=["--api-port", "0", "--api-key", KEY])
+        lone_node = lone.add(0, 3, extra_args=["--api-port", "0"])
+        head.wait_ready(120)
+        for start, end in [(3, 6), (0, 3), (3, 6)]:
+            swarm.add(start, end)
+        for node in swarm.nodes + lone.nodes:
+            node.wait_ready(120)
+        yield ApiSwarm(swarm, api_url(head), api_url(lone_node), chat_model_dir.name)
+    finally:
+        swarm.stop()
+        lone.stop()
+        assert all(node.process.poll() is not None for node in swarm.nodes + lone.nodes)
+
+
+def openai_client(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=30)
+
+
+def post_raw(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, json.load(err)
+
+
+def test_models_lists_the_model_directory(api_swarm):
+    client = openai_client(api_swarm.url)
+    assert [model.id for model in client.models.list()] == [api_swarm.model]
+    assert client.models.retrieve(api_swarm.model).owned_by == "hearth"
+
+
+def test_streamed_chat_deltas_add_up_to_the_plain_answer(api_swarm, chat_model_dir):
+    client = openai_client(api_swarm.url)
+    args = dict(model=api_swarm.model, messages=MESSAGES, max_tokens=24, temperature=0)
+    answer = client.chat.completions.create(**args)
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text and answer.choices[0].message.content == text
+    assert answer.choices[0].message.role == chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == answer.choices[0].finish_reason
+    assert answer.id.startswith("chatcmpl-") and answer.model == api_swarm.model
+    tokenizer = Tokenizer.from_dir(chat_model_dir)  # the chat template is the model's own
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(MESSAGES), add_special_tokens=False)
+    assert answer.usage.prompt_tokens == chunks[-1].usage.prompt_tokens == len(prompt)
+    assert answer.usage.completion_tokens == chunks[-1].usage.completion_tokens
+    assert chunks[-1].choices == []
+
+
+def test_completion_stops_at_a_stop_string(api_swarm):
+    client = openai_client(api_swarm.url)
+    args = dict(model=api_swarm.model, prompt="Hello world", max_tokens=24, temperature=0)
+    full = client.completions.create(**args).choices[0]
+    text = full.text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert len(stop) == 2 and full.finish_reason == "length"
+
+    cut = client.completions.create(**args, stop=[stop, "never in the text"]).choices[0]
+    assert cut.text == text[:text.index(stop)] and cut.finish_reason == "stop"
+    streamed = list(client.completions.create(**args, stop=stop, stream=True))
+    assert "".join(chunk.choices[0].text for chunk in streamed) == cut.text
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("change, status, param, code", [
+    (dict(model="no-such-model"), 404, "model", "model_not_found"),
+    (dict(n=2), 400, "n", "unsupported_parameter"),
+    (dict(logprobs=True), 400, "logprobs", "unsupported_parameter"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400, "tools",
+     "unsupported_parameter"),
+    (dict(extra_body={"mirostat": 2}), 400, "mirostat", "unrecognized_argument"),
+    (dict(temperature=3.5), 400, "temperature", None),
+    (dict(max_tokens=500), 400, "messages", "context_length_exceeded"),
+    (dict(messages=[{"role": "user", "content": "the lazy dog " * 60}]), 400, "messages", "context_length_exceeded"),
+], ids=["unknown-model", "n", "logprobs", "tools", "unknown-field", "temperature", "max-tokens", "long-prompt"])
+def test_bad_requests_get_openai_errors(api_swarm, change, status, param, code):
+    args = {"model": api_swarm.model, "messages": MESSAGES, "max_tokens": 4, **change}
+    with pytest.raises(openai.APIStatusError) as err:
+        openai_client(api_swarm.url).chat.completions.create(**args)
+    assert (err.value.status_code, err.value.param, err.value.code) == (status, param, code)
+    assert err.value.type == "invalid_request_error" and err.value.message
+
+
+def test_bad_json_gets_an_openai_error(api_swarm):
+    status, body = post_raw(f"{api_swarm.url}/chat/completions", b'{"model": "tiny-chat", "messages": [',
+                            {"Authorization": f"Bearer {KEY}"})
+    assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == "invalid_json"
+
+
+def test_no_route_is_503_naming_the_missing_blocks(api_swarm):
+    client = openai_client(api_swarm.lone_url, key="unused")
+    with pytest.raises(openai.InternalServerError) as err:
+        client.chat.completions.create(model=api_swarm.model, messages=MESSAGES, max_tokens=4)
+    assert err.value.status_code == 503 and err.value.code == "no_route"
+    assert "[3, 6)" in err.value.message and err.value.body["missing_blocks"] == [[3, 6]]
+
+
+def test_the_key_is_required_when_set(api_swarm):
+    body = json.dumps({"model": api_swarm.model, "messages": MESSAGES}).encode()
+    status, answer = post_raw(f"{api_swarm.url}/chat/completions", body, {})
+    assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(api_swarm.url, key="sk-wrong").models.list()
+    assert openai_client(api_swarm.lone_url, key="anything").models.list().data  # no key set: none needed
+
+
+@asynccontextmanager
+async def api_in_process(swarm: LocalSwarm):
+    """`hearth api` in this process: an ApiServer over a client joined through node0."""
+    options = ClientOptions(codec=Codec.FP32)
+    async with connect(bootstrap=[swarm.nodes[0].addr], model=swarm.model_dir, options=options) as client:
+        api = ApiServer(client, ApiSettings(port=0), wall_clock=time.time)
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(api.run)
+            yield api, openai_client(url, key="unused")
+            api.stop()
+
+
+async def free_cache_tokens(api: ApiServer) -> dict[str, int]:
+    """Each live node's free KV-cache positions, from its info stream (fewer while sessions are open)."""
+    return {record.peer_id: info.free_cache_tokens for record, info in await api.client.servers()}
+
+
+@pytest.mark.parametrize("stream, stuck_at", [(True, 6), (False, 6), (True, 0)],
+                         ids=["stream", "plain", "stream-in-prefill"])
+async def test_a_client_leaving_mid_answer_frees_the_sessions_on_every_hop(api_swarm, monkeypatch, stream, stuck_at):
+    async with api_in_process(api_swarm.swarm) as (api, client):
+        idle = await free_cache_tokens(api)
+        original, stuck, checked = HopSession.step, trio.Event(), trio.Event()
+
+        async def step(self, hidden, position, **kwargs):
+            if self.step_number == stuck_at and self.start == 0 and not kwargs.get("replay"):
+                stuck.set()  # both hops hold a session now
+                await trio.sleep_forever()
+            return await original(self, hidden, position, **kwargs)
+
+        monkeypatch.setattr(HopSession, "step", step)
+        args = dict(model=api_swarm.model, messages=MESSAGES, max_tokens=40, temperature=0, stream=stream)
+
+        def request_and_leave():
+            if stuck_at > 0 and stream:  # read the first chunk, then leave mid-answer
+                chunks = client.chat.completions.create(**args)
+                next(iter(chunks))
+                trio.from_thread.run(checked.wait)
+                chunks.close()
+            else:  # no answer (nor, streaming, its first token) comes: the client gives up waiting
+                with pytest.raises(openai.APITimeoutError):
+                    client.with_options(timeout=3.0).chat.completions.create(**args)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, request_and_leave)
+            try:
+                with trio.fail_after(10):
+                    await stuck.wait()
+                busy = await free_cache_tokens(api)
+                assert sum(busy[peer] < idle[peer] for peer in idle) == 2 and api.active == 1  # a session per hop
+            finally:
+                checked.set()
+        with trio.fail_after(10):
+            while True:
+                now = await free_cache_tokens(api)
+                if api.active == 0 and all(now[peer] >= idle[peer] for peer in idle):
+                    break
+                await trio.sleep(0.05)
+
+
+async def test_a_streamed_answer_survives_sigkill_of_a_route_node(api_swarm, monkeypatch):
+    swarm = api_swarm.swarm
+    async with api_in_process(swarm) as (api, client):
+        args = dict(model=api_swarm.model, messages=MESSAGES, max_tokens=32, temperature=0)
+        answer = await trio.to_thread.run_sync(lambda: client.chat.completions.create(**args))
+        original, killed = HopSession.step, []
+
+        async def step(self, hidden, position, **kwargs):
+            if self.step_number == 8 and self.end == 6 and not killed:  # the tail hop, mid-answer
+                victim = next(node for node in swarm.nodes if node.peer_id == self.peer_id)
+                victim.signal(signal.SIGKILL)
+                killed.append(victim)
+            return await original(self, hidden, position, **kwargs)
+
+        monkeypatch.setattr(HopSession, "step", step)
+
+        def stream_text():
+            chunks = client.chat.completions.create(**args, stream=True)
+            return "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+
+        text = await trio.to_thread.run_sync(stream_text)
+    assert answer.usage.completion_tokens > 8 and killed  # the kill happened mid-answer
+    assert text == answer.choices[0].message.content
+    assert killed[0].process.wait(timeout=5) == -signal.SIGKILL
