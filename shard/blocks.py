@@ -25,22 +25,24 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """q, k and v projections fused into one matmul (`qkv_proj`): one read of the weights' rows."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         qkv_bias = config.attention_bias or config.qkv_bias
-        self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=qkv_bias)
+        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.attention_bias)
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.split = (config.q_size, config.kv_size, config.kv_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
         # x: [B, T, D]
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         keys, values = cache.update(layer, k.to(cache.keys.dtype), v.to(cache.values.dtype))  # [B, KV, L, hd]
         keys, values = keys.to(q.dtype), values.to(q.dtype)
@@ -51,16 +53,32 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU with the gate and up projections fused into one matmul (`gate_up_proj`)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(hidden, inner, bias=bias)
-        self.up_proj = nn.Linear(hidden, inner, bias=bias)
+        self.gate_up_proj = nn.Linear(hidden, 2 * inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, T, D] -> [B, T, D]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+# Fused parameters and the checkpoint tensors they are made of, concatenated along the outputs.
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def checkpoint_names(name: str) -> tuple[str, ...]:
+    """The checkpoint tensors a block parameter is read from (`self_attn.qkv_proj.weight` -> q, k, v)."""
+    module, _, leaf = name.rpartition(".")
+    parts = FUSED.get(module)
+    return tuple(f"{part}.{leaf}" for part in parts) if parts else (name,)
 
 
 class DecoderBlock(nn.Module):

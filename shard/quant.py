@@ -157,6 +157,7 @@ class Int8Linear(nn.Module):
         return (
             1 <= rows <= INT8_KERNEL_MAX_ROWS
             and self.in_features % 16 == 0
+            and self.weight.data_ptr() % 64 == 0  # the kernel segfaults on weights not 64-byte aligned
             and _has_aten_op(_INT8_MM)
         )
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from shard.blocks import DecoderBlock, attention_mask
+from shard.blocks import DecoderBlock, attention_mask, checkpoint_names
 from shard.checkpoint import Checkpoint
 from shard.config import ModelConfig, RopeConfig, load_config
 from shard.errors import CorruptCheckpoint, InvalidInput, PromptTooLong, QuantizationError, SpanOutOfRange
@@ -24,7 +24,7 @@ from shard.kv_cache import KVCache
 from shard.quant import QUANT_MODES, empty_quantized_linears_, quantize_linears_
 from shard.rope import inverse_frequencies, rotary_tables
 
-SAVED_SPAN_FORMAT = "hearth-span/1"
+SAVED_SPAN_FORMAT = "hearth-span/2"  # 2: fused qkv and gate/up projections
 
 
 class SpanModel(nn.Module):
@@ -103,17 +103,27 @@ def load_span(model_dir: str | Path, start: int, end: int, *, quant: str = "none
     checkpoint = Checkpoint(model_dir, verify=verify)
     for offset, block in enumerate(model.blocks):
         prefix = f"model.layers.{start + offset}."
-        state = {}
-        for name, meta in block.state_dict().items():
-            tensor = checkpoint.read(prefix + name, torch.float32 if quant != "none" else dtype)
-            if tensor.shape != meta.shape:
-                raise CorruptCheckpoint(
-                    f"tensor {prefix + name!r} has shape {list(tensor.shape)}, expected {list(meta.shape)}"
-                )
-            state[name] = tensor
+        read_dtype = torch.float32 if quant != "none" else dtype
+        state = {name: _read_fused(checkpoint, prefix, name, meta.shape, read_dtype)
+                 for name, meta in block.state_dict().items()}
         block.load_state_dict(state, assign=True)
         quantize_linears_(block, quant, group_size)
     return model
+
+
+def _read_fused(checkpoint: Checkpoint, prefix: str, name: str, shape: torch.Size,
+                dtype: torch.dtype) -> torch.Tensor:
+    """A block parameter from its checkpoint tensor(s), concatenated when the block fuses them."""
+    parts = [checkpoint.read(prefix + part, dtype) for part in checkpoint_names(name)]
+    for part_name, part in zip(checkpoint_names(name), parts):
+        if part.dim() != len(shape) or part.shape[1:] != shape[1:]:
+            raise CorruptCheckpoint(f"tensor {prefix + part_name!r} has shape {list(part.shape)}, "
+                                    f"expected [*, {', '.join(map(str, shape[1:]))}]")
+    tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if tensor.shape != shape:
+        names = " + ".join(prefix + n for n in checkpoint_names(name))
+        raise CorruptCheckpoint(f"tensor {names!r} has shape {list(tensor.shape)}, expected {list(shape)}")
+    return tensor
 
 
 def save_span(model: SpanModel, path: str | Path, *, source_digest: str = "") -> None:
@@ -132,7 +142,8 @@ def load_saved_span(path: str | Path) -> tuple[SpanModel, str]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = json.loads((handle.metadata() or {})["hearth"])
-            state = {name: handle.get_tensor(name) for name in handle.keys()}
+            # cloned: tensors at a file offset may be misaligned for the packed kernels
+            state = {name: handle.get_tensor(name).clone() for name in handle.keys()}
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise CorruptCheckpoint(f"{path} is not a saved Hearth span: {err!r}") from err
     except Exception as err:  # safetensors' own error type

@@ -328,3 +328,15 @@ def test_swap_refuses_before_changing_anything():
         quantize_linears_(meta, "int8")
     with pytest.raises(QuantizationError, match="holds it"):
         quantize_linears_(nn.Linear(64, 64), "int8")
+
+
+def test_int8_weights_at_a_misaligned_address_fall_back_instead_of_crashing():
+    torch.manual_seed(3)
+    layer = Int8Linear.from_float(torch.randn(32, 64))
+    buffer = torch.empty(32 * 64 + 8, dtype=torch.int8)
+    misaligned = buffer[8:].view(32, 64)
+    misaligned.copy_(layer.weight)
+    reference = layer(torch.ones(1, 64))
+    layer.weight = misaligned
+    assert not layer.uses_kernel(1)
+    assert torch.allclose(layer(torch.ones(1, 64)), reference, rtol=1e-2, atol=1e-3)
