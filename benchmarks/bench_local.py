@@ -3,7 +3,7 @@
 Builds a random Llama-architecture model of about 1B parameters (hidden 2048, 16 layers, vocab
 32000), saves it once, then measures in one run decode tokens/s at batch 1 after a 128-token
 prefill for: transformers fp32, ours fp32, bf16, int8 and int4 (g32), and the memory-bandwidth
-bound of each (weight bytes read per token / measured copy bandwidth). Prints ratios against the
+bound of each (weight bytes read per token / measured read bandwidth). Prints ratios against the
 transformers baseline measured in the same run.
 
     python benchmarks/bench_local.py [--layers 16] [--hidden 2048] [--steps 24] [--repeats 3]
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -28,16 +29,19 @@ from shard.pipeline import LocalPipeline  # noqa: E402
 CONTEXT = 128
 
 
-def copy_bandwidth(size_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Bytes moved per second by a large tensor copy (read + write), best of `repeats`."""
+def read_bandwidth(size_bytes: int = 512 * 2**20, repeats: int = 5) -> tuple[float, float]:
+    """Bytes per second (best of `repeats`): read by a large tensor sum, and moved by a copy (read + write)."""
     src = torch.ones(size_bytes // 4)
     dst = torch.empty_like(src)
-    best = float("inf")
+    best_sum = best_copy = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
+        src.sum()
+        best_sum = min(best_sum, time.perf_counter() - start)
+        start = time.perf_counter()
         dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size_bytes / best
+        best_copy = min(best_copy, time.perf_counter() - start)
+    return size_bytes / best_sum, 2 * size_bytes / best_copy
 
 
 def save_model(path: Path, args) -> None:
@@ -92,8 +96,10 @@ def bench_transformers(model_dir: Path, steps: int) -> float:
 
 def bench_ours(model_dir: Path, steps: int, quant: str, dtype: torch.dtype) -> tuple[float, int]:
     pipeline = LocalPipeline.load(model_dir, quant=quant, dtype=dtype, head_quant=quant)
-    weight_bytes = sum(t.numel() * t.element_size()
-                       for module in [pipeline.head, *pipeline.spans] for t in module.state_dict().values())
+    # bytes read per decoded token: every block and the LM head; of the embedding table, one row
+    tensors = [t for span in pipeline.spans for t in span.state_dict().values()]
+    tensors += [t for name, t in pipeline.head.state_dict().items() if name != "embed_weight"]
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
     ids = torch.randint(0, 32000, (1, CONTEXT), generator=torch.Generator().manual_seed(1))
     pipeline.start(batch=1, max_length=CONTEXT + steps + 1)
     state = {"next": pipeline.forward(ids).argmax(-1, keepdim=True)}
@@ -121,7 +127,7 @@ def main() -> None:
         model_dir = Path(tmp)
         print(f"building random Llama h{args.hidden} L{args.layers} v32000 ...", flush=True)
         save_model(model_dir, args)
-        bandwidth = copy_bandwidth()
+        bandwidth = read_bandwidth()
         results: dict[str, list[float]] = {"transformers fp32": []}
         weights: dict[str, int] = {}
         for round_ in range(args.repeats):
@@ -133,15 +139,17 @@ def main() -> None:
     report(results, weights, bandwidth, args)
 
 
-def report(results: dict[str, list[float]], weights: dict[str, int], bandwidth: float, args) -> None:
+def report(results: dict[str, list[float]], weights: dict[str, int], bandwidth: tuple[float, float], args) -> None:
     base = statistics.median(results["transformers fp32"])
-    print(f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s (read+write); threads {torch.get_num_threads()}; "
+    read, copy = bandwidth
+    print(f"\nread bandwidth {read / 1e9:.1f} GB/s (sum), copy {copy / 1e9:.1f} GB/s (read+write); "
+          f"load average {os.getloadavg()[0]:.2f}; threads {torch.get_num_threads()}; "
           f"batch 1, context {CONTEXT}, {args.steps} steps x {args.repeats} rounds (median)")
     print(f"{'variant':<20}{'ms/token':>10}{'tok/s':>9}{'vs tf fp32':>12}{'weights GB':>12}{'bound tok/s':>13}")
     for name, samples in results.items():
         seconds = statistics.median(samples)
         size = weights.get(name, weights.get("ours fp32", 0))
-        bound = bandwidth / 2 / size if size else float("nan")  # weights are read once per token
+        bound = read / size if size else float("nan")  # every weight is read once per token
         print(f"{name:<20}{seconds * 1e3:>10.1f}{1 / seconds:>9.2f}{base / seconds:>11.2f}x"
               f"{size / 1e9:>12.2f}{bound:>13.1f}")
 

@@ -70,20 +70,26 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 @asynccontextmanager
 async def joined(*, bootstrap: Sequence[str] = (), listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
                  identity_path: os.PathLike | str | None = None, peer_cache_path: os.PathLike | str | None = None,
-                 enable_mdns: bool = False, wall_clock: Callable[[], float]
+                 enable_mdns: bool = False, wall_clock: Callable[[], float], require_peers: bool = False
                  ) -> AsyncIterator[tuple[Libp2pTransport, DhtDiscovery]]:
+    """The libp2p host and DHT discovery of a node or client. With `require_peers` (clients), a
+    bootstrap list none of whose peers (nor any cached peer) answers raises `DialError` at once;
+    a node instead keeps waiting for peers to find it."""
     cache = PeerCache(peer_cache_path, clock=wall_clock) if peer_cache_path else None
     with single_errors():
-        async with _joined(bootstrap, listen, identity_path, cache, enable_mdns, wall_clock) as joined_pair:
+        async with _joined(bootstrap, listen, identity_path, cache, enable_mdns, wall_clock,
+                           require_peers) as joined_pair:
             yield joined_pair
 
 
 @asynccontextmanager
-async def _joined(bootstrap, listen, identity_path, cache, enable_mdns, wall_clock):
+async def _joined(bootstrap, listen, identity_path, cache, enable_mdns, wall_clock, require_peers):
     async with Libp2pTransport(identity_path=identity_path, listen=listen, enable_mdns=enable_mdns,
                                peer_cache=cache) as transport:
         reached = await dial_bootstrap(transport, bootstrap, cache)
         if bootstrap and not reached:
+            if require_peers:
+                raise DialError(", ".join(bootstrap), "no bootstrap or cached peer answered")
             log.warning("no bootstrap or cached peer answered; waiting for peers to find us")
         async with DhtDiscovery(transport, clock=wall_clock) as discovery:
             yield transport, discovery
@@ -97,6 +103,6 @@ async def connect(*, bootstrap: Sequence[str], model: str | Path, options: Clien
     import time
 
     async with joined(bootstrap=bootstrap, listen=listen, peer_cache_path=peer_cache_path,
-                      wall_clock=wall_clock or time.time) as (transport, discovery):
+                      wall_clock=wall_clock or time.time, require_peers=True) as (transport, discovery):
         client = await trio.to_thread.run_sync(lambda: Client(transport, discovery, model, options=options))
         yield client

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mesh.errors import TransportError
+from mesh.pipeline import GenerationFailed
 from mesh.routing import NoRouteError
+from mesh.session import HopFailed
 from node.swarm import NodeStartError
 from shard.errors import ShardError
 
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
-    except (ShardError, NoRouteError, NodeStartError) as err:
+    except (ShardError, NoRouteError, NodeStartError, TransportError, HopFailed, GenerationFailed) as err:
         print(f"hearth {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import subprocess
 import sys
 
@@ -138,3 +139,13 @@ async def test_mesh_connect_is_the_documented_entry_point(local_swarm):
                             options=mesh.ClientOptions(codec=Codec.FP32)) as client:
         tokens = [t.token_id async for t in client.generate(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=5))]
     assert tokens == local_tokens(local_swarm.model_dir, PROMPT, 5)
+
+
+def test_generate_with_an_unreachable_bootstrap_fails_fast_with_one_line(checkpoint_factory):
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "node.cli", "generate", "--bootstrap", dead, "--model",
+                           str(checkpoint_factory("llama")), "--prompt-ids", "1,2"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "no bootstrap or cached peer answered" in done.stderr
+    assert "Traceback" not in done.stderr and time.monotonic() - started < 30
