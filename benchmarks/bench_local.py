@@ -6,7 +6,7 @@ prefill for: transformers fp32, ours fp32, bf16, int8 and int4 (g32), and the me
 bound of each (weight bytes read per token / measured read bandwidth). Prints ratios against the
 transformers baseline measured in the same run.
 
-    python benchmarks/bench_local.py [--layers 16] [--hidden 2048] [--steps 24] [--repeats 3]
+    python benchmarks/bench_local.py [--layers 16] [--hidden 2048] [--steps 24] [--repeats 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -119,8 +119,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads (1 keeps the figures sane when another process holds a core)")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
     variants = [("ours fp32", "none", torch.float32), ("ours bf16", "none", torch.bfloat16),
                 ("ours int8", "int8", torch.float32), ("ours int4 g32", "int4", torch.float32)]
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,7 +6,7 @@ same quantization; (2) three `hearth node` processes on 127.0.0.1, each serving 
 client in this process. Also measures a plain trio TCP round trip between two processes with a
 message of one hop's size, so the swarm's per-hop overhead can be read against it.
 
-    python benchmarks/bench_swarm.py [--quant int8] [--tokens 32] [--layers 16] [--hidden 2048]
+    python benchmarks/bench_swarm.py [--quant int8] [--tokens 32] [--layers 16] [--hidden 2048] [--threads N]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from benchmarks.bench_local import save_model  # noqa: E402
 from mesh.client import ClientOptions  # noqa: E402
 from mesh.join import connect  # noqa: E402
 from node.swarm import LocalSwarm  # noqa: E402
+from shard.config import load_config  # noqa: E402
 from shard.generate import generate_local  # noqa: E402
 from shard.pipeline import LocalPipeline  # noqa: E402
 from shard.sampling import SamplingParams  # noqa: E402
@@ -95,7 +96,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads, in this process and in each node")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle node processes must not spin on the cores
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
@@ -105,10 +109,10 @@ def main() -> None:
             save_model(model_dir, args)
         local_s = single_process(model_dir, args.quant, args.tokens)
         print(f"single process: {1 / local_s:.2f} tok/s", flush=True)
-        with LocalSwarm(model_dir, quant=args.quant, work_dir=tmp) as swarm:
+        with LocalSwarm(model_dir, quant=args.quant, work_dir=tmp, extra_args=["--threads", str(args.threads)]) as swarm:
             swarm.start(swarm.spans(3), timeout=600)
             swarm_s, hops = trio.run(swarm_decode, swarm.bootstrap[0], model_dir, args.tokens)
-        hidden = LocalPipeline.load(model_dir, parts=1).config.hidden_size if args.model else args.hidden
+        hidden = load_config(model_dir).hidden_size
         tcp_s = trio.run(tcp_round_trip, hidden * 2 + 200)  # one fp16 decode step plus framing
     report(local_s, swarm_s, hops, tcp_s, args)
 
