@@ -4,7 +4,8 @@ When a hop fails (its stream resets or ends, a step times out, or the node answe
 that says retrying elsewhere can help), the peer is banned for a while, a replacement is planned
 for exactly that hop's blocks (possibly several peers with other span boundaries), sessions are
 opened there, and the failed hop's history (every input it was sent, in the original chunks) is
-replayed so the new KV caches hold the same positions. The step in flight then continues from the
+replayed so the new KV caches hold the same positions: in one message per hop whose node runs the
+chunks one after another (capability `replay-chunks`), else step by step. The step in flight then continues from the
 replacement, so greedy output is identical to a run without failure. Without any route the client
 waits for coverage, with backoff, until its deadline, then raises `NoRouteError`.
 """
@@ -134,17 +135,31 @@ class RoutePipeline:
         try:
             for hop in route.hops:
                 hops.append(await self.open_hop(hop.peer_id, hop.start, hop.end))
-            for record in history:
-                hidden = record.hidden
-                for hop in hops:
-                    hidden = await hop.step(hidden, record.start_position, replay=True,
-                                            timeout=self._timeout(hidden.shape[1]))
+            if history and all(hop.replays_chunks for hop in hops):
+                await self._replay_at_once(hops, history)
+            else:
+                await self._replay_step_by_step(hops, history)
         except BaseException:
             with trio.CancelScope(shield=True):
                 for hop in hops:
                     await hop.close()
             raise
         return hops
+
+    async def _replay_at_once(self, hops: list[HopSession], history: list[StepRecord]) -> None:
+        """One message per hop: the whole history, with the original steps' boundaries."""
+        hidden = np.concatenate([record.hidden for record in history], axis=1)
+        chunks = tuple(record.hidden.shape[1] for record in history)
+        for hop in hops:
+            hidden = await hop.step(hidden, history[0].start_position, replay=True, chunks=chunks,
+                                    timeout=self._timeout(hidden.shape[1]))
+
+    async def _replay_step_by_step(self, hops: list[HopSession], history: list[StepRecord]) -> None:
+        for record in history:
+            hidden = record.hidden
+            for hop in hops:
+                hidden = await hop.step(hidden, record.start_position, replay=True,
+                                        timeout=self._timeout(hidden.shape[1]))
 
     def _timeout(self, tokens: int) -> float:
         remaining = self.deadline - trio.current_time()

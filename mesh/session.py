@@ -53,15 +53,18 @@ class HopSession:
     history: list[StepRecord] = field(default_factory=list)
     compute_seconds: float = 0.0  # the node's compute, as it reports it
     wall_seconds: float = 0.0  # our round trips, compute included
+    replays_chunks: bool = False  # the node runs a multi-step replay chunk by chunk (Step.chunks)
 
     @property
     def length(self) -> int:
         return sum(record.hidden.shape[1] for record in self.history)
 
-    async def step(self, hidden: np.ndarray, start_position: int, *, timeout: float, replay: bool = False) -> np.ndarray:
-        """Send `hidden` [B, T, D] at `start_position`; the hop's output. Raises HopFailed."""
+    async def step(self, hidden: np.ndarray, start_position: int, *, timeout: float, replay: bool = False,
+                   chunks: tuple[int, ...] = ()) -> np.ndarray:
+        """Send `hidden` [B, T, D] at `start_position` (as `chunks` of the original steps, when
+        replaying several at once); the hop's output. Raises HopFailed."""
         message = Step(session_id=self.session_id, step=self.step_number, start_position=start_position,
-                       hidden=encode_tensor(hidden, self.codec), replay=replay)
+                       hidden=encode_tensor(hidden, self.codec), replay=replay, chunks=chunks)
         started = trio.current_time()
         try:
             reply = await self.stream.request(message, timeout=timeout)
@@ -80,7 +83,9 @@ class HopSession:
         if output.shape != hidden.shape:
             raise HopFailed(self.peer_id, self.start, self.end,
                             f"step result has shape {list(output.shape)}, sent {list(hidden.shape)}")
-        self.history.append(StepRecord(start_position, hidden))  # replayed inputs too: a later failover replays them
+        # replayed inputs too, in their original chunks: a later failover replays them again
+        offsets = np.cumsum((0, *(chunks or (hidden.shape[1],))))
+        self.history.extend(StepRecord(start_position + int(a), hidden[:, a:b]) for a, b in zip(offsets, offsets[1:]))
         self.compute_seconds += reply.compute_seconds
         self.wall_seconds += trio.current_time() - started
         return output
@@ -106,6 +111,7 @@ async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, 
             hello = await stream.request(Hello(software=CLIENT_SOFTWARE, codecs=tuple(Codec)), timeout=timeout)
             if isinstance(hello, Hello) and codec not in hello.codecs:
                 codec = Codec.FP32
+            replays_chunks = isinstance(hello, Hello) and "replay-chunks" in hello.capabilities
             reply = await stream.request(OpenSession(
                 session_id=session_id, model_id=model_id, manifest_hash=manifest_hash, start=start, end=end,
                 max_length=max_length, batch_size=batch, codec=codec), timeout=timeout)
@@ -119,4 +125,4 @@ async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, 
     if not isinstance(reply, SessionOpened):
         await stream.aclose()
         raise HopFailed(peer_id, start, end, f"expected session_opened, got {reply.TYPE}")
-    return HopSession(peer_id, start, end, stream, session_id, codec)
+    return HopSession(peer_id, start, end, stream, session_id, codec, replays_chunks=replays_chunks)

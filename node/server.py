@@ -26,6 +26,7 @@ log = logging.getLogger("hearth.node")
 
 SOFTWARE = "hearth/0.1"
 SUPPORTED_CODECS = tuple(Codec)
+CAPABILITIES = ("replay-chunks",)  # Step.chunks: several original steps replayed in one message
 
 
 class InferenceServer:
@@ -39,7 +40,7 @@ class InferenceServer:
         manager.on_evict = self._evicted
 
     def hello(self) -> Hello:
-        return Hello(software=SOFTWARE, codecs=SUPPORTED_CODECS)
+        return Hello(software=SOFTWARE, codecs=SUPPORTED_CODECS, capabilities=CAPABILITIES)
 
     async def handle_info(self, raw: ByteStream) -> None:
         stream = MessageStream(raw, Role.HOP, io_timeout=self.io_timeout)
@@ -144,7 +145,7 @@ class InferenceServer:
             raise SessionRefused(ErrorCode.UNEXPECTED_MESSAGE, f"expected step, got {message.TYPE}")
         hidden = decode_tensor(message.hidden)
         with trio.CancelScope(shield=True):  # a drain waits for the step in flight
-            output, seconds = await self.manager.step(session, hidden, message.start_position)
+            output, seconds = await self.manager.step(session, hidden, message.start_position, message.chunks)
         result = encode_tensor(output, session.codec)
         await stream.send(StepResult(session_id=session.session_id, step=message.step, hidden=result,
                                      compute_seconds=seconds))

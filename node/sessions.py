@@ -117,8 +117,10 @@ class SessionManager:
         if self.sessions.pop(session.session_id, None) is not None:
             self.reserved_bytes -= session.nbytes
 
-    async def step(self, session: ServedSession, hidden: np.ndarray, start_position: int) -> tuple[np.ndarray, float]:
-        """Run the session's blocks on `hidden` [B, T, D] at `start_position`; returns (output, seconds)."""
+    async def step(self, session: ServedSession, hidden: np.ndarray, start_position: int,
+                   chunks: tuple[int, ...] = ()) -> tuple[np.ndarray, float]:
+        """Run the session's blocks on `hidden` [B, T, D] at `start_position`, as `chunks` (token
+        counts, run one after another) when given; returns (output, seconds)."""
         if self.draining:
             raise SessionRefused(ErrorCode.SHUTTING_DOWN, "this node is shutting down; replay elsewhere",
                                  retry_elsewhere=True)
@@ -129,9 +131,9 @@ class SessionManager:
         async with self.compute_lock:
             started = trio.current_time()
             if self.limits.compute_in_thread:
-                output = await trio.to_thread.run_sync(self._forward, session, hidden, start_position)
+                output = await trio.to_thread.run_sync(self._forward, session, hidden, start_position, chunks)
             else:
-                output = self._forward(session, hidden, start_position)
+                output = self._forward(session, hidden, start_position, chunks)
             await _modelled_compute(session.span, hidden.shape[0] * hidden.shape[1])
             seconds = trio.current_time() - started
         session.steps += 1
@@ -141,15 +143,17 @@ class SessionManager:
         return output, seconds
 
     @staticmethod
-    def _forward(session: ServedSession, hidden: np.ndarray, start_position: int) -> np.ndarray:
+    def _forward(session: ServedSession, hidden: np.ndarray, start_position: int,
+                 chunks: tuple[int, ...] = ()) -> np.ndarray:
         cache = session.cache
         if start_position < cache.length:
             cache.truncate(start_position)  # the client redoes a step whose result it lost
+        inputs = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))
         try:
-            output = session.span(torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32)), cache)
+            outputs = [session.span(part, cache) for part in inputs.split(list(chunks) or [inputs.shape[1]], dim=1)]
         except ShardError as err:
             raise SessionRefused(ErrorCode.INVALID_TENSOR, str(err)) from err
-        return output.to(torch.float32).numpy()
+        return torch.cat(outputs, dim=1).to(torch.float32).numpy()
 
 
 async def _modelled_compute(span: SpanModel, tokens: int) -> None:

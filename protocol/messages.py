@@ -252,13 +252,32 @@ class SessionOpened(Message):
         _str(self, "session_id", self.session_id, max_chars=MAX_ID_CHARS, empty=False)
 
 
+MAX_CHUNKS = 1 << 16
+
+
+def _chunk_counts(value: object, _limits: TensorLimits) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_CHUNKS:
+        raise InvalidMessage(f"Step.chunks must be a list of at most {MAX_CHUNKS} ints, got {_show(value)}")
+    return tuple(value)
+
+
+def _chunks(owner: "Step", chunks: object) -> None:
+    if not isinstance(chunks, tuple) or len(chunks) > MAX_CHUNKS:
+        raise InvalidMessage(f"Step.chunks must be a tuple of at most {MAX_CHUNKS} ints, got {_show(chunks)}")
+    for count in chunks:
+        _int(owner, "chunks[]", count, 1, U32)
+    tokens = owner.hidden.shape[1]
+    if chunks and sum(chunks) != tokens:
+        raise InvalidMessage(f"Step.chunks add up to {sum(chunks)} tokens but hidden holds {tokens}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Step(Message):
     """Client to hop: hidden states [batch, tokens, hidden] starting at `start_position`."""
 
     TYPE: ClassVar[str] = "step"
     WIRE_PARSERS: ClassVar[dict[str, Callable[[object, TensorLimits], Any]]] = {
-        "hidden": _tensor,
+        "hidden": _tensor, "chunks": _chunk_counts,
     }
 
     session_id: str
@@ -266,6 +285,9 @@ class Step(Message):
     start_position: int
     hidden: WireTensor
     replay: bool = False  # re-sent history to rebuild a replacement hop's cache
+    # Token counts of the original steps when one replay message carries several: the hop runs
+    # them one after another, so its cache is bit-identical to the first computation. Empty: one.
+    chunks: tuple[int, ...] = ()
 
     def validate(self) -> None:
         _str(self, "session_id", self.session_id, max_chars=MAX_ID_CHARS, empty=False)
@@ -273,6 +295,8 @@ class Step(Message):
         _int(self, "start_position", self.start_position, 0, U32)
         _hidden(self, self.hidden)
         _bool(self, "replay", self.replay)
+        _chunks(self, self.chunks)
+
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -49,7 +49,7 @@ class FaultySwarm:
         manager, network, node = self.nodes[name].manager, self.network, self.nodes[name]
         original, calls = manager.step, [0]
 
-        async def failing_step(session, hidden, position):
+        async def failing_step(session, hidden, position, *rest):
             calls[0] += 1
             if calls[0] - 1 == step:
                 if how == "crash":
@@ -59,7 +59,7 @@ class FaultySwarm:
                 elif how == "drain":  # as on SIGTERM, but at a known point: this step is refused
                     node.server.drain()
                     node.stop()
-            return await original(session, hidden, position)
+            return await original(session, hidden, position, *rest)
 
         manager.step = failing_step
 
@@ -117,7 +117,7 @@ async def test_replacement_failing_during_replay_is_replaced_too(autojump_clock,
     await two_routes(swarm)
     await swarm.add_node("e", 3, 6, token_seconds=0.1)
     swarm.fail_at("b", 5, "crash")
-    swarm.fail_at("d", 2, "crash")  # d dies while the history is replayed into it
+    swarm.fail_at("d", 0, "crash")  # d dies on its first step: the replay of b's history
     client = await swarm.client()
     report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=TOKENS))
     assert report.token_ids == expected
@@ -208,3 +208,23 @@ async def test_request_deadline_bounds_a_stuck_generation(autojump_clock, swarm)
     with pytest.raises((GenerationFailed, NoRouteError)):
         await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=TOKENS))
     assert trio.current_time() - started <= 15.0 + 1e-6
+
+
+async def test_replay_is_one_message_per_hop_and_still_exact(autojump_clock, swarm, expected, monkeypatch):
+    from mesh.session import HopSession
+
+    await two_routes(swarm)
+    swarm.fail_at("b", 12, "crash")
+    sent = []
+    original = HopSession.step
+
+    async def counting(self, hidden, position, **kwargs):
+        if kwargs.get("replay"):
+            sent.append((self.peer_id, hidden.shape[1], kwargs.get("chunks")))
+        return await original(self, hidden, position, **kwargs)
+
+    monkeypatch.setattr(HopSession, "step", counting)
+    client = await swarm.client()
+    report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=TOKENS))
+    assert report.token_ids == expected
+    assert sent == [("d", len(PROMPT) + 11, (len(PROMPT),) + (1,) * 11)]

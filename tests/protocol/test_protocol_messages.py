@@ -159,3 +159,19 @@ def test_errors_keep_unknown_codes_and_become_exceptions() -> None:
     future = message_from_wire(wire_of(Error(code=4242, reason="new")))
     assert future.code == 4242 and not isinstance(future.code, ErrorCode)
     assert "4242" in str(future.to_exception())
+
+
+def test_step_chunks_round_trip_and_must_add_up_to_the_tokens():
+    import numpy as np
+
+    from protocol import Codec, FrameDecoder, InvalidMessage, Step, encode, encode_tensor
+
+    hidden = encode_tensor(np.zeros((1, 5, 4), np.float32), Codec.FP32)
+    message = Step(session_id="s", step=3, start_position=0, hidden=hidden, replay=True, chunks=(3, 1, 1))
+    assert FrameDecoder().feed(encode(message))[0] == message
+    for bad in [(3, 1), (0, 5), (5, -1), ("5",)]:
+        try:
+            Step(session_id="s", step=3, start_position=0, hidden=hidden, chunks=bad)
+        except InvalidMessage:
+            continue
+        raise AssertionError(f"chunks {bad} accepted")
