@@ -7,10 +7,10 @@ MEASURED.md), fp32 activations so every run's tokens can be compared with the fa
 1. Recovery: generate with a history of --history tokens, SIGKILL the node of the last hop, and
    time from the kill to the next token (detection + replanning + replay + the step itself).
 2. Throughput: decode tokens/s when, at every step, each hop's node is SIGKILLed with probability
-   p (seeded), for p = 0, 1e-3, 1e-2; killed nodes are restarted in the background, as in churn.
-   Printed as ratios to p = 0 measured in the same run.
+   p (seeded), for p = 0, 1e-3, 1e-2, with --replicas nodes per span (killed nodes stay dead
+   unless --respawn). Printed as ratios to p = 0 measured in the same run.
 
-    python benchmarks/bench_failover.py [--tokens 200] [--history 64] [--hidden 512] [--layers 8]
+    python benchmarks/bench_failover.py [--tokens 200] [--history 64] [--hidden 512] [--layers 8] [--replicas 4]
 """
 
 from __future__ import annotations
@@ -106,10 +106,11 @@ def recovery_time(model_dir: Path, spans, history: int, work_dir: str) -> tuple[
     return next_token - killed, report
 
 
-def throughput(model_dir: Path, spans, tokens: int, p: float, seed: int, work_dir: str) -> tuple[float, GenerationReport]:
+def throughput(model_dir: Path, spans, tokens: int, p: float, seed: int, work_dir: str,
+               replicas: int, respawn: bool) -> tuple[float, GenerationReport]:
     with LocalSwarm(model_dir, work_dir=work_dir, extra_args=["--threads", "1"]) as swarm:
-        swarm.start(spans + spans, timeout=300)
-        killer = Killer(swarm, p, seed, respawn=True)
+        swarm.start(spans * replicas, timeout=300)
+        killer = Killer(swarm, p, seed, respawn=respawn)
         report, _ = trio.run(generate, swarm, model_dir, tokens, killer)
     return (len(report.token_ids) - 1) / report.decode_s, report
 
@@ -121,6 +122,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3, help="runs per failure probability (median reported)")
+    parser.add_argument("--replicas", type=int, default=4, help="nodes per span in the throughput runs")
+    parser.add_argument("--respawn", action="store_true",
+                        help="restart killed nodes here (on a 2-core machine their start-up competes with the run)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,7 +138,7 @@ def main() -> None:
         reference = None
         for p in (0.0, 1e-3, 1e-2):
             for seed in range(args.seeds):
-                rate, report = throughput(model_dir, spans, args.tokens, p, seed, tmp)
+                rate, report = throughput(model_dir, spans, args.tokens, p, seed, tmp, args.replicas, args.respawn)
                 reference = reference or report.token_ids
                 same = "same tokens" if report.token_ids == reference else "DIFFERENT TOKENS"
                 took = ", ".join(f"{r.seconds:.2f}" for r in report.recoveries)
@@ -142,7 +146,8 @@ def main() -> None:
                       flush=True)
                 rates.setdefault(p, []).append(rate)
     base = statistics.median(rates[0.0])
-    print(f"\nrandom Llama h{args.hidden} L{args.layers}, 3 spans x 2 replicas, {args.tokens} tokens, fp32 activations")
+    print(f"\nrandom Llama h{args.hidden} L{args.layers}, 3 spans x {args.replicas} replicas "
+          f"({'killed nodes restarted' if args.respawn else 'no restarts'}), {args.tokens} tokens, fp32 activations")
     print(f"recovery (SIGKILL -> next token, {args.history}-token history): {seconds * 1e3:.0f} ms")
     for p, samples in rates.items():
         print(f"p={p:<6g} {statistics.median(samples):7.1f} tok/s  {statistics.median(samples) / base:5.2f}x failure-free")
