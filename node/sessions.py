@@ -134,7 +134,7 @@ class SessionManager:
                 output = await trio.to_thread.run_sync(self._forward, session, hidden, start_position, chunks)
             else:
                 output = self._forward(session, hidden, start_position, chunks)
-            await _modelled_compute(session.span, hidden.shape[0] * hidden.shape[1])
+            await _modelled_compute(session.span, hidden.shape[0], chunks or (hidden.shape[1],))
             seconds = trio.current_time() - started
         session.steps += 1
         session.last_active = trio.current_time()
@@ -156,11 +156,13 @@ class SessionManager:
         return torch.cat(outputs, dim=1).to(torch.float32).numpy()
 
 
-async def _modelled_compute(span: SpanModel, tokens: int) -> None:
-    """A span that models its compute time (the simulator's) waits it out here, in trio's clock.
+async def _modelled_compute(span: SpanModel, batch: int, chunks: tuple[int, ...]) -> None:
+    """A span that models its compute time (the simulator's) waits it out here, in trio's clock:
+    one forward pass per chunk, as `_forward` runs them.
 
     Real spans have no `compute_delay`, so for them this does nothing.
     """
     delay = getattr(span, "compute_delay", None)
     if delay is not None:
-        await delay(tokens)
+        for tokens in chunks:
+            await delay(batch * tokens)

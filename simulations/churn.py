@@ -1,0 +1,109 @@
+"""Churn and placement as pure functions: session lengths, arrivals, the day, which span to serve.
+
+Everything takes the time (`now`, seconds since the run started) and a seeded `random.Random`, so
+tests call these directly and a run replays exactly. Session lengths are Weibull (household P2P
+measurements give shapes around 0.4-0.5: many short sessions, a long tail); arrivals are a Poisson
+process whose rate follows the day (thinning); hosts present at the start have the *residual*
+lengths of a population already in equilibrium, so the swarm does not start with a wave of
+departures.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+
+from simulations.scenario import ChurnSpec, DayNight
+
+
+def weibull_scale(shape: float, median_s: float) -> float:
+    """The Weibull scale whose median is `median_s`."""
+    return median_s / math.log(2) ** (1.0 / shape)
+
+
+def mean_session(shape: float, median_s: float) -> float:
+    return weibull_scale(shape, median_s) * math.gamma(1.0 + 1.0 / shape)
+
+
+def session_length(rng: random.Random, shape: float, median_s: float) -> float:
+    """A fresh session's length."""
+    return rng.weibullvariate(weibull_scale(shape, median_s), shape)
+
+
+def residual_length(rng: random.Random, shape: float, median_s: float) -> float:
+    """The remaining length of a session seen in progress at a random moment (equilibrium).
+
+    The session in progress is length-biased: for a Weibull, (L/scale)**shape ~ Gamma(1 + 1/shape).
+    What is left of it is a uniform share of it.
+    """
+    biased = weibull_scale(shape, median_s) * rng.gammavariate(1.0 + 1.0 / shape, 1.0) ** (1.0 / shape)
+    return rng.random() * biased
+
+
+def day_factor(now: float, day: DayNight) -> float:
+    """How busy the world is at `now` relative to the daily mean (1 + amplitude * cos)."""
+    hour = (day.start_hour + now / 3600.0) % 24.0
+    return 1.0 + day.amplitude * math.cos(2 * math.pi * (hour - day.peak_hour) / 24.0)
+
+
+def next_arrival(now: float, rate_per_s: float, day: DayNight, rng: random.Random) -> float:
+    """The time of the next arrival of a Poisson process whose rate is `rate_per_s * day_factor`."""
+    if rate_per_s <= 0:
+        return math.inf
+    peak = rate_per_s * (1.0 + abs(day.amplitude))
+    t = now
+    while True:
+        t += rng.expovariate(peak)
+        if rng.random() * peak <= rate_per_s * day_factor(t, day):
+            return t
+
+
+def arrival_rate(churn: ChurnSpec) -> float:
+    """Arrivals per second that keep `churn.nodes` hosts online on average (Little's law)."""
+    return churn.nodes / mean_session(churn.shape, churn.median_s)
+
+
+def weighted_choice(rng: random.Random, weights: Mapping[str, float]) -> str:
+    """One key, with probability proportional to its weight (keys in sorted order: deterministic)."""
+    keys = sorted(k for k, w in weights.items() if w > 0)
+    return rng.choices(keys, weights=[weights[k] for k in keys])[0]
+
+
+def departure(rng: random.Random, churn: ChurnSpec) -> str:
+    """How a session ends: "leave" (drained), "crash" or "freeze"."""
+    return weighted_choice(rng, {"leave": churn.leave, "crash": churn.crash, "freeze": churn.freeze})
+
+
+def block_throughput(spans: Sequence[tuple[int, int, float]], blocks: int) -> list[float]:
+    """Tokens per second each block can carry, summed over servers (start, end, throughput)."""
+    total = [0.0] * blocks
+    for start, end, throughput in spans:
+        for block in range(max(start, 0), min(end, blocks)):
+            total[block] += throughput
+    return total
+
+
+def choose_span(throughput: Sequence[float], length: int, rng: random.Random) -> tuple[int, int]:
+    """Where a new server of `length` blocks helps most: the window whose weakest block is weakest.
+
+    Ties go to the window with the least total throughput, then to a seeded draw.
+    """
+    blocks = len(throughput)
+    length = max(1, min(length, blocks))
+    scored = []
+    for start in range(blocks - length + 1):
+        window = throughput[start:start + length]
+        scored.append(((min(window), sum(window)), start))
+    best = min(score for score, _ in scored)
+    starts = [start for score, start in scored if score == best]
+    start = starts[0] if len(starts) == 1 else rng.choice(starts)
+    return start, start + length
+
+
+def swizzle_order(peers: Sequence[str], count: int, rng: random.Random) -> tuple[list[str], list[str]]:
+    """Hosts to clog one by one, and the (different, random) order to restore them in."""
+    chosen = rng.sample(sorted(peers), min(count, len(peers)))
+    restore = list(chosen)
+    rng.shuffle(restore)
+    return chosen, restore

@@ -1,0 +1,243 @@
+"""The compute model: spans that cost virtual time, with stand-in activations that still check out.
+
+A `CostModelSpan` honours the span interface the node's session manager uses (`start`, `end`,
+`quant`, `config`, `sub_span`, `new_cache`, `cache_bytes`, calling it on hidden states and a
+cache) and adds `compute_delay(tokens)`, which the manager awaits: the device profile's time per
+block per token, in trio's clock. Its KV cache is virtual (`nbytes` is what the real model's cache
+would take, so the node's KV budget is exercised) and the activations are stand-ins.
+
+Stand-in activations: the first `LIVE` channels carry integers modulo a prime; each block maps
+them with integer affine arithmetic that depends on the position and on a running sum of that
+block's inputs (its "KV cache"). Every operation is exact in float64, so any split of the blocks
+into hops, any chunking, and any correct replay give bit-identical results, while a lost or
+misplaced position changes every later token. The stand-in head turns the channels into a token.
+`TimedSpan` wraps a real torch span with the same `compute_delay`, for small runs with real math.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import trio
+
+from shard.config import ModelConfig
+from shard.errors import CacheFull, InvalidInput
+from simulations.scenario import DeviceProfile, ModelShape
+
+LIVE = 4  # channels of the stand-in activations that carry information
+PRIME = 65521  # values stay below 2**16; products below 2**36: exact in float64 (and in float32 on the wire)
+MODEL_DIR_NAME = "sim-model"  # the client's model id comes from the directory name: keep it fixed
+
+
+def step_seconds(device: DeviceProfile, blocks: int, tokens: int) -> float:
+    """Seconds `device` takes to run `tokens` new positions through `blocks` blocks."""
+    per_token = blocks * device.block_ms / 1000.0
+    return per_token * (1.0 + device.prefill_factor * (tokens - 1))
+
+
+def blocks_that_fit(device: DeviceProfile, model: ModelShape) -> int:
+    """How many blocks' weights fit in the device's memory (at least one, at most the model)."""
+    per_block = model.block_params * device.bytes_per_param
+    return max(1, min(model.blocks, int(device.weights_gb * 1e9 // per_block)))
+
+
+def kv_bytes(model: ModelShape, blocks: int, batch: int, positions: int) -> int:
+    """Bytes of the real model's KV cache for `blocks` blocks."""
+    return int(2 * blocks * batch * model.kv_heads * model.head_dim * positions * model.kv_bytes_per_value)
+
+
+class StandInWeights:
+    """Per-block integer coefficients, the same for every node of one model (seeded by its name)."""
+
+    def __init__(self, model: ModelShape):
+        rng = np.random.default_rng(sum(model.name.encode()) + 7919 * model.blocks)
+        self.scale = rng.integers(1, 4096, size=(model.blocks, LIVE)).astype(np.float64)
+        self.mix = rng.integers(1, 4096, size=(model.blocks, LIVE)).astype(np.float64)
+        self.shift = rng.integers(1, 4096, size=(model.blocks, LIVE)).astype(np.float64)
+        self.embed = rng.integers(0, PRIME, size=(model.vocab, LIVE)).astype(np.float64)
+        self.readout = rng.integers(1, 4096, size=LIVE).astype(np.float64)
+        self.vocab = model.vocab
+        self._rows = [(self.scale[b].tolist(), self.mix[b].tolist(), self.shift[b].tolist()) for b in range(model.blocks)]
+
+    def block(self, index: int, live: np.ndarray, state: np.ndarray, first_position: int) -> np.ndarray:
+        """Block `index` on `live` [B, T, LIVE] (integers); updates `state` [B] (running input sum)."""
+        prefix = (state[:, None] + np.cumsum(live[:, :, 0], axis=1)) % PRIME  # [B, T]
+        state[:] = prefix[:, -1]
+        positions = np.arange(first_position + 1, first_position + 1 + live.shape[1], dtype=np.float64)
+        out = live * self.scale[index] + prefix[:, :, None] * self.mix[index] + positions[None, :, None] * self.shift[index]
+        return out % PRIME
+
+    def blocks_one_position(self, start: int, live: list[float], state: list[float], position: int) -> list[float]:
+        """Blocks start, start+1, ... on one position's channels: the same integers as `block`, without numpy.
+
+        `state` holds one running sum per block (updated in place); used for decode steps, the common case.
+        """
+        for offset, (scale, mix, shift) in enumerate(self._rows[start:start + len(state)]):
+            prefix = (state[offset] + live[0]) % PRIME
+            state[offset] = prefix
+            live = [(x * a + prefix * m + (position + 1) * c) % PRIME for x, a, m, c in zip(live, scale, mix, shift)]
+        return live
+
+    def token(self, live_last: np.ndarray) -> int:
+        """The stand-in head's choice for one position's channels [LIVE]."""
+        return int(np.dot(live_last, self.readout) % self.vocab)
+
+
+class VirtualCache:
+    """A session's cache as the cost model keeps it: a running sum per block, the real size in bytes."""
+
+    def __init__(self, blocks: int, batch: int, max_length: int, nbytes: int):
+        self.batch, self.max_length, self.nbytes = batch, max_length, nbytes
+        self.length = 0
+        self.state = np.zeros((blocks, batch))
+        self._snapshots: dict[int, np.ndarray] = {0: self.state.copy()}  # position -> state there
+
+    def check_room(self, new_tokens: int) -> None:
+        if self.length + new_tokens > self.max_length:
+            raise CacheFull(self.length + new_tokens, self.max_length)
+
+    def advance(self, new_tokens: int) -> None:
+        self.length += new_tokens
+        self._snapshots[self.length] = self.state.copy()
+
+    def truncate(self, length: int) -> None:
+        if length not in self._snapshots or length > self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
+        self.length = length
+        self.state = self._snapshots[length].copy()
+        self._snapshots = {p: s for p, s in self._snapshots.items() if p <= length}
+
+
+class CostModelSpan:
+    """Blocks [start, end) on a device profile: stand-in math now, compute time via `compute_delay`."""
+
+    quant = "int8"
+
+    def __init__(self, model: ModelShape, config: ModelConfig, weights: StandInWeights, device: DeviceProfile,
+                 start: int, end: int):
+        if not 0 <= start < end <= model.blocks:
+            raise InvalidInput(f"span [{start}, {end}) is outside the model's {model.blocks} blocks")
+        self.model, self.config, self.weights, self.device = model, config, weights, device
+        self.start, self.end = start, end
+
+    def sub_span(self, start: int, end: int) -> CostModelSpan:
+        if not self.start <= start < end <= self.end:
+            raise InvalidInput(f"[{start}, {end}) is not within [{self.start}, {self.end})")
+        return CostModelSpan(self.model, self.config, self.weights, self.device, start, end)
+
+    def cache_bytes(self, batch: int, max_length: int) -> int:
+        return kv_bytes(self.model, self.end - self.start, batch, max_length)
+
+    def new_cache(self, batch: int, max_length: int) -> VirtualCache:
+        return VirtualCache(self.end - self.start, batch, max_length, self.cache_bytes(batch, max_length))
+
+    def __call__(self, hidden: torch.Tensor, cache: VirtualCache) -> torch.Tensor:
+        # hidden: [B, T, D] -> [B, T, D]; only the first LIVE channels change
+        if hidden.dim() != 3 or hidden.shape[2] != self.config.hidden_size or hidden.shape[0] != cache.batch:
+            raise InvalidInput(f"hidden states must be [{cache.batch}, T, {self.config.hidden_size}], "
+                               f"got {list(hidden.shape)}")
+        cache.check_room(hidden.shape[1])
+        out = hidden.numpy().copy()
+        if hidden.shape[:2] == (1, 1):
+            state = cache.state[:, 0].tolist()
+            live = self.weights.blocks_one_position(self.start, out[0, 0, :LIVE].tolist(), state, cache.length)
+            cache.state[:, 0] = state
+        else:
+            live = out[:, :, :LIVE].astype(np.float64)
+            for offset, index in enumerate(range(self.start, self.end)):
+                live = self.weights.block(index, live, cache.state[offset], cache.length)
+        out[:, :, :LIVE] = live
+        cache.advance(hidden.shape[1])
+        return torch.from_numpy(out)
+
+    async def compute_delay(self, tokens: int) -> None:
+        await trio.sleep(step_seconds(self.device, self.end - self.start, tokens))
+
+
+class TimedSpan:
+    """A real torch span whose compute costs the device profile's time in trio's clock."""
+
+    def __init__(self, span, device: DeviceProfile):
+        self.span, self.device = span, device
+        self.start, self.end, self.quant, self.config = span.start, span.end, span.quant, span.config
+
+    def sub_span(self, start: int, end: int) -> TimedSpan:
+        return TimedSpan(self.span.sub_span(start, end), self.device)
+
+    def cache_bytes(self, batch: int, max_length: int) -> int:
+        return self.span.cache_bytes(batch, max_length)
+
+    def new_cache(self, batch: int, max_length: int):
+        return self.span.new_cache(batch, max_length)
+
+    def __call__(self, hidden: torch.Tensor, cache) -> torch.Tensor:
+        return self.span(hidden, cache)
+
+    async def compute_delay(self, tokens: int) -> None:
+        await trio.sleep(step_seconds(self.device, self.end - self.start, tokens))
+
+
+class StandInHead:
+    """The client's embeddings and LM head for stand-in activations (what `mesh.Client` calls)."""
+
+    def __init__(self, config: ModelConfig, weights: StandInWeights):
+        self.config, self.weights = config, weights
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids: [B, T] -> [B, T, D]
+        out = np.zeros((*ids.shape, self.config.hidden_size), dtype=np.float32)
+        out[:, :, :LIVE] = self.weights.embed[ids.numpy() % self.weights.vocab]
+        return torch.from_numpy(out)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [B, T, D] -> [B, T, V], one-hot at the stand-in token
+        out = torch.zeros(*hidden.shape[:2], self.config.vocab_size)
+        live = hidden[:, :, :LIVE].numpy().astype(np.float64)
+        for b in range(hidden.shape[0]):
+            for t in range(hidden.shape[1]):
+                out[b, t, self.weights.token(live[b, t])] = 1.0
+        return out
+
+
+def reference_tokens(weights: StandInWeights, blocks: int, prompt: list[int], new_tokens: int) -> list[int]:
+    """What a failure-free run produces: every block in one process, the client's chunking."""
+    state = np.zeros((blocks, 1))
+    live = weights.embed[np.array([prompt]) % weights.vocab]
+    for index in range(blocks):
+        live = weights.block(index, live, state[index], 0)
+    tokens, position, sums = [weights.token(live[0, -1])], len(prompt), state[:, 0].tolist()
+    while len(tokens) < new_tokens:
+        last = weights.blocks_one_position(0, weights.embed[tokens[-1] % weights.vocab].tolist(), sums, position)
+        tokens.append(weights.token(np.array(last)))
+        position += 1
+    return tokens
+
+
+def write_stand_in_model(root: Path, model: ModelShape) -> Path:
+    """A model directory the real `Client` can load (config only; the head is passed in)."""
+    path = Path(root) / MODEL_DIR_NAME
+    path.mkdir(parents=True, exist_ok=True)
+    heads = max(1, model.stand_in_hidden // 64)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": model.vocab,
+              "hidden_size": model.stand_in_hidden, "intermediate_size": 4 * model.stand_in_hidden,
+              "num_hidden_layers": model.blocks, "num_attention_heads": heads, "num_key_value_heads": heads,
+              "max_position_embeddings": model.max_length, "rms_norm_eps": 1e-5}
+    (path / "config.json").write_text(json.dumps(config, sort_keys=True, indent=1))
+    return path
+
+
+def bandwidth_scale(model: ModelShape, sim_bytes_per_value: float = 4.0) -> float:
+    """Links carry the stand-in's bytes this much slower, so a hop takes the real activations' time."""
+    real = model.hidden_size * model.wire_bytes_per_value
+    return min(1.0, model.stand_in_hidden * sim_bytes_per_value / real) if real > 0 else 1.0
+
+
+def describe(model: ModelShape) -> dict:
+    """The model's figures that a report states."""
+    return {"name": model.name, "blocks": model.blocks, "hidden_size": model.hidden_size,
+            "kv_bytes_per_token_per_block": kv_bytes(model, 1, 1, 1),
+            "stand_in_hidden": model.stand_in_hidden, "bandwidth_scale": round(bandwidth_scale(model), 6),
+            "block_gb_int8": round(model.block_params / 1e9, 3)}

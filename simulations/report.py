@@ -1,0 +1,166 @@
+"""What a run says: `report.json` (sessions, throughput, recoveries, coverage, invariants, trace
+hash) and the summary table printed at the end. Percentiles interpolate linearly between ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from simulations.compute import describe
+from simulations.progress import format_duration
+from simulations.runner import RunResult
+from simulations.users import SessionRecord
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The `q`-th percentile (0-100) of `values`, linearly interpolated; None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def recovery_kind(reason: str) -> str:
+    text = reason.lower()
+    for needle, kind in (("timed out", "timeout"), ("no session within", "timeout"), ("shutting down", "drained"),
+                         ("evicted", "evicted"), ("reset", "reset"), ("closed", "reset"), ("unreachable", "unreachable"),
+                         ("idle", "expired"), ("slots", "overloaded"), ("kv cache", "cache full")):
+        if needle in text:
+            return kind
+    return "other"
+
+
+def session_summary(sessions: Sequence[SessionRecord]) -> dict:
+    outcomes = Counter(s.outcome for s in sessions)
+    errors = Counter(s.error.split(":")[0] for s in sessions if s.outcome == "failed")
+    started = len(sessions)
+    return {"started": started, "completed": outcomes["completed"], "failed_with_error": outcomes["failed"],
+            "hung": outcomes["hung"], "completion_rate": _round(outcomes["completed"] / started, 4) if started else None,
+            "errors": dict(sorted(errors.items()))}
+
+
+def throughput_summary(sessions: Sequence[SessionRecord]) -> dict:
+    per_user: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    per_session = []
+    for s in sessions:
+        if s.outcome == "completed" and s.prefill_s + s.decode_s > 0:
+            per_user[s.user][0] += s.tokens
+            per_user[s.user][1] += s.prefill_s + s.decode_s
+            per_session.append(s.tokens_per_s)
+    users = [tokens / seconds for tokens, seconds in per_user.values()]
+    return {"clients": len(users), "p5": _round(percentile(users, 5)), "p50": _round(percentile(users, 50)),
+            "p95": _round(percentile(users, 95)),
+            "per_session": {"p5": _round(percentile(per_session, 5)), "p50": _round(percentile(per_session, 50)),
+                            "p95": _round(percentile(per_session, 95))}}
+
+
+def recovery_summary(sessions: Sequence[SessionRecord]) -> dict:
+    recoveries = [r for s in sessions for r in s.recoveries]
+    seconds = [r["seconds"] for r in recoveries]
+    kinds = Counter(recovery_kind(r["reason"]) for r in recoveries)
+    return {"count": len(recoveries), "sessions_with_recovery": sum(1 for s in sessions if s.recoveries),
+            "p50_s": _round(percentile(seconds, 50)), "p99_s": _round(percentile(seconds, 99)),
+            "max_s": _round(max(seconds) if seconds else None), "by_cause": dict(sorted(kinds.items()))}
+
+
+def coverage_summary(result: RunResult) -> dict:
+    samples = result.samples
+    return {"fully_covered_share": _round(sum(1 for s in samples if s.covered == 1.0) / len(samples), 4) if samples else None,
+            "min_replicas": min((s.min_replicas for s in samples), default=0),
+            "median_live_nodes": percentile([s.live_nodes for s in samples], 50),
+            "timeline": [{"t": round(s.t, 1), "live_nodes": s.live_nodes, "min_replicas": s.min_replicas,
+                          "covered": round(s.covered, 4), "in_flight": s.in_flight,
+                          "tokens_per_s": round(s.tokens_per_s, 3)} for s in samples]}
+
+
+def after_first_fault(result: RunResult) -> dict | None:
+    """Sessions started after the first scheduled fault: the share that completed."""
+    if not result.marks:
+        return None
+    first = result.marks[0][0]
+    later = [s for s in result.sessions if s.started >= first]
+    return {"since_s": round(first, 1), **session_summary(later)}
+
+
+def replay_command(result: RunResult, scenario_arg: str) -> str:
+    s = result.scenario
+    return (f"python -m simulations run {scenario_arg} --seed {s.seed} --nodes {s.churn.nodes} "
+            f"--clients {s.clients.count} --duration {s.duration_s:g}s")
+
+
+def build_report(result: RunResult, *, scenario_arg: str = "") -> dict:
+    s = result.scenario
+    return {
+        "scenario": s.name, "seed": s.seed, "compute": s.compute, "nodes": s.churn.nodes,
+        "cloud_nodes": s.cloud.nodes, "clients": s.clients.count, "duration_s": s.duration_s,
+        "virtual_s": round(result.virtual_s, 3), "wall_s": round(result.wall_s, 2),
+        "virtual_per_wall": round(result.virtual_s / result.wall_s, 1) if result.wall_s > 0 else None,
+        "trace_hash": result.trace_hash, "model": describe(s.model),
+        "sessions": session_summary(result.sessions), "after_first_fault": after_first_fault(result),
+        "tokens_per_s_per_client": throughput_summary(result.sessions),
+        "recovery": recovery_summary(result.sessions), "coverage": coverage_summary(result),
+        "hosts": result.hosts, "network": result.network,
+        "events": {k: v for k, v in sorted(result.counts.items()) if not k.startswith(("session", "sample"))},
+        "marks": [{"t": round(t, 1), "label": label} for t, label in result.marks],
+        "invariants": {"ok": result.ok, "violations": result.violations[:50], "count": len(result.violations)},
+        "replay": replay_command(result, scenario_arg or s.name),
+    }
+
+
+def write_report(report: dict, result: RunResult, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "report.json", out / "sessions.json"]
+    written[0].write_text(json.dumps(report, indent=1) + "\n")
+    written[1].write_text(json.dumps([s.to_json() for s in result.sessions]) + "\n")
+    if result.trace_lines:
+        written.append(out / "trace.txt")
+        written[-1].write_text("\n".join(result.trace_lines) + "\n")
+    return written
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:.2f}{unit}" if value < 100 else f"{value:.0f}{unit}"
+
+
+def table_header() -> str:
+    return ("| scenario | seed | nodes | clients | virtual | wall | sessions | completed | failed | hung | "
+            "tok/s per client p50 / p95 | recovery p50 / p99 | recoveries | fully covered | trace hash |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(report: dict) -> str:
+    s, t, r, c = report["sessions"], report["tokens_per_s_per_client"], report["recovery"], report["coverage"]
+    covered = "-" if c["fully_covered_share"] is None else f"{100 * c['fully_covered_share']:.0f}%"
+    return (f"| {report['scenario']} | {report['seed']} | {report['nodes']}+{report['cloud_nodes']} dc | "
+            f"{report['clients']} | {format_duration(report['duration_s'])} | {report['wall_s']:.0f} s | "
+            f"{s['started']} | {s['completed']} | {s['failed_with_error']} | {s['hung']} | "
+            f"{_fmt(t['p50'])} / {_fmt(t['p95'])} | {_fmt(r['p50_s'], ' s')} / {_fmt(r['p99_s'], ' s')} | "
+            f"{r['count']} | {covered} | `{report['trace_hash']}` |")
+
+
+def summary(report: dict) -> str:
+    """The table printed at the end of a run, and the verdict on the invariants."""
+    lines = [table_header(), table_row(report)]
+    after = report["after_first_fault"]
+    if after:
+        lines.append(f"sessions started after the first fault (t={after['since_s']:g} s): {after['started']}, "
+                     f"completed {after['completed']}, failed {after['failed_with_error']}, hung {after['hung']}")
+    if report["sessions"]["errors"]:
+        lines.append("errors: " + ", ".join(f"{k} x{v}" for k, v in report["sessions"]["errors"].items()))
+    if report["invariants"]["ok"]:
+        lines.append(f"invariants hold; trace hash {report['trace_hash']}")
+    else:
+        lines.append(f"INVARIANTS VIOLATED ({report['invariants']['count']}):")
+        lines.extend(f"  {v}" for v in report["invariants"]["violations"][:10])
+        lines.append(f"replay with: {report['replay']}")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""One simulated world: the network, discovery, hosts, users and faults of a run, and its clock.
+
+`World.simulate` is the whole run inside `trio.run` with a `MockClock` (autojump): hosts start,
+churn and faults are scheduled, users ask for completions until the scenario's duration, then the
+world waits for the sessions in flight (each bounded by its deadline plus the hang grace) and
+stops. A sampler records block coverage, throughput and the KV-budget invariant as it goes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import trio
+
+from mesh.discovery import MemoryDirectory
+from simulations import churn, faults
+from simulations.hosts import Swarm
+from simulations.network import VirtualNetwork
+from simulations.progress import Progress
+from simulations.scenario import Scenario
+from simulations.trace import Trace
+from simulations.users import SessionRecord, User
+
+
+@dataclass
+class Sample:
+    t: float
+    live_nodes: int
+    min_replicas: int
+    covered: float  # share of blocks served by at least one live host
+    in_flight: int
+    tokens_per_s: float  # generated over the interval that ended at t
+    replicas: list[int] = field(default_factory=list)
+
+
+class World:
+    def __init__(self, scenario: Scenario, model, *, progress: Progress, keep_trace: bool = False):
+        self.scenario, self.model, self.seed = scenario, model, scenario.seed
+        self.trace = Trace(keep_lines=keep_trace)
+        self.network = VirtualNetwork(scenario.network, self.rng("network"), bandwidth_scale=model.bandwidth_scale)
+        self.directory = MemoryDirectory(trio.current_time)
+        self.swarm = Swarm(self)
+        self.sessions: list[SessionRecord] = []
+        self.samples: list[Sample] = []
+        self.violations: list[str] = []
+        self.marks: list[tuple[float, str]] = []
+        self.in_flight = 0
+        self.tokens_generated = 0
+        self.progress = progress
+        self.user_nursery: trio.Nursery | None = None
+        self.ended_at = 0.0
+
+    def rng(self, purpose: str) -> random.Random:
+        """A generator of its own for each purpose, so one change does not shift every other draw."""
+        return random.Random(f"{self.seed}:{purpose}")
+
+    def violation(self, what: str) -> None:
+        self.violations.append(f"t={trio.current_time():.3f}s: {what}")
+        self.trace.record("violation")
+
+    def mark(self, label: str) -> None:
+        """A moment the plots label (a scheduled fault)."""
+        self.marks.append((trio.current_time(), label))
+
+    async def simulate(self) -> None:
+        end = self.scenario.duration_s
+        async with trio.open_nursery() as nursery:
+            await self.swarm.start(nursery)
+            nursery.start_soon(self.swarm.keep_arriving, nursery, end)
+            nursery.start_soon(faults.connection_resets, self, end)
+            for event in self.scenario.events:
+                nursery.start_soon(faults.run_event, self, event)
+            nursery.start_soon(self._sample_forever)
+            nursery.start_soon(self.progress.run, end)
+            async with trio.open_nursery() as users:
+                self.user_nursery = users
+                self._start_users(users, end)
+                await trio.sleep_until(end)  # flash crowds may still join until then
+            self.ended_at = trio.current_time()
+            self._sample()
+            nursery.cancel_scope.cancel()
+        self.progress.finish(self.ended_at)
+
+    def _start_users(self, nursery: trio.Nursery, until: float) -> None:
+        rng = self.rng("users")
+        for index in range(self.scenario.clients.count):
+            region = churn.weighted_choice(rng, self.scenario.regions)
+            nursery.start_soon(User(self, f"u{index}", region, think_s=self.scenario.clients.think_s, until=until).run)
+
+    async def _sample_forever(self) -> None:
+        every = self.scenario.checks.sample_every_s
+        while True:
+            await trio.sleep(every)
+            self._sample()
+
+    def _sample(self) -> None:
+        now = trio.current_time()
+        live = self.swarm.live()
+        replicas = [0] * self.model.blocks
+        for host in live:
+            for block in range(*host.span):
+                replicas[block] += 1
+        since = now - (self.samples[-1].t if self.samples else 0.0)
+        rate = self.tokens_generated / since if since > 0 else 0.0
+        self.tokens_generated = 0
+        covered = sum(1 for r in replicas if r > 0) / len(replicas)
+        self.samples.append(Sample(now, len(live), min(replicas), covered, self.in_flight, rate, replicas))
+        self.trace.record("sample", live=len(live), min_replicas=min(replicas), in_flight=self.in_flight)
+        self._check_kv_budgets()
+
+    def _check_kv_budgets(self) -> None:
+        for host in self.swarm.hosts.values():
+            manager = host.node.manager if host.node is not None else None
+            if manager is not None and not 0 <= manager.reserved_bytes <= manager.limits.kv_cache_bytes:
+                self.violation(f"node {host.peer_id} holds {manager.reserved_bytes} bytes of KV cache; "
+                               f"its budget is {manager.limits.kv_cache_bytes}")

@@ -1,0 +1,116 @@
+"""The cost model: stand-in activations that are exact under any split, chunking or replay."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import trio
+
+from shard.config import config_from_dict
+from simulations.compute import (
+    LIVE, CostModelSpan, StandInHead, StandInWeights, VirtualCache, blocks_that_fit, kv_bytes,
+    reference_tokens, step_seconds,
+)
+from simulations.scenario import DEFAULT_DEVICES, DeviceProfile, ModelShape
+
+SHAPE = ModelShape(blocks=12, stand_in_hidden=64, vocab=97)
+CONFIG = config_from_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 97, "hidden_size": 64,
+                           "intermediate_size": 128, "num_hidden_layers": 12, "num_attention_heads": 1,
+                           "max_position_embeddings": 256})
+WEIGHTS = StandInWeights(SHAPE)
+LAPTOP = DEFAULT_DEVICES["laptop"]
+
+
+def generate(splits: list[tuple[int, int]], prompt: list[int], new_tokens: int, *, prefill_chunk: int = 0) -> list[int]:
+    """Greedy tokens through CostModelSpans split at `splits`, as a client would drive them."""
+    head = StandInHead(CONFIG, WEIGHTS)
+    spans = [CostModelSpan(SHAPE, CONFIG, WEIGHTS, LAPTOP, start, end) for start, end in splits]
+    caches = [span.new_cache(1, 200) for span in spans]
+    chunks = [prompt[i:i + prefill_chunk] for i in range(0, len(prompt), prefill_chunk)] if prefill_chunk else [prompt]
+    tokens: list[int] = []
+    while len(tokens) < new_tokens:
+        for chunk in chunks:
+            hidden = head.embed(torch.tensor([chunk]))
+            for span, cache in zip(spans, caches):
+                hidden = span(hidden, cache)
+        tokens.append(int(head.logits(hidden[:, -1:])[0, 0].argmax()))
+        chunks = [[tokens[-1]]]
+    return tokens
+
+
+PROMPT = [5, 17, 33, 2, 9, 71, 4, 60]
+
+
+def test_any_split_and_chunking_gives_the_reference_tokens():
+    expected = reference_tokens(WEIGHTS, 12, PROMPT, 10)
+    assert generate([(0, 12)], PROMPT, 10) == expected
+    assert generate([(0, 3), (3, 4), (4, 12)], PROMPT, 10) == expected
+    assert generate([(0, 6), (6, 12)], PROMPT, 10, prefill_chunk=3) == expected
+    assert len(set(expected)) > 3  # not a constant stream
+
+
+def test_a_lost_position_changes_the_tokens():
+    assert reference_tokens(WEIGHTS, 12, PROMPT[:-1], 10) != reference_tokens(WEIGHTS, 12, PROMPT, 10)
+    assert reference_tokens(WEIGHTS, 12, [PROMPT[0]] + PROMPT, 10) != reference_tokens(WEIGHTS, 12, PROMPT, 10)
+
+
+def test_the_decode_fast_path_matches_the_array_path():
+    live = np.array(WEIGHTS.embed[[3]][None], dtype=np.float64)  # [1, 1, LIVE]
+    state_a, state_b = np.full((12, 1), 1234.0), [1234.0] * 12
+    for block in range(12):
+        live = WEIGHTS.block(block, live, state_a[block], 41)
+    fast = WEIGHTS.blocks_one_position(0, WEIGHTS.embed[3].tolist(), state_b, 41)
+    assert fast == live[0, 0].tolist() and state_b == state_a[:, 0].tolist()
+
+
+def test_a_truncated_cache_redoes_a_step_identically():
+    span = CostModelSpan(SHAPE, CONFIG, WEIGHTS, LAPTOP, 0, 12)
+    cache = span.new_cache(1, 64)
+    span(StandInHead(CONFIG, WEIGHTS).embed(torch.tensor([PROMPT])), cache)
+    step = StandInHead(CONFIG, WEIGHTS).embed(torch.tensor([[7]]))
+    first = span(step.clone(), cache)
+    cache.truncate(len(PROMPT))
+    assert torch.equal(span(step.clone(), cache), first) and cache.length == len(PROMPT) + 1
+
+
+def test_the_cache_budget_is_the_real_model_s():
+    span = CostModelSpan(SHAPE, CONFIG, WEIGHTS, LAPTOP, 2, 6)
+    cache = span.new_cache(1, 100)
+    assert cache.nbytes == span.cache_bytes(1, 100) == kv_bytes(SHAPE, 4, 1, 100)
+    assert kv_bytes(SHAPE, 1, 1, 1) == 2 * SHAPE.kv_heads * SHAPE.head_dim * 2
+    assert span.sub_span(3, 5).cache_bytes(1, 100) == kv_bytes(SHAPE, 2, 1, 100)
+    with pytest.raises(Exception, match="CacheFull|cache|positions|exceed"):
+        VirtualCache(1, 1, 2, 0).check_room(3)
+
+
+def test_compute_time_follows_the_device_profile():
+    device = DeviceProfile(block_ms=10.0, prefill_factor=0.5)
+    assert step_seconds(device, 4, 1) == pytest.approx(0.04)
+    assert step_seconds(device, 4, 9) == pytest.approx(0.04 * 5)
+    assert blocks_that_fit(DeviceProfile(weights_gb=1.0), ModelShape(block_params=0.3e9)) == 3
+    assert blocks_that_fit(DeviceProfile(weights_gb=100.0), ModelShape(blocks=40)) == 40
+
+
+async def test_compute_delay_takes_virtual_time(autojump_clock):
+    span = CostModelSpan(SHAPE, CONFIG, WEIGHTS, DeviceProfile(block_ms=20.0), 0, 5)
+    started = trio.current_time()
+    await span.compute_delay(1)
+    assert trio.current_time() - started == pytest.approx(0.1)
+
+
+def test_the_stand_in_head_round_trips_live_channels_only():
+    hidden = StandInHead(CONFIG, WEIGHTS).embed(torch.tensor([[1, 2]]))
+    assert hidden.shape == (1, 2, 64) and torch.count_nonzero(hidden[..., LIVE:]) == 0
+
+
+async def test_the_node_waits_one_forward_pass_per_replayed_chunk(autojump_clock):
+    from node.sessions import SessionLimits, SessionManager
+
+    span = CostModelSpan(SHAPE, CONFIG, WEIGHTS, DeviceProfile(block_ms=10.0, prefill_factor=0.5), 0, 4)
+    manager = SessionManager(span, SessionLimits(compute_in_thread=False))
+    session = manager.open("s", "client", 0, 4, 64, 1)
+    hidden = StandInHead(CONFIG, WEIGHTS).embed(torch.tensor([[1, 2, 3, 4, 5]])).numpy()
+    _, seconds = await manager.step(session, hidden, 0, (3, 1, 1))
+    assert seconds == pytest.approx(0.04 * 2 + 0.04 + 0.04)
+    assert manager.reserved_bytes == span.cache_bytes(1, 64) <= manager.limits.kv_cache_bytes
