@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from mesh.discovery import Discovery, PeerRecord
 from mesh.errors import TransportError
 from mesh.backoff import BanList
 from mesh.pipeline import Recovery, RoutePipeline, StepTiming
-from mesh.routing import Route, ServerSpan, plan_route
+from mesh.routing import DEFAULT_RTT_S, Route, ServerSpan, plan_route
 from mesh.session import HopSession, open_hop
 from mesh.transport import INFO_PROTOCOL, MessageStream, Transport
 from protocol import Codec, Hello, ProtocolError, Role, SpanInfo
@@ -39,6 +39,8 @@ class ClientOptions:
     codec: Codec = Codec.FP16  # activations on the wire; FP32 is exact
     open_timeout_s: float = 10.0
     probe_timeout_s: float = 3.0
+    probe_all_up_to: int = 32  # swarms with at most this many records are probed whole before each plan
+    probe_sample: int = 8  # in larger ones: unmeasured peers probed per plan, besides the route's, to learn RTTs
     step_timeout_s: float = 10.0  # per step, plus step_timeout_per_token_s per token in it
     step_timeout_per_token_s: float = 0.05
     io_timeout_s: float = 30.0
@@ -95,19 +97,22 @@ class Client:
         self.rng = random.Random(options.seed)
 
     async def servers(self) -> list[tuple[PeerRecord, SpanInfo]]:
-        """Records of peers serving this model that answer now, with their fresh span info."""
+        """Every record of a peer serving this model that answers now, with its fresh span info."""
         records = await self.discovery.lookup(self.manifest_hash)
-        alive: list[tuple[PeerRecord, SpanInfo]] = []
+        probed = await self._probe_all(records)
+        return sorted(((r, probed[r.peer_id]) for r in records if probed.get(r.peer_id)), key=lambda p: p[0].peer_id)
+
+    async def _probe_all(self, records: list[PeerRecord]) -> dict[str, SpanInfo | None]:
+        """Probe `records` concurrently: peer id -> fresh span info, or None for a peer that did not answer."""
+        results: dict[str, SpanInfo | None] = {}
 
         async def probe(record: PeerRecord) -> None:
-            info = await self._probe(record)
-            if info is not None:
-                alive.append((record, info))
+            results[record.peer_id] = await self._probe(record)
 
         async with trio.open_nursery() as nursery:
             for record in records:
                 nursery.start_soon(probe, record)
-        return sorted(alive, key=lambda pair: pair[0].peer_id)
+        return results
 
     async def _probe(self, record: PeerRecord) -> SpanInfo | None:
         self.transport.add_peer_addrs(record.peer_id, list(record.addrs))
@@ -131,12 +136,42 @@ class Client:
         return info
 
     async def plan(self, start: int = 0, end: int | None = None, *, banned: frozenset[str] = frozenset()) -> Route:
-        """The cheapest route over the peers that answer now; NoRouteError names missing blocks."""
+        """The cheapest route over peers that answer now; NoRouteError names missing blocks.
+
+        A small swarm (up to `probe_all_up_to` records) is probed whole, so every candidate's round
+        trip and span are fresh. In a larger one, probing everyone for every request would cost a
+        round trip per peer, so the route is planned on the announced records (round trips measured
+        earlier, or the median of those for a peer never measured), then only its peers and a few
+        unmeasured ones (`probe_sample`, to learn their round trips) are probed; a route peer that
+        does not answer, or no longer serves what its record said, is left out and the route planned
+        again. Each round probes at least one peer not probed before, so planning ends.
+        """
         end = self.config.num_layers if end is None else end
-        spans = [ServerSpan(record.peer_id, info.start, info.end,
-                            block_seconds=1.0 / max(info.throughput * (info.end - info.start), 1e-9))
-                 for record, info in await self.servers()]
-        return plan_route(spans, start, end, rtts=self.rtts, banned=banned)
+        records = [r for r in await self.discovery.lookup(self.manifest_hash) if r.peer_id not in banned]
+        if len(records) <= self.options.probe_all_up_to:
+            probed = await self._probe_all(records)
+            return plan_route(self._spans(probed.items()), start, end, rtts=self.rtts)
+        fresh: dict[str, SpanInfo | None] = {}
+        unmeasured = [r for r in records if r.peer_id not in self.rtts]
+        ask = self.rng.sample(unmeasured, min(self.options.probe_sample, len(unmeasured)))
+        while True:
+            fresh.update(await self._probe_all(ask))
+            infos = [(r.peer_id, fresh[r.peer_id] if r.peer_id in fresh else r.info) for r in records]
+            route = plan_route(self._spans(infos), start, end, rtts=self._estimated_rtts(records))
+            ask = [r for r in records if r.peer_id in route.peers and r.peer_id not in fresh]
+            if not ask:  # every peer on the route answered just now, with the span it was planned on
+                return route
+
+    def _spans(self, infos: Iterable[tuple[str, SpanInfo | None]]) -> list[ServerSpan]:
+        return [ServerSpan(peer, info.start, info.end,
+                           block_seconds=1.0 / max(info.throughput * (info.end - info.start), 1e-9))
+                for peer, info in infos if info is not None]
+
+    def _estimated_rtts(self, records: list[PeerRecord]) -> dict[str, float]:
+        """Measured round trips; the median of those for peers never measured."""
+        measured = sorted(self.rtts.values())
+        guess = measured[len(measured) // 2] if measured else DEFAULT_RTT_S
+        return {r.peer_id: self.rtts.get(r.peer_id, guess) for r in records}
 
     def encode_prompt(self, prompt: str | None, prompt_ids: list[int] | None, messages: list[dict] | None) -> list[int]:
         if sum(x is not None for x in (prompt, prompt_ids, messages)) != 1:

@@ -20,6 +20,7 @@ from mesh.errors import DialError, StreamClosed
 from mesh.transport import ByteStream, StreamHandler, Transport
 
 ADDR_PREFIX = "/memory/"
+SEND_BUFFER_BYTES = 256 * 1024  # what a send may queue beyond the link before it blocks
 log = logging.getLogger("hearth.mesh")
 
 
@@ -53,12 +54,18 @@ class MemoryByteStream(ByteStream):
         now = trio.current_time()
         transmit = len(data) * 8 / link.bandwidth_bps
         self._next_free = max(self._next_free, now) + transmit
-        await trio.sleep_until(self._next_free)  # the sender's uplink is busy until then
         arrival = self._next_free + link.latency_s
         try:
             self._out.send.send_nowait((arrival, bytes(data)))
         except (trio.ClosedResourceError, trio.BrokenResourceError) as err:
             raise StreamClosed(self.peer_id, "stream closed") from err
+        # Like a socket's send buffer: the write returns once the data is queued, unless more than
+        # SEND_BUFFER_BYTES are still waiting for the uplink; then it waits until they fit.
+        backlog_s = self._next_free - now - SEND_BUFFER_BYTES * 8 / link.bandwidth_bps
+        if backlog_s > 0:
+            await trio.sleep(backlog_s)
+        else:
+            await trio.lowlevel.checkpoint()
 
     async def receive_some(self, max_bytes: int) -> bytes:
         if not self._pending:
@@ -70,7 +77,8 @@ class MemoryByteStream(ByteStream):
                 return b""
             except trio.ClosedResourceError:
                 raise StreamClosed(self.peer_id, "stream closed locally") from None
-            await trio.sleep_until(arrival)
+            if arrival > trio.current_time():
+                await trio.sleep_until(arrival)
             await self._wait_while_frozen()
             if self._in.reset:
                 raise StreamClosed(self.peer_id, "stream reset")

@@ -9,7 +9,9 @@ block boundaries where some span starts or ends; Dijkstra finds the cheapest pat
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -60,10 +62,11 @@ def plan_route(servers: Iterable[ServerSpan], start: int, end: int, *,
                rtts: Mapping[str, float] | None = None, banned: Iterable[str] = ()) -> Route:
     """The cheapest chain of hops covering [start, end); raises NoRouteError naming the gaps."""
     banned = set(banned)
-    usable = sorted((s for s in servers if s.peer_id not in banned and s.start < end and s.end > start),
-                    key=lambda s: (s.start, s.end, s.peer_id))
     rtts = rtts or {}
+    usable = _undominated([s for s in servers if s.peer_id not in banned and s.start < end and s.end > start],
+                          start, end, rtts)
     bounds = sorted({start, end} | {min(max(b, start), end) for s in usable for b in (s.start, s.end)})
+    covering = {b: [s for s in usable if s.covers(b)] for b in bounds[:-1]}
     best: dict[int, tuple[float, int, tuple[Hop, ...]]] = {start: (0.0, 0, ())}
     queue: list[tuple[float, int, tuple[str, ...], int]] = [(0.0, 0, (), start)]
     while queue:
@@ -72,18 +75,37 @@ def plan_route(servers: Iterable[ServerSpan], start: int, end: int, *,
             return Route(best[end][2], cost)
         if best[block][:2] != (cost, n_hops):
             continue  # a stale queue entry
-        for server in usable:
-            if not server.covers(block):
-                continue
+        first = bisect.bisect_right(bounds, block)
+        for server in covering[block]:
             rtt = rtts.get(server.peer_id, DEFAULT_RTT_S)
-            for stop in (b for b in bounds if block < b <= min(server.end, end)):
+            for stop in bounds[first:bisect.bisect_right(bounds, min(server.end, end))]:
                 hop_cost = cost + rtt + (stop - block) * server.block_seconds
+                known = best.get(stop)
+                if known is not None and hop_cost > known[0]:
+                    continue
                 hops = best[block][2] + (Hop(server.peer_id, block, stop),)
                 key = (hop_cost, n_hops + 1, tuple(h.peer_id for h in hops))
-                if stop not in best or key < (best[stop][0], best[stop][1], tuple(h.peer_id for h in best[stop][2])):
+                if known is None or key < (known[0], known[1], tuple(h.peer_id for h in known[2])):
                     best[stop] = (hop_cost, n_hops + 1, hops)
                     heapq.heappush(queue, (hop_cost, n_hops + 1, key[2], stop))
     raise NoRouteError(start, end, uncovered(usable, start, end))
+
+
+def _undominated(servers: list[ServerSpan], start: int, end: int, rtts: Mapping[str, float]) -> list[ServerSpan]:
+    """`servers` less those another server beats on every route: same blocks within [start, end),
+    a round trip and a time per block no worse, and an earlier peer id when both are equal."""
+    groups: dict[tuple[int, int], list[ServerSpan]] = {}
+    for server in servers:
+        groups.setdefault((max(server.start, start), min(server.end, end)), []).append(server)
+    kept = []
+    for group in groups.values():
+        group.sort(key=lambda s: (rtts.get(s.peer_id, DEFAULT_RTT_S), s.block_seconds, s.peer_id))
+        fastest = math.inf
+        for server in group:
+            if server.block_seconds < fastest:
+                kept.append(server)
+                fastest = server.block_seconds
+    return kept
 
 
 def uncovered(servers: Iterable[ServerSpan], start: int, end: int) -> list[tuple[int, int]]:

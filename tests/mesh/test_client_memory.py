@@ -31,10 +31,10 @@ class Swarm:
         self.digest = model_digest(model_dir)
         self.nodes: dict[str, Node] = {}
 
-    async def add_node(self, name: str, start: int, end: int, **limits) -> Node:
+    async def add_node(self, name: str, start: int, end: int, token_seconds: float = 0.001, **limits) -> Node:
         transport = await self.nursery.start(self._transport, name)
         node = Node(load_span(self.model_dir, start, end), "tiny", self.digest, limits=SessionLimits(**limits),
-                    wall_clock=trio.current_time, token_seconds=0.001)
+                    wall_clock=trio.current_time, token_seconds=token_seconds)
         await self.nursery.start(node.run, transport, self.directory)
         self.nodes[name] = node
         return node
@@ -124,3 +124,36 @@ async def test_sessions_are_freed_after_generation(swarm):
             while node.manager.sessions:
                 await trio.sleep(0.01)
     assert node.manager.reserved_bytes == 0
+
+
+async def test_a_large_swarm_probes_only_the_route_and_a_sample(swarm, monkeypatch):
+    """Past `probe_all_up_to` records the client probes the planned route's peers and a few others, not everyone."""
+    for i in range(4):
+        await swarm.add_node(f"half{i}", 3 * (i % 2), 3 * (i % 2) + 3)
+    await swarm.add_node("whole", 0, 6)
+    probed: list[str] = []
+    probe = Client._probe
+
+    async def counting(self, record):
+        probed.append(record.peer_id)
+        return await probe(self, record)
+
+    monkeypatch.setattr(Client, "_probe", counting)
+    client = await swarm.client("user", probe_all_up_to=2, probe_sample=1)
+    report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=5))
+    assert report.token_ids == local_tokens(swarm.model_dir, 5)
+    assert len(probed) <= len(report.hops) + 1 < 5
+
+
+async def test_a_stale_record_on_the_planned_route_is_routed_around(swarm):
+    """The cheapest announced peer is gone (its record not yet expired): planning probes it and goes elsewhere."""
+    await swarm.add_node("fast", 0, 6, token_seconds=1e-5)
+    for name, (start, end) in {"a": (0, 3), "b": (3, 6), "c": (0, 3), "d": (3, 6)}.items():
+        await swarm.add_node(name, start, end)
+    client = await swarm.client("user", probe_all_up_to=2, probe_sample=0)
+    assert (await client.plan()).peers == ["fast"]
+    swarm.network.crash("fast")
+    route = await client.plan()
+    assert "fast" not in route.peers and [(h.start, h.end) for h in route.hops] == [(0, 3), (3, 6)]
+    report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=5))
+    assert report.token_ids == local_tokens(swarm.model_dir, 5) and "fast" not in [h.peer_id for h in report.hops]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import math
 
-from mesh.routing import Hop, NoRouteError, ServerSpan, plan_route, uncovered
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.routing import DEFAULT_RTT_S, Hop, NoRouteError, ServerSpan, plan_route, uncovered
 
 
 def test_single_server_covering_everything():
@@ -71,3 +75,35 @@ def test_uncovered():
     assert uncovered([ServerSpan("a", 2, 4)], 0, 6) == [(0, 2), (4, 6)]
     assert uncovered([], 0, 3) == [(0, 3)]
     assert uncovered([ServerSpan("a", 0, 3)], 0, 3) == []
+
+
+def _cheapest_cost(servers, start, end, rtts):
+    """Brute force over every block boundary: the least cost to reach each block from `start`."""
+    cost = {start: 0.0}
+    for block in range(start, end):
+        if block not in cost:
+            continue
+        for s in servers:
+            if s.covers(block):
+                for stop in range(block + 1, min(s.end, end) + 1):
+                    c = cost[block] + rtts.get(s.peer_id, DEFAULT_RTT_S) + (stop - block) * s.block_seconds
+                    cost[stop] = min(cost.get(stop, math.inf), c)
+    return cost.get(end)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(1, 6), st.sampled_from([0.001, 0.002, 0.005]),
+                          st.sampled_from([0.001, 0.01, 0.05])), min_size=1, max_size=12),
+       st.integers(0, 4), st.integers(6, 12))
+def test_the_route_is_the_cheapest_chain(spans, start, end):
+    servers = [ServerSpan(f"p{i}", a, min(a + n, 12), block_seconds=b) for i, (a, n, b, _) in enumerate(spans)]
+    rtts = {f"p{i}": rtt for i, (*_, rtt) in enumerate(spans)}
+    best = _cheapest_cost(servers, start, end, rtts)
+    if best is None:
+        with pytest.raises(NoRouteError):
+            plan_route(servers, start, end, rtts=rtts)
+        return
+    route = plan_route(servers, start, end, rtts=rtts)
+    assert route.cost_s == pytest.approx(best)
+    assert route.hops[0].start == start and route.hops[-1].end == end
+    assert all(a.end == b.start for a, b in zip(route.hops, route.hops[1:]))
