@@ -44,6 +44,7 @@ from protocol.codecs import ZstdContext  # noqa: E402
 
 SECTION = "## Wire codecs (bench_codecs.py)"
 RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
+DEMO_MODEL = pathlib.Path(__file__).resolve().parents[1] / "node" / "demo_model"
 PREFILL = 128
 VOCAB = 32000
 LINKS = {"10 Mbit/s": 10e6 / 8, "100 Mbit/s": 100e6 / 8, "10 Gbit/s": 10e9 / 8}
@@ -253,7 +254,7 @@ def codec_table(rows: list[CodecRow]) -> list[str]:
     return lines
 
 
-def end_to_end_table(results: dict[str, dict[str, float]]) -> list[str]:
+def end_to_end_table(results: dict[str, dict[str, float]], *, random_weights: bool = True) -> list[str]:
     lines = ["| codec at every boundary | top-1 agreement | mean KL | max KL | positions | "
              "largest ref. margin at a flip |", "|---|---|---|---|---|---|"]
     for label, stats in results.items():
@@ -261,9 +262,9 @@ def end_to_end_table(results: dict[str, dict[str, float]]) -> list[str]:
                      f"{stats['kl_max']:.2e} | {stats['positions']} | "
                      f"{stats['flip_margin_max']:.3f} |")
     first = next(iter(results.values()))
+    why = " (random weights: nearly uniform, so tiny perturbations flip near-ties)" if random_weights else ""
     lines += ["", f"Reference (fp32) logits: mean top-1 probability {first['ref_top1_prob']:.4f}, "
-              f"median top-1/top-2 logit margin {first['margin_median']:.3f} (random weights: "
-              f"nearly uniform, so tiny perturbations flip near-ties)."]
+              f"median top-1/top-2 logit margin {first['margin_median']:.3f}{why}."]
     return lines
 
 
@@ -317,6 +318,54 @@ def bench_hidden(hidden: int, args: argparse.Namespace) -> tuple[list[str], dict
     by_base = {base: stats for base, stats in zip(LOSSY_BASES, e2e.values())}
     return lines, {"int8": int8, "e2e": by_base[Codec.INT8_BLOCK64], "by_base": by_base,
                    "rows": {row.codec: row for row in rows}}
+
+
+def held_out_windows(model_dir: pathlib.Path, count: int, length: int) -> torch.Tensor:
+    """`count` token windows of `length` from the demo corpus's held-out files (never trained on)."""
+    from tokenizers import Tokenizer
+
+    from tools.demo_corpus import corpus_files, document_text, split_files
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    windows = []
+    for file in split_files(corpus_files())[1]:
+        ids = tokenizer.encode(document_text(file)).ids
+        windows += [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)][:2]
+        if len(windows) >= count:
+            break
+    return torch.tensor(windows[:count])
+
+
+def bench_trained(model_dir: pathlib.Path, args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
+    """End to end on a trained checkpoint (the bundled demo model) and real text: held-out Python
+    files, a 128-token prefill and `--steps` teacher-forced steps per window."""
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    boundaries = SpanBoundaries(model)
+    windows = held_out_windows(model_dir, args.trained_sequences, PREFILL + args.steps)
+    prompts, forced = windows[:, :PREFILL], windows[:, PREFILL:]
+    reference, _ = run_model(model, prompts, args.steps, forced=forced)
+    e2e = {}
+    for base in LOSSY_BASES:
+        boundaries.transform = codec_transform(base)
+        logits, _ = run_model(model, prompts, args.steps, forced=forced)
+        e2e[f"{base.label} (and {base.label}+zstd)"] = compare_logits(reference, logits)
+    boundaries.transform = None
+    config = model.config
+    lines = [f"### trained: {model_dir.name} (hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+             f"spans at {boundaries.span_ends}; {len(windows)} held-out windows of real Python)", "",
+             *end_to_end_table(e2e, random_weights=False), ""]
+    return lines, {"e2e": e2e[f"{Codec.INT8_BLOCK64.label} (and {Codec.INT8_BLOCK64.label}+zstd)"],
+                   "hidden": config.hidden_size}
+
+
+def trained_targets(summary: dict[str, Any]) -> list[str]:
+    e2e = summary["e2e"]
+    checks = [(f"top-1 {e2e['top1'] * 100:.2f}% of {e2e['positions']} positions", e2e["top1"] >= 0.995),
+              (f"mean KL {e2e['kl_mean']:.1e}", e2e["kl_mean"] <= 1e-3)]
+    return [f"- int8-block64 on the trained demo model (hidden {summary['hidden']}, real text): " + ", ".join(
+        f"{text} ({'meets' if ok else 'MISSES'} target)" for text, ok in checks)
+        + f"; every flip is at a reference top-1/top-2 logit gap of at most {e2e['flip_margin_max']:.3f} "
+        f"(median gap {e2e['margin_median']:.3f})"]
 
 
 def targets(hidden: int, summary: dict[str, object]) -> list[str]:
@@ -384,6 +433,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--choice-at", type=int, nargs="*", default=[4096])
+    parser.add_argument("--trained", type=pathlib.Path, default=DEMO_MODEL,
+                        help="a trained checkpoint for the end-to-end check on real text ('' to skip)")
+    parser.add_argument("--trained-sequences", type=int, default=32)
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -393,6 +445,11 @@ def main() -> int:
         print("\n".join(lines), flush=True)
         body += lines
         checks += targets(hidden, summaries[hidden])
+    if str(args.trained) not in ("", "."):
+        lines, trained = bench_trained(args.trained, args)
+        print("\n".join(lines), flush=True)
+        body += lines
+        checks += trained_targets(trained)
     checks += notes(summaries)
     command = "python benchmarks/bench_codecs.py " + " ".join(sys.argv[1:])
     section = "\n".join([

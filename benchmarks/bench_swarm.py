@@ -3,10 +3,13 @@
 Builds the random ~1B Llama of bench_local.py (or takes --model DIR), then measures decode
 tokens/s at batch 1 after a 128-token prompt: (1) one process running the whole model with the
 same quantization; (2) three `hearth node` processes on 127.0.0.1, each serving a third, and a
-client in this process. Also measures a plain trio TCP round trip between two processes with a
-message of one hop's size, so the swarm's per-hop overhead can be read against it.
+client in this process (steps over the nodes' data channels, as by default). The two alternate for
+--rounds rounds, so that the shared machine's drift hits both alike; the ratio is of the medians
+per token (means beside them). Per hop it prints the node's own compute per decode step, the same
+span run in this process, and the round trip; and a plain trio TCP round trip between two
+processes with a message of one hop's size, so the swarm's per-hop overhead can be read against it.
 
-    python benchmarks/bench_swarm.py [--quant int8] [--tokens 32] [--layers 16] [--hidden 2048] [--threads N]
+    python benchmarks/bench_swarm.py [--quant int8] [--tokens 32] [--rounds 3] [--layers 16] [--hidden 2048] [--threads N]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,13 +31,14 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_local import save_model  # noqa: E402
-from mesh.client import ClientOptions  # noqa: E402
+from mesh.client import ClientOptions, GenerationReport  # noqa: E402
 from mesh.join import connect  # noqa: E402
 from node.swarm import LocalSwarm  # noqa: E402
 from shard.config import load_config  # noqa: E402
 from shard.generate import generate_local  # noqa: E402
 from shard.pipeline import LocalPipeline  # noqa: E402
 from shard.sampling import SamplingParams  # noqa: E402
+from shard.span import load_span  # noqa: E402
 
 PROMPT_TOKENS = 128
 
@@ -54,18 +59,60 @@ def prompt_ids() -> list[int]:
     return torch.randint(3, 32000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
-def single_process(model_dir: Path, quant: str, tokens: int) -> float:
-    """Seconds per decoded token with the whole model in this process."""
-    pipeline = LocalPipeline.load(model_dir, quant=quant)
+def single_process(pipeline: LocalPipeline, tokens: int) -> list[float]:
+    """Seconds per decoded token (the first decode step on) with the whole model in this process."""
     result = generate_local(pipeline, prompt_ids(), SamplingParams(max_new_tokens=tokens))
-    return statistics.median(result.timings[2:])
+    return result.timings[1:]
 
 
-async def swarm_decode(bootstrap: str, model_dir: Path, tokens: int) -> tuple[float, list]:
-    async with connect(bootstrap=[bootstrap], model=model_dir, options=ClientOptions()) as client:
+async def swarm_decode(bootstrap: str, model_dir: Path, tokens: int, data_channel: bool) -> tuple[list[float], list]:
+    """Seconds per decoded token through the swarm, timed as `generate_local` times them, and the hops."""
+    async with connect(bootstrap=[bootstrap], model=model_dir, options=ClientOptions(data_channel=data_channel)) as client:
         await client.generate_text(prompt_ids=prompt_ids()[:8], params=SamplingParams(max_new_tokens=4))  # warm-up
-        report = await client.generate_text(prompt_ids=prompt_ids(), params=SamplingParams(max_new_tokens=tokens))
-    return report.decode_s / (len(report.token_ids) - 1), report.hops
+        report, timings, after_prefill = GenerationReport([]), [], []
+        started = time.perf_counter()
+        async for _ in client.generate(prompt_ids=prompt_ids(), params=SamplingParams(max_new_tokens=tokens),
+                                       report=report):
+            now = time.perf_counter()
+            timings.append(now - started)
+            started = now
+            if not after_prefill:
+                after_prefill = [(hop.compute_s, hop.total_s) for hop in report.hops]
+    steps = len(timings) - 1
+    decode = [HopDecode(hop.peer_id, hop.start, hop.end, (hop.compute_s - c) / steps, (hop.total_s - t) / steps)
+              for hop, (c, t) in zip(report.hops, after_prefill)]
+    return timings[1:], decode
+
+
+@dataclass
+class HopDecode:
+    """One hop's mean seconds per decode step: the node's own compute, and the client's round trip."""
+
+    peer_id: str
+    start: int
+    end: int
+    compute_s: float
+    round_trip_s: float
+
+
+def span_decode_seconds(model_dir: Path, quant: str, bounds: list[tuple[int, int]], tokens: int) -> list[float]:
+    """Median seconds per decode step of each span run in this process, as a node runs it."""
+    result = []
+    for start, end in bounds:
+        span = load_span(model_dir, start, end, quant=quant)
+        cache = span.new_cache(1, PROMPT_TOKENS + tokens + 1)
+        hidden = torch.randn(1, PROMPT_TOKENS, span.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            span(hidden, cache)
+            times = []
+            for _ in range(tokens):
+                step = hidden[:, :1] * 0.5
+                began = time.perf_counter()
+                span(step, cache)
+                times.append(time.perf_counter() - began)
+        result.append(statistics.median(times))
+        del span, cache
+    return result
 
 
 async def tcp_round_trip(message_bytes: int, repeats: int = 200) -> float:
@@ -94,6 +141,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a model directory (default: build the random ~1B model)")
     parser.add_argument("--quant", default="int8", choices=("none", "int8", "int4"))
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating single-process and swarm runs")
+    parser.add_argument("--libp2p-only", action="store_true", help="steps over libp2p streams, not the data channels")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -107,27 +156,47 @@ def main() -> None:
             model_dir = Path(tmp) / "model"
             print(f"building random Llama h{args.hidden} L{args.layers} ...", flush=True)
             save_model(model_dir, args)
-        local_s = single_process(model_dir, args.quant, args.tokens)
-        print(f"single process: {1 / local_s:.2f} tok/s", flush=True)
+        pipeline = LocalPipeline.load(model_dir, quant=args.quant)
+        generate_local(pipeline, prompt_ids()[:8], SamplingParams(max_new_tokens=4))  # warm-up, as the swarm gets
+        local, swarm_times, hop_rounds = [], [], []
         with LocalSwarm(model_dir, quant=args.quant, work_dir=tmp, extra_args=["--threads", str(args.threads)]) as swarm:
             swarm.start(swarm.spans(3), timeout=600)
-            swarm_s, hops = trio.run(swarm_decode, swarm.bootstrap[0], model_dir, args.tokens)
+            for round_ in range(args.rounds):  # interleaved, so that the shared machine's drift hits both alike
+                local += single_process(pipeline, args.tokens)
+                times, hops = trio.run(swarm_decode, swarm.bootstrap[0], model_dir, args.tokens, not args.libp2p_only)
+                swarm_times += times
+                hop_rounds.append(hops)
+                print(f"round {round_ + 1}: single process {1 / statistics.median(local):.2f} tok/s, "
+                      f"swarm {1 / statistics.median(swarm_times):.2f} tok/s", flush=True)
+        del pipeline
+        hops = [HopDecode(h.peer_id, h.start, h.end, statistics.fmean(r[i].compute_s for r in hop_rounds),
+                          statistics.fmean(r[i].round_trip_s for r in hop_rounds)) for i, h in enumerate(hop_rounds[0])]
+        swarm = swarm_times
+        spans = span_decode_seconds(model_dir, args.quant, [(hop.start, hop.end) for hop in hops], args.tokens)
         hidden = load_config(model_dir).hidden_size
         tcp_s = trio.run(tcp_round_trip, hidden * 2 + 200)  # one fp16 decode step plus framing
-    report(local_s, swarm_s, hops, tcp_s, args)
+    report(local, swarm, hops, spans, tcp_s, args)
 
 
-def report(local_s: float, swarm_s: float, hops: list, tcp_s: float, args) -> None:
+def report(local: list[float], swarm: list[float], hops: list[HopDecode], spans: list[float], tcp_s: float,
+           args) -> None:
+    """Median and mean seconds per token of both; the ratio is of medians (the mean is shown beside it)."""
+    local_s, swarm_s = statistics.median(local), statistics.median(swarm)
     overhead = (swarm_s - local_s) / len(hops)
-    print(f"\nquant {args.quant}, batch 1, {PROMPT_TOKENS}-token prompt, {args.tokens} tokens; threads {torch.get_num_threads()}")
-    print(f"{'':<28}{'ms/token':>10}{'tok/s':>9}{'ratio':>8}")
-    print(f"{'single process':<28}{local_s * 1e3:>10.1f}{1 / local_s:>9.2f}{1.0:>8.2f}")
-    print(f"{'3-node swarm (libp2p)':<28}{swarm_s * 1e3:>10.1f}{1 / swarm_s:>9.2f}{local_s / swarm_s:>8.2f}")
+    print(f"\nquant {args.quant}, batch 1, {PROMPT_TOKENS}-token prompt, {args.rounds} x {args.tokens} tokens; "
+          f"threads {torch.get_num_threads()}")
+    print(f"{'':<28}{'ms/token':>10}{'mean ms':>9}{'tok/s':>9}{'ratio':>8}{'ratio of means':>16}")
+    swarm_name = "3-node swarm (libp2p only)" if args.libp2p_only else "3-node swarm (data channel)"
+    for name, values in (("single process", local), (swarm_name, swarm)):
+        median, mean = statistics.median(values), statistics.fmean(values)
+        print(f"{name:<28}{median * 1e3:>10.1f}{mean * 1e3:>9.1f}{1 / median:>9.2f}{local_s / median:>8.2f}"
+              f"{statistics.fmean(local) / mean:>16.2f}")
     print(f"per-hop overhead {overhead * 1e3:.2f} ms vs plain trio TCP round trip {tcp_s * 1e3:.3f} ms "
           f"({overhead / tcp_s:.1f}x)")
-    for hop in hops:
-        print(f"  hop {hop.peer_id[-8:]} [{hop.start}, {hop.end}): compute {hop.compute_s:.3f} s, "
-              f"round trips {hop.total_s:.3f} s")
+    print("per decode step (means):        node compute   same span here   round trip   wire (round trip - compute)")
+    for hop, here in zip(hops, spans):
+        print(f"  hop {hop.peer_id[-8:]} [{hop.start:>2}, {hop.end:>2}):   {hop.compute_s * 1e3:>9.1f} ms   "
+              f"{here * 1e3:>11.1f} ms   {hop.round_trip_s * 1e3:>7.1f} ms   {(hop.round_trip_s - hop.compute_s) * 1e3:>8.1f} ms")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class ClientOptions:
     step_timeout_s: float = 10.0  # per step, plus step_timeout_per_token_s per token in it
     step_timeout_per_token_s: float = 0.05
     io_timeout_s: float = 30.0
+    data_channel: bool = True  # take a session's steps to the node's sealed TCP channel when it offers one
     request_timeout_s: float = 300.0  # the whole generation, recoveries included
     ban_s: float = 15.0  # first ban of a failed peer; doubles on each repeat
     seed: int = 0  # for backoff jitter
@@ -151,14 +152,19 @@ class Client:
         if len(records) <= self.options.probe_all_up_to:
             probed = await self._probe_all(records)
             return plan_route(self._spans(probed.items()), start, end, rtts=self.rtts)
-        fresh: dict[str, SpanInfo | None] = {}
+        spans = {span.peer_id: span for span in self._spans((r.peer_id, r.info) for r in records)}
+        by_peer = {r.peer_id: r for r in records}
+        rtts, probed = self._estimated_rtts(records), set()
         unmeasured = [r for r in records if r.peer_id not in self.rtts]
         ask = self.rng.sample(unmeasured, min(self.options.probe_sample, len(unmeasured)))
         while True:
-            fresh.update(await self._probe_all(ask))
-            infos = [(r.peer_id, fresh[r.peer_id] if r.peer_id in fresh else r.info) for r in records]
-            route = plan_route(self._spans(infos), start, end, rtts=self._estimated_rtts(records))
-            ask = [r for r in records if r.peer_id in route.peers and r.peer_id not in fresh]
+            for peer, info in (await self._probe_all(ask)).items():
+                probed.add(peer)
+                spans.pop(peer, None)
+                spans.update((s.peer_id, s) for s in self._spans([(peer, info)]))
+                rtts[peer] = self.rtts.get(peer, rtts[peer])
+            route = plan_route(spans.values(), start, end, rtts=rtts)
+            ask = [by_peer[peer] for peer in route.peers if peer not in probed]
             if not ask:  # every peer on the route answered just now, with the span it was planned on
                 return route
 
@@ -233,7 +239,7 @@ class Client:
             return await open_hop(
                 self.transport, peer_id, start, end, model_id=self.model_id, manifest_hash=self.manifest_hash,
                 max_length=max_length, batch=1, codec=self.options.codec, timeout=self.options.open_timeout_s,
-                io_timeout=self.options.io_timeout_s)
+                io_timeout=self.options.io_timeout_s, data_channel=self.options.data_channel)
 
         timing = StepTiming(self.options.step_timeout_s, self.options.step_timeout_per_token_s)
         return RoutePipeline(plan, open_one, deadline=trio.current_time() + self.options.request_timeout_s,

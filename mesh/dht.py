@@ -43,6 +43,10 @@ NAMESPACE = "hearth"
 MAX_RECORD_BYTES = 8 << 10
 MAX_TTL_S = 3600.0  # the furthest ahead a record may expire (announcements use 30 s)
 DEFAULT_TIMEOUT_S = 10.0
+# A lookup that already holds unexpired records of the model waits this long for the network:
+# one frozen DHT peer can hold up every query that reaches it for the full timeout, which would
+# stall each failover while the peer is frozen. What arrives in time replaces the held copies.
+WARM_LOOKUP_TIMEOUT_S = 2.0
 MAX_PROVIDERS = 256  # records fetched per lookup
 PARALLEL_FETCHES = 16
 WITHDRAWAL_NUDGE_S = 1e-3  # a withdrawal's expiry is this much later than the record it replaces
@@ -114,12 +118,15 @@ class DhtDiscovery(Discovery):
 
     Use as `async with DhtDiscovery(transport, clock=time.time) as discovery:` inside the
     transport's context. `clock` is the wall clock records expire by; `timeout` bounds each
-    announce, withdraw and lookup.
+    announce, withdraw and lookup. Lookups keep the records they found until those expire, and
+    merge them into later lookups, which then wait only `warm_timeout` for the network.
     """
 
     def __init__(self, transport: Libp2pTransport, *, clock: Callable[[], float],
-                 timeout: float = DEFAULT_TIMEOUT_S):
+                 timeout: float = DEFAULT_TIMEOUT_S, warm_timeout: float = WARM_LOOKUP_TIMEOUT_S):
         self.transport, self.clock, self.timeout = transport, clock, timeout
+        self.warm_timeout = min(warm_timeout, timeout)
+        self._seen: dict[str, dict[str, PeerRecord]] = {}  # model key -> peer id -> latest record found
         self.dht = KadDHT(transport.host, DHTMode.SERVER, strict_validation=True)
         self.dht.register_validator(NAMESPACE, PeerRecordValidator(clock))
         self._announced: dict[str, PeerRecord] = {}  # model key -> our latest record
@@ -164,7 +171,9 @@ class DhtDiscovery(Discovery):
         """Unexpired records with addresses; what arrived in time if the lookup times out."""
         found: dict[str, PeerRecord] = {}
         started = trio.current_time()
-        with trio.move_on_after(self.timeout) as scope:
+        seen = {peer: r for peer, r in self._seen.get(model_key, {}).items() if not r.expired(self.clock())}
+        timeout = self.warm_timeout if seen else self.timeout
+        with trio.move_on_after(timeout) as scope:
             async with trio.open_nursery() as nursery:
                 fetching: set[ID] = set()
 
@@ -175,9 +184,14 @@ class DhtDiscovery(Discovery):
 
                 await self._find_providers(model_key, fetch)
         if scope.cancelled_caught:
-            log.warning("lookup of %s timed out after %g s with %d records", model_key, self.timeout, len(found))
+            log.log(logging.INFO if seen else logging.WARNING, "lookup of %s timed out after %g s with %d records "
+                    "(%d held from earlier lookups)", model_key, timeout, len(found), len(seen))
         now = self.clock()
-        records = sorted((r for r in found.values() if r.addrs and not r.expired(now)), key=lambda r: r.peer_id)
+        for peer, record in found.items():  # a withdrawal (no addresses) replaces a held record too
+            if peer not in seen or record.expires_at >= seen[peer].expires_at:
+                seen[peer] = record
+        self._seen[model_key] = seen
+        records = sorted((r for r in seen.values() if r.addrs and not r.expired(now)), key=lambda r: r.peer_id)
         log.debug("lookup of %s: %d records in %.1f ms", model_key, len(records),
                   1000 * (trio.current_time() - started))
         return records

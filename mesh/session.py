@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
+from mesh import data_channel
 from mesh.errors import TransportError
 from mesh.transport import INFERENCE_PROTOCOL, MessageStream, Transport
 from protocol import (
@@ -24,6 +25,8 @@ from protocol import (
 log = logging.getLogger("hearth.client")
 
 CLIENT_SOFTWARE = "hearth-client/0.1"
+DATA_CHANNEL = "data-channel"  # Hello capability: this client takes a session's steps to the node's data channel
+DATA_CHANNEL_TIMEOUT_S = 2.0
 
 
 class HopFailed(Exception):
@@ -101,14 +104,17 @@ class HopSession:
 
 async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, model_id: str,
                    manifest_hash: str, max_length: int, batch: int, codec: Codec, timeout: float,
-                   io_timeout: float) -> HopSession:
-    """Open a session for blocks [start, end) on `peer_id`. Raises HopFailed."""
+                   io_timeout: float, data_channel: bool = True) -> HopSession:
+    """Open a session for blocks [start, end) on `peer_id`; its steps go over the node's data
+    channel when it offers one that this client can reach. Raises HopFailed."""
     session_id = secrets.token_hex(8)
+    capabilities = (DATA_CHANNEL,) if data_channel else ()
     try:
         with trio.fail_after(timeout):
             raw = await transport.open_stream(peer_id, INFERENCE_PROTOCOL, timeout=timeout)
             stream = MessageStream(raw, Role.CLIENT, io_timeout=io_timeout)
-            hello = await stream.request(Hello(software=CLIENT_SOFTWARE, codecs=tuple(Codec)), timeout=timeout)
+            hello = await stream.request(Hello(software=CLIENT_SOFTWARE, codecs=tuple(Codec),
+                                               capabilities=capabilities), timeout=timeout)
             if isinstance(hello, Hello) and codec not in hello.codecs:
                 codec = Codec.FP32
             replays_chunks = isinstance(hello, Hello) and "replay-chunks" in hello.capabilities
@@ -125,4 +131,18 @@ async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, 
     if not isinstance(reply, SessionOpened):
         await stream.aclose()
         raise HopFailed(peer_id, start, end, f"expected session_opened, got {reply.TYPE}")
+    if data_channel and reply.data_address:
+        stream = await _to_data_channel(stream, reply, timeout=min(timeout, DATA_CHANNEL_TIMEOUT_S))
     return HopSession(peer_id, start, end, stream, session_id, codec, replays_chunks=replays_chunks)
+
+
+async def _to_data_channel(stream: MessageStream, opened: SessionOpened, *, timeout: float) -> MessageStream:
+    """The session continued on the data channel the node offered, or on `stream` if it cannot be reached."""
+    offer = data_channel.Offer(opened.data_address, opened.data_token, opened.data_key)
+    try:
+        sealed = await data_channel.connect(offer, stream.peer_id, timeout=timeout)
+    except (TransportError, ValueError) as err:
+        log.info("data channel to %s unreachable (%s); staying on libp2p", stream.peer_id, err)
+        return stream
+    await stream.aclose()
+    return stream.moved_to(sealed)

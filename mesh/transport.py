@@ -107,6 +107,13 @@ class MessageStream:
             return await self.receive(timeout=seconds)
         raise TransportTimeout(self.peer_id, f"request {type(message).__name__}", seconds)
 
+    def moved_to(self, raw: ByteStream) -> MessageStream:
+        """This conversation, continued on another byte stream (a session's data channel): the
+        protocol state and timeouts carry over. Nothing may be buffered unread."""
+        moved = MessageStream(raw, self.connection.role, io_timeout=self.io_timeout)
+        moved.peer_id, moved.connection = self.peer_id, self.connection
+        return moved
+
     async def aclose(self) -> None:
         with trio.move_on_after(1.0):
             try:

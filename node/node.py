@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection
 import torch
 import trio
 
+from mesh.data_channel import DataChannels
 from mesh.discovery import RECORD_TTL_S, REFRESH_EVERY_S, Discovery, PeerRecord
 from mesh.transport import INFERENCE_PROTOCOL, INFO_PROTOCOL, Transport
 from node.server import InferenceServer
@@ -39,10 +40,13 @@ class Node:
     def __init__(self, span: SpanModel, model_id: str, manifest_hash: str, *,
                  limits: SessionLimits = SessionLimits(), allowed_peers: Collection[str] | None = None,
                  wall_clock: Callable[[], float] = time.time, token_seconds: float | None = None,
-                 record_ttl_s: float = RECORD_TTL_S, refresh_every_s: float = REFRESH_EVERY_S):
+                 record_ttl_s: float = RECORD_TTL_S, refresh_every_s: float = REFRESH_EVERY_S,
+                 data_channels: DataChannels | None = None):
         self.span, self.model_id, self.manifest_hash = span, model_id, manifest_hash
         self.manager = SessionManager(span, limits)
-        self.server = InferenceServer(self.manager, self.span_info, allowed_peers=allowed_peers)
+        self.data_channels = data_channels
+        self.server = InferenceServer(self.manager, self.span_info, allowed_peers=allowed_peers,
+                                      data_channels=data_channels)
         self.wall_clock = wall_clock
         self.token_seconds = token_seconds if token_seconds is not None else measure_token_seconds(span)
         self.record_ttl_s, self.refresh_every_s = record_ttl_s, refresh_every_s
@@ -67,6 +71,8 @@ class Node:
         transport.set_handler(INFERENCE_PROTOCOL, self.server.handle_inference)
         transport.set_handler(INFO_PROTOCOL, self.server.handle_info)
         async with trio.open_nursery() as nursery:
+            if self.data_channels is not None:
+                await nursery.start(self.data_channels.serve)
             await self._announce()
             nursery.start_soon(self._refresh_loop)
             task_status.started()

@@ -14,7 +14,9 @@ from collections.abc import Callable, Collection
 
 import trio
 
+from mesh.data_channel import DataChannels, Offer
 from mesh.errors import TransportError
+from mesh.session import DATA_CHANNEL
 from mesh.transport import ByteStream, MessageStream
 from node.sessions import ServedSession, SessionManager, SessionRefused
 from protocol import (
@@ -31,8 +33,10 @@ CAPABILITIES = ("replay-chunks",)  # Step.chunks: several original steps replaye
 
 class InferenceServer:
     def __init__(self, manager: SessionManager, span_info: Callable[[], SpanInfo], *,
-                 allowed_peers: Collection[str] | None = None, io_timeout: float = 30.0):
+                 allowed_peers: Collection[str] | None = None, io_timeout: float = 30.0,
+                 data_channels: DataChannels | None = None):
         self.manager = manager
+        self.data_channels = data_channels
         self.span_info = span_info
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
         self.io_timeout = io_timeout
@@ -62,12 +66,16 @@ class InferenceServer:
             await stream.aclose()
 
     async def handle_inference(self, raw: ByteStream) -> None:
-        stream = MessageStream(raw, Role.HOP, io_timeout=self.io_timeout)
+        stream = control = MessageStream(raw, Role.HOP, io_timeout=self.io_timeout)
         session: ServedSession | None = None
+        offer: Offer | None = None
+        arrival: trio.MemoryReceiveChannel | None = None
         try:
-            session = await self._open(stream)
-            if session is not None:
-                await self._serve(stream, session)
+            session, offer, arrival = await self._open(stream)
+            first = None
+            if offer is not None:
+                stream, first = await self._take_channel(control, session, arrival)
+            await self._serve(stream, session, first)
         except ProtocolError as err:
             log.warning("peer %s sent bad data: %s", raw.peer_id, err)
             await self._refuse(stream, err.code, str(err))
@@ -85,11 +93,17 @@ class InferenceServer:
             if session is not None:
                 self._live.pop(session.session_id, None)
                 self.manager.close(session)
+            if offer is not None:
+                await self._withdraw(offer, arrival)
             await stream.aclose()
+            if stream is not control:
+                await control.aclose()
 
-    async def _open(self, stream: MessageStream) -> ServedSession | None:
+    async def _open(self, stream: MessageStream) -> tuple[ServedSession, Offer | None, trio.MemoryReceiveChannel | None]:
         message = await stream.receive(timeout=self.io_timeout)
+        wants_channel = False
         if isinstance(message, Hello):
+            wants_channel = DATA_CHANNEL in message.capabilities
             await stream.send(self.hello())
             message = await stream.receive(timeout=self.io_timeout)
         if not isinstance(message, OpenSession):
@@ -104,16 +118,67 @@ class InferenceServer:
         session = self.manager.open(message.session_id, stream.peer_id, message.start, message.end,
                                     message.max_length, message.batch_size)
         session.codec = message.codec
-        await stream.send(SessionOpened(session_id=message.session_id))
+        offer, arrival = None, None
+        if wants_channel and self.data_channels is not None:
+            offer, arrival = self.data_channels.offer(stream.peer_id)
+            await stream.send(SessionOpened(session_id=message.session_id, data_address=offer.address,
+                                            data_token=offer.token, data_key=offer.key))
+        else:
+            await stream.send(SessionOpened(session_id=message.session_id))
         log.info("session %s opened by %s for blocks [%d, %d)", message.session_id, stream.peer_id,
                  message.start, message.end)
-        return session
+        return session, offer, arrival
 
-    async def _serve(self, stream: MessageStream, session: ServedSession) -> None:
+    async def _withdraw(self, offer: Offer, arrival: trio.MemoryReceiveChannel) -> None:
+        """No channel may bind to this session any more; one that bound unused is closed."""
+        self.data_channels.withdraw(offer)
+        try:
+            unused = arrival.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            unused = None
+        arrival.close()
+        if unused is not None:
+            await unused.aclose()
+
+    async def _take_channel(self, control: MessageStream, session: ServedSession,
+                            arrival: trio.MemoryReceiveChannel) -> tuple[MessageStream, Message | None]:
+        """The stream the client steps on: the data channel, if it binds before a message comes
+        on the libp2p stream (a client that could not reach it steps there); and that message."""
+        chosen: tuple[MessageStream, Message | None] | None = None
+        idle = self.manager.limits.idle_timeout_s
+
+        async def bound(cancel: trio.CancelScope) -> None:
+            nonlocal chosen
+            chosen = (control.moved_to(await arrival.receive()), None)
+            cancel.cancel()
+
+        async def first_message(cancel: trio.CancelScope) -> None:
+            nonlocal chosen, failure
+            try:
+                chosen = (control, await control.receive(timeout=idle + 1))
+            except TransportError:
+                await trio.sleep_forever()  # the client closed the libp2p stream: it went to the channel
+            except ProtocolError as err:
+                failure = err  # raised below, outside the nursery, to be answered like any bad message
+            cancel.cancel()
+
+        failure: ProtocolError | None = None
+        with trio.move_on_after(idle):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(bound, nursery.cancel_scope)
+                nursery.start_soon(first_message, nursery.cancel_scope)
+        if failure is not None:
+            raise failure
+        if chosen is None:
+            raise SessionRefused(ErrorCode.SESSION_EXPIRED, f"session {session.session_id} was idle for {idle:g} s",
+                                 retry_elsewhere=True)
+        return chosen
+
+    async def _serve(self, stream: MessageStream, session: ServedSession, first: Message | None = None) -> None:
         with trio.CancelScope() as scope:
             self._live[session.session_id] = scope
             while True:
-                message = await self._next(stream, session)
+                message, first = (first, None) if first is not None else (await self._next(stream, session), None)
                 if isinstance(message, CloseSession):
                     log.info("session %s closed after %d steps", session.session_id, session.steps)
                     return

@@ -37,6 +37,10 @@ class SessionLimits:
     idle_timeout_s: float = 300.0
     max_batch: int = 8
     compute_in_thread: bool = True  # False runs torch in the event loop (virtual-time tests, simulator)
+    # Steps of at most this many tokens (batch x length: decode steps) run in the event loop even so:
+    # handing one to a worker thread and back cost 3-5 ms per step in bench_swarm (GIL hand-offs
+    # between torch ops), more than a decode step keeps the loop busy. Prefill and replay use the thread.
+    inline_max_tokens: int = 8
     evict_idle_s: float = 30.0  # a session idle this long may be evicted to make room for a new one
 
 
@@ -130,7 +134,7 @@ class SessionManager:
                                  f"step starts at position {start_position} but the cache holds {cache.length}")
         async with self.compute_lock:
             started = trio.current_time()
-            if self.limits.compute_in_thread:
+            if self.limits.compute_in_thread and hidden.shape[0] * hidden.shape[1] > self.limits.inline_max_tokens:
                 output = await trio.to_thread.run_sync(self._forward, session, hidden, start_position, chunks)
             else:
                 output = self._forward(session, hidden, start_position, chunks)

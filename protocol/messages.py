@@ -30,6 +30,7 @@ SUPPORTED_VERSIONS = (1,)
 DEFAULT_MAX_FRAME_BYTES = 64 << 20  # a receiver's default frame limit, announced in Hello
 
 MAX_ID_CHARS = 256
+MAX_ADDRESS_CHARS = 256
 MAX_REASON_CHARS = 4096
 MAX_LIST_ITEMS = 64
 U32 = (1 << 32) - 1
@@ -242,14 +243,29 @@ class OpenSession(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class SessionOpened(Message):
-    """Hop to client: the session exists and its cache is reserved."""
+    """Hop to client: the session exists and its cache is reserved.
+
+    A node may offer a data channel for the session's steps (see `mesh.data_channel`): a TCP
+    address ("host:port"), a 16-byte token and a 32-byte key. All three or none.
+    """
 
     TYPE: ClassVar[str] = "session_opened"
 
     session_id: str
+    data_address: str = ""
+    data_token: bytes = b""
+    data_key: bytes = b""
 
     def validate(self) -> None:
         _str(self, "session_id", self.session_id, max_chars=MAX_ID_CHARS, empty=False)
+        _str(self, "data_address", self.data_address, max_chars=MAX_ADDRESS_CHARS, empty=True)
+        if not isinstance(self.data_token, bytes) or not isinstance(self.data_key, bytes):
+            raise InvalidMessage(f"SessionOpened.data_token and data_key must be bytes, got "
+                                 f"{_show(self.data_token)} and {_show(self.data_key)}")
+        sizes = (len(self.data_token), len(self.data_key))
+        if (self.data_address, sizes) != ("", (0, 0)) and (not self.data_address or sizes != (16, 32)):
+            raise InvalidMessage(f"SessionOpened offers a data channel only with an address, a 16-byte token "
+                                 f"and a 32-byte key; got {self.data_address!r} and {sizes[0]}/{sizes[1]} bytes")
 
 
 MAX_CHUNKS = 1 << 16

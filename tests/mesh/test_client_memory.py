@@ -6,6 +6,7 @@ import pytest
 import trio
 
 from mesh.client import Client, ClientOptions
+from mesh.data_channel import DataChannels, SealedStream
 from mesh.discovery import MemoryDirectory
 from mesh.memory_transport import MemoryNetwork, MemoryTransport
 from mesh.routing import NoRouteError
@@ -31,10 +32,11 @@ class Swarm:
         self.digest = model_digest(model_dir)
         self.nodes: dict[str, Node] = {}
 
-    async def add_node(self, name: str, start: int, end: int, token_seconds: float = 0.001, **limits) -> Node:
+    async def add_node(self, name: str, start: int, end: int, token_seconds: float = 0.001,
+                       data_channels: DataChannels | None = None, **limits) -> Node:
         transport = await self.nursery.start(self._transport, name)
         node = Node(load_span(self.model_dir, start, end), "tiny", self.digest, limits=SessionLimits(**limits),
-                    wall_clock=trio.current_time, token_seconds=token_seconds)
+                    wall_clock=trio.current_time, token_seconds=token_seconds, data_channels=data_channels)
         await self.nursery.start(node.run, transport, self.directory)
         self.nodes[name] = node
         return node
@@ -157,3 +159,44 @@ async def test_a_stale_record_on_the_planned_route_is_routed_around(swarm):
     assert "fast" not in route.peers and [(h.start, h.end) for h in route.hops] == [(0, 3), (3, 6)]
     report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=5))
     assert report.token_ids == local_tokens(swarm.model_dir, 5) and "fast" not in [h.peer_id for h in report.hops]
+
+
+def stream_kinds(client: Client, monkeypatch) -> list[str]:
+    """Records the byte stream each hop steps over."""
+    from mesh.session import HopSession
+
+    kinds, step = [], HopSession.step
+
+    async def spying(self, *args, **kwargs):
+        kinds.append(type(self.stream.raw).__name__)
+        return await step(self, *args, **kwargs)
+
+    monkeypatch.setattr(HopSession, "step", spying)
+    return kinds
+
+
+async def test_steps_take_the_nodes_data_channels_and_give_the_same_tokens(swarm, monkeypatch):
+    nodes = [await swarm.add_node(name, start, end, data_channels=DataChannels("127.0.0.1"))
+             for name, start, end in (("a", 0, 3), ("b", 3, 6))]
+    client = await swarm.client("user")
+    kinds = stream_kinds(client, monkeypatch)
+    report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=6))
+    assert report.token_ids == local_tokens(swarm.model_dir, 6)
+    assert set(kinds) == {SealedStream.__name__}
+    with trio.fail_after(5):  # sessions end and their channels close
+        while any(node.manager.sessions for node in nodes):
+            await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("why", ["unreachable", "client-declines"])
+async def test_without_a_reachable_data_channel_steps_stay_on_the_transport(swarm, monkeypatch, why):
+    channels = DataChannels("127.0.0.1")
+    if why == "unreachable":
+        channels.advertise_host = "127.0.0.1"
+        monkeypatch.setattr(DataChannels, "address", property(lambda self: "127.0.0.1:9"))  # nothing listens there
+    await swarm.add_node("a", 0, 6, data_channels=channels)
+    client = await swarm.client("user", data_channel=why != "client-declines")
+    kinds = stream_kinds(client, monkeypatch)
+    report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=6))
+    assert report.token_ids == local_tokens(swarm.model_dir, 6)
+    assert set(kinds) == {"MemoryByteStream"}

@@ -205,3 +205,22 @@ def test_validator_selects_the_record_that_expires_last():
     assert validator.select(key, [newer, older]) == 0
     assert validator.select(key, [b"garbage", older]) == 1
     assert validator.select(key, [older, pinned]) == 0
+
+
+async def test_a_stuck_network_lookup_falls_back_to_records_held_until_they_expire(monkeypatch):
+    """A frozen DHT peer can hold every query up; a lookup then returns the unexpired records it
+    found before, after the short warm timeout, instead of nothing after the full one."""
+    clock = FakeClock()
+    async with dht_peer(clock) as (a, da), dht_peer(clock, a.addrs[0]) as (b, db):
+        await db.announce(record_of(b, 0, 3, clock.now + 30))
+        await wait_for_spans(da, {b.peer_id: (0, 3)})
+
+        async def stuck(model_key, found):
+            await trio.sleep_forever()
+
+        monkeypatch.setattr(da, "_find_providers", stuck)
+        started = trio.current_time()
+        assert [r.peer_id for r in await da.lookup(MODEL)] == [b.peer_id]
+        assert trio.current_time() - started < da.warm_timeout + 1.0
+        clock.now += 31  # the held record expires like any other
+        assert await da.lookup(MODEL) == []

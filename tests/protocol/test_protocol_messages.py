@@ -175,3 +175,17 @@ def test_step_chunks_round_trip_and_must_add_up_to_the_tokens():
         except InvalidMessage:
             continue
         raise AssertionError(f"chunks {bad} accepted")
+
+
+@pytest.mark.parametrize("fields", [
+    {"data_address": "127.0.0.1:1"},  # no token or key
+    {"data_address": "127.0.0.1:1", "data_token": bytes(16), "data_key": bytes(31)},
+    {"data_token": bytes(16), "data_key": bytes(32)},  # no address
+    {"data_address": "127.0.0.1:1", "data_token": "not bytes", "data_key": bytes(32)},
+    {"data_address": "x" * 300, "data_token": bytes(16), "data_key": bytes(32)},
+])
+def test_a_data_channel_offer_is_all_or_nothing(fields):
+    from protocol import SessionOpened
+
+    with pytest.raises(InvalidMessage):
+        SessionOpened(session_id="s", **fields)

@@ -76,6 +76,8 @@ messages = st.one_of(
               model_id=ids, manifest_hash=ids, max_length=st.integers(1, 2**32 - 1),
               batch_size=st.integers(1, 65536), codec=codecs),
     st.builds(SessionOpened, session_id=ids),
+    st.builds(SessionOpened, session_id=ids, data_address=st.just("127.0.0.1:4001"),
+              data_token=st.binary(min_size=16, max_size=16), data_key=st.binary(min_size=32, max_size=32)),
     st.builds(Step, session_id=ids, step=u64, start_position=u32, hidden=hidden_states(),
               replay=st.booleans()),
     st.builds(StepResult, session_id=ids, step=u64, hidden=hidden_states(),

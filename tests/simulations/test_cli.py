@@ -16,8 +16,8 @@ REPORT_KEYS = {"sessions", "tokens_per_s_per_client", "recovery", "coverage", "t
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_each_scenario_runs_small_from_the_command_line(name, tmp_path, capsys):
     plots = [] if name == "datacenter-outage" else ["--no-plots"]
-    code = main(["run", str(SCENARIO_DIR / f"{name}.toml"), "--seed", "3", "--nodes", "8", "--clients", "2",
-                 "--duration", "6m", "--out", str(tmp_path), "--no-progress", *plots])
+    code = main(["run", str(SCENARIO_DIR / f"{name}.toml"), "--seed", "3", "--nodes", "20", "--clients", "2",
+                 "--duration", "4m", "--out", str(tmp_path), "--no-progress", *plots])
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "report.json").read_text())
     assert code == 0, out
@@ -47,3 +47,15 @@ def test_list_names_the_scenarios(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in SCENARIOS)
+
+
+def test_sweep_checks_every_seed_and_names_the_violating_ones(capsys, monkeypatch):
+    assert main(["sweep", "mixed-faults", "--seeds", "2", "--nodes", "6", "--clients", "1", "--duration", "2m"]) == 0
+    out = capsys.readouterr().out
+    assert "seed   0" in out and "seed   1" in out and "2 seeds" in out and "0 violated" in out
+
+    from simulations.model import StandInModel
+    monkeypatch.setattr(StandInModel, "reference", lambda self, prompt, n: [0] * n)  # every session now "differs"
+    assert main(["sweep", "steady", "--seeds", "2", "--nodes", "8", "--clients", "2", "--duration", "3m"]) == 1
+    out = capsys.readouterr().out
+    assert "VIOLATED" in out and "replay: python -m simulations run steady --seed " in out
