@@ -290,6 +290,18 @@ def choice_table(rows: list[CodecRow], hidden: int) -> list[str]:
     return lines
 
 
+def codec_effects(model: LlamaForCausalLM, boundaries: SpanBoundaries, prompts: torch.Tensor,
+                  forced: torch.Tensor, reference: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Each lossy codec at every boundary, teacher-forced on `forced`, against `reference` logits."""
+    e2e = {}
+    for base in LOSSY_BASES:
+        boundaries.transform = codec_transform(base)
+        logits, _ = run_model(model, prompts, forced.shape[1], forced=forced)
+        e2e[f"{base.label} (and {base.label}+zstd)"] = compare_logits(reference, logits)
+    boundaries.transform = None
+    return e2e
+
+
 def bench_hidden(hidden: int, args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     started = time.perf_counter()
     model = build_model(hidden, args.layers)
@@ -299,12 +311,7 @@ def bench_hidden(hidden: int, args: argparse.Namespace) -> tuple[list[str], dict
     capture = Capture()
     boundaries.transform = capture.transform
     reference, tokens = run_model(model, prompts, args.steps, forced=None)
-    e2e = {}
-    for base in LOSSY_BASES:
-        boundaries.transform = codec_transform(base)
-        logits, _ = run_model(model, prompts, args.steps, forced=tokens)
-        e2e[f"{base.label} (and {base.label}+zstd)"] = compare_logits(reference, logits)
-    boundaries.transform = None
+    e2e = codec_effects(model, boundaries, prompts, tokens, reference)
     model_s = time.perf_counter() - started
     rows = measure_codecs(capture, args.repeats)
     params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -344,12 +351,7 @@ def bench_trained(model_dir: pathlib.Path, args: argparse.Namespace) -> tuple[li
     windows = held_out_windows(model_dir, args.trained_sequences, PREFILL + args.steps)
     prompts, forced = windows[:, :PREFILL], windows[:, PREFILL:]
     reference, _ = run_model(model, prompts, args.steps, forced=forced)
-    e2e = {}
-    for base in LOSSY_BASES:
-        boundaries.transform = codec_transform(base)
-        logits, _ = run_model(model, prompts, args.steps, forced=forced)
-        e2e[f"{base.label} (and {base.label}+zstd)"] = compare_logits(reference, logits)
-    boundaries.transform = None
+    e2e = codec_effects(model, boundaries, prompts, forced, reference)
     config = model.config
     lines = [f"### trained: {model_dir.name} (hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
              f"spans at {boundaries.span_ends}; {len(windows)} held-out windows of real Python)", "",
