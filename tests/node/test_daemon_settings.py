@@ -1,0 +1,34 @@
+"""`hearth node` settings that need no process: where the data channel listens and what it offers."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from node.daemon import add_arguments, data_channels, settings_from_args
+
+
+@pytest.mark.parametrize("listen, announced, bind, offered", [
+    (("/ip4/127.0.0.1/tcp/0",), ["/ip4/127.0.0.1/tcp/4001"], "127.0.0.1", "127.0.0.1"),
+    (("/ip4/0.0.0.0/tcp/4001",), ["/ip4/0.0.0.0/tcp/4001", "/ip4/192.168.1.20/tcp/4001"], "0.0.0.0", "192.168.1.20"),
+    (("/ip6/::1/tcp/0",), ["/ip6/::1/tcp/4001"], "::1", "::1"),
+])
+def test_the_data_channel_binds_the_listen_host_and_offers_a_reachable_one(listen, announced, bind, offered):
+    channels = data_channels(listen, announced)
+    assert channels.host == bind and channels.advertise_host == offered
+    channels.port = 4002
+    assert channels.address == (f"[{offered}]:4002" if ":" in offered else f"{offered}:4002")
+
+
+def test_no_ip_address_means_no_data_channel():
+    assert data_channels(("/dns4/example.org/tcp/4001",), []) is None
+    assert data_channels(("/ip4/0.0.0.0/tcp/4001",), ["/ip4/0.0.0.0/tcp/4001"]) is None
+
+
+def test_no_data_channel_flag(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--model", str(tmp_path), "--blocks", "0:2"]
+    assert settings_from_args(parser.parse_args(base)).data_channel
+    assert not settings_from_args(parser.parse_args([*base, "--no-data-channel"])).data_channel
