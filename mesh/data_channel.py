@@ -137,7 +137,7 @@ def _split_address(address: str) -> tuple[str, int]:
 async def connect(offer: Offer, peer_id: str, *, timeout: float) -> SealedStream:
     """Open the data channel a node offered; DialError or TransportTimeout if it cannot be reached."""
     host, port = _split_address(offer.address)
-    with trio.move_on_after(timeout) as scope:
+    with trio.move_on_after(timeout):
         try:
             socket = await trio.open_tcp_stream(host, port)
         except OSError as err:
