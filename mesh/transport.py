@@ -80,32 +80,36 @@ class MessageStream:
         self.io_timeout = io_timeout
 
     async def send(self, message: Message, *, timeout: float | None = None) -> None:
-        data = self.connection.send(message)
         seconds = self.io_timeout if timeout is None else timeout
-        with trio.move_on_after(seconds) as scope:
-            await self.raw.send_all(data)
-        if scope.cancelled_caught:
-            raise TransportTimeout(self.peer_id, f"sending {type(message).__name__}", seconds)
+        with trio.move_on_after(seconds):
+            return await self._send(message)
+        raise TransportTimeout(self.peer_id, f"sending {type(message).__name__}", seconds)
 
     async def receive(self, *, timeout: float | None = None) -> Message:
         """The next message; raises StreamClosed at end of stream, TransportTimeout, or a ProtocolError."""
         seconds = self.io_timeout if timeout is None else timeout
-        with trio.move_on_after(seconds) as scope:
-            while (message := self.connection.next_event()) is None:
-                data = await self.raw.receive_some(READ_CHUNK)
-                if not data:
-                    raise StreamClosed(self.peer_id)
-                self.connection.receive_data(data)
-            return message
+        with trio.move_on_after(seconds):
+            return await self._receive()
         raise TransportTimeout(self.peer_id, "waiting for a message", seconds)
 
     async def request(self, message: Message, *, timeout: float | None = None) -> Message:
         """Send `message` and wait for the reply, both within `timeout`."""
         seconds = self.io_timeout if timeout is None else timeout
-        with trio.move_on_after(seconds) as scope:
-            await self.send(message, timeout=seconds)
-            return await self.receive(timeout=seconds)
+        with trio.move_on_after(seconds):  # one deadline for both: one cancel scope, not three
+            await self._send(message)
+            return await self._receive()
         raise TransportTimeout(self.peer_id, f"request {type(message).__name__}", seconds)
+
+    async def _send(self, message: Message) -> None:
+        await self.raw.send_all(self.connection.send(message))
+
+    async def _receive(self) -> Message:
+        while (message := self.connection.next_event()) is None:
+            data = await self.raw.receive_some(READ_CHUNK)
+            if not data:
+                raise StreamClosed(self.peer_id)
+            self.connection.receive_data(data)
+        return message
 
     def moved_to(self, raw: ByteStream) -> MessageStream:
         """This conversation, continued on another byte stream (a session's data channel): the

@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection
 import trio
 
 from mesh.data_channel import DataChannels, Offer
-from mesh.errors import TransportError
+from mesh.errors import TransportError, TransportTimeout
 from mesh.session import DATA_CHANNEL
 from mesh.transport import ByteStream, MessageStream
 from node.sessions import ServedSession, SessionManager, SessionRefused
@@ -200,8 +200,10 @@ class InferenceServer:
 
     async def _next(self, stream: MessageStream, session: ServedSession) -> Message:
         idle = self.manager.limits.idle_timeout_s
-        with trio.move_on_after(idle) as scope:
-            return await stream.receive(timeout=idle + 1)
+        try:
+            return await stream.receive(timeout=idle)
+        except TransportTimeout:
+            pass
         raise SessionRefused(ErrorCode.SESSION_EXPIRED, f"session {session.session_id} was idle for {idle:g} s",
                              retry_elsewhere=True)
 
