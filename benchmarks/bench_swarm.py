@@ -9,7 +9,7 @@ per token (means beside them). Per hop it prints the node's own compute per deco
 span run in this process, and the round trip; and a plain trio TCP round trip between two
 processes with a message of one hop's size, so the swarm's per-hop overhead can be read against it.
 
-    python benchmarks/bench_swarm.py [--quant int8] [--tokens 32] [--rounds 3] [--layers 16] [--hidden 2048] [--threads N]
+    python benchmarks/bench_swarm.py [--quant int8] [--tokens 32] [--rounds 3] [--libp2p-only] [--layers 16] [--hidden 2048] [--threads N]
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from mesh.transport import ByteStream
 
 log = logging.getLogger("hearth.mesh")
 
+CAPABILITY = "data-channel"  # in a client's Hello: it takes a session's steps to an offered channel
 TOKEN_BYTES = 16
 KEY_BYTES = 32
 TAG_BYTES = 16

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
-from mesh import data_channel
+from mesh.data_channel import CAPABILITY as DATA_CHANNEL, Offer, connect as connect_data_channel
 from mesh.errors import TransportError
 from mesh.transport import INFERENCE_PROTOCOL, MessageStream, Transport
 from protocol import (
@@ -25,7 +25,6 @@ from protocol import (
 log = logging.getLogger("hearth.client")
 
 CLIENT_SOFTWARE = "hearth-client/0.1"
-DATA_CHANNEL = "data-channel"  # Hello capability: this client takes a session's steps to the node's data channel
 DATA_CHANNEL_TIMEOUT_S = 2.0
 
 
@@ -138,9 +137,9 @@ async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, 
 
 async def _to_data_channel(stream: MessageStream, opened: SessionOpened, *, timeout: float) -> MessageStream:
     """The session continued on the data channel the node offered, or on `stream` if it cannot be reached."""
-    offer = data_channel.Offer(opened.data_address, opened.data_token, opened.data_key)
+    offer = Offer(opened.data_address, opened.data_token, opened.data_key)
     try:
-        sealed = await data_channel.connect(offer, stream.peer_id, timeout=timeout)
+        sealed = await connect_data_channel(offer, stream.peer_id, timeout=timeout)
     except (TransportError, ValueError) as err:
         log.info("data channel to %s unreachable (%s); staying on libp2p", stream.peer_id, err)
         return stream

@@ -107,17 +107,19 @@ def api_settings_from_args(args: argparse.Namespace) -> ApiSettings | None:
 
 def data_channels(listen: tuple[str, ...], announced: list[str]) -> DataChannels | None:
     """The data channel listener on the first --listen IP address; a wildcard address binds every
-    interface and offers the first specific address libp2p announced. None without an IP address."""
+    interface and offers an address libp2p announced, loopback only if nothing else. None without
+    an IP address."""
     for addr in listen:
         parts = addr.split("/")
         if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
             host = parts[2]
             if host not in ("0.0.0.0", "::"):
                 return DataChannels(host)
-            for other in announced:
-                bits = other.split("/")
-                if len(bits) > 2 and bits[1] == parts[1] and bits[2] not in ("0.0.0.0", "::"):
-                    return DataChannels(host, advertise_host=bits[2])
+            specific = [bits[2] for bits in (other.split("/") for other in announced)
+                        if len(bits) > 2 and bits[1] == parts[1] and bits[2] not in ("0.0.0.0", "::")]
+            specific.sort(key=lambda ip: ip.startswith("127.") or ip == "::1")  # reachable from elsewhere first
+            if specific:
+                return DataChannels(host, advertise_host=specific[0])
     return None
 
 

@@ -14,9 +14,8 @@ from collections.abc import Callable, Collection
 
 import trio
 
-from mesh.data_channel import DataChannels, Offer
+from mesh.data_channel import CAPABILITY as DATA_CHANNEL, DataChannels, Offer
 from mesh.errors import TransportError, TransportTimeout
-from mesh.session import DATA_CHANNEL
 from mesh.transport import ByteStream, MessageStream
 from node.sessions import ServedSession, SessionManager, SessionRefused
 from protocol import (
@@ -178,7 +177,8 @@ class InferenceServer:
         with trio.CancelScope() as scope:
             self._live[session.session_id] = scope
             while True:
-                message, first = (first, None) if first is not None else (await self._next(stream, session), None)
+                message = first if first is not None else await self._next(stream, session)
+                first = None
                 if isinstance(message, CloseSession):
                     log.info("session %s closed after %d steps", session.session_id, session.steps)
                     return

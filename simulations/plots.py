@@ -43,10 +43,7 @@ def plot_coverage(result: RunResult, path: Path) -> Path:
     bottom.set_ylabel("block")
     bottom.set_xlabel("virtual time (min)")
     fig.suptitle(f"{result.scenario.name} (seed {result.scenario.seed}): block coverage")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_throughput(result: RunResult, path: Path) -> Path:
@@ -63,10 +60,7 @@ def plot_throughput(result: RunResult, path: Path) -> Path:
     ax.legend(loc="upper left", fontsize=8)
     other.legend(loc="upper right", fontsize=8)
     ax.set_title(f"{result.scenario.name} (seed {result.scenario.seed}): throughput")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_recoveries(result: RunResult, path: Path) -> Path:
@@ -85,6 +79,10 @@ def plot_recoveries(result: RunResult, path: Path) -> Path:
     right.set_xlabel("recovery time (s)")
     right.set_ylabel("recoveries")
     fig.suptitle(f"{result.scenario.name} (seed {result.scenario.seed}): {len(recoveries)} recoveries")
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

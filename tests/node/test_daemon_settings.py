@@ -12,6 +12,8 @@ from node.daemon import add_arguments, data_channels, settings_from_args
 @pytest.mark.parametrize("listen, announced, bind, offered", [
     (("/ip4/127.0.0.1/tcp/0",), ["/ip4/127.0.0.1/tcp/4001"], "127.0.0.1", "127.0.0.1"),
     (("/ip4/0.0.0.0/tcp/4001",), ["/ip4/0.0.0.0/tcp/4001", "/ip4/192.168.1.20/tcp/4001"], "0.0.0.0", "192.168.1.20"),
+    (("/ip4/0.0.0.0/tcp/4001",), ["/ip4/127.0.0.1/tcp/4001", "/ip4/192.168.1.20/tcp/4001"], "0.0.0.0", "192.168.1.20"),
+    (("/ip4/0.0.0.0/tcp/4001",), ["/ip4/127.0.0.1/tcp/4001"], "0.0.0.0", "127.0.0.1"),
     (("/ip6/::1/tcp/0",), ["/ip6/::1/tcp/4001"], "::1", "::1"),
 ])
 def test_the_data_channel_binds_the_listen_host_and_offers_a_reachable_one(listen, announced, bind, offered):
