@@ -19,7 +19,7 @@ from mesh.discovery import Discovery, PeerRecord
 from mesh.errors import TransportError
 from mesh.backoff import BanList
 from mesh.pipeline import Recovery, RoutePipeline, StepTiming
-from mesh.routing import DEFAULT_RTT_S, Route, ServerSpan, plan_route
+from mesh.routing import DEFAULT_RTT_S, ROUTING_MODES, Route, ServerSpan, plan_route
 from mesh.session import HopSession, open_hop
 from mesh.transport import INFO_PROTOCOL, MessageStream, Transport
 from protocol import Codec, Hello, ProtocolError, Role, SpanInfo
@@ -48,6 +48,12 @@ class ClientOptions:
     request_timeout_s: float = 300.0  # the whole generation, recoveries included
     ban_s: float = 15.0  # first ban of a failed peer; doubles on each repeat
     seed: int = 0  # for backoff jitter
+    routing: str = "latency"  # "latency" (interactive chat) or "throughput" (batch jobs): mesh.routing
+    head_quant: str = "none"  # the LM head on this device: "int8" reads 4x fewer bytes per token
+
+    def __post_init__(self):
+        if self.routing not in ROUTING_MODES:
+            raise InvalidInput(f"routing mode {self.routing!r} is not one of {', '.join(ROUTING_MODES)}")
 
 
 @dataclass
@@ -87,7 +93,7 @@ class Client:
         self.transport, self.discovery, self.options = transport, discovery, options
         self.model_dir = Path(model_dir)
         self.config = load_config(model_dir)
-        self.head = head if head is not None else load_head(model_dir)
+        self.head = head if head is not None else load_head(model_dir, quant=options.head_quant)
         if tokenizer is None and (self.model_dir / TOKENIZER_FILE).exists():
             tokenizer = Tokenizer.from_dir(model_dir)
         self.tokenizer = tokenizer
@@ -136,8 +142,10 @@ class Client:
             return None
         return info
 
-    async def plan(self, start: int = 0, end: int | None = None, *, banned: frozenset[str] = frozenset()) -> Route:
-        """The cheapest route over peers that answer now; NoRouteError names missing blocks.
+    async def plan(self, start: int = 0, end: int | None = None, *, banned: frozenset[str] = frozenset(),
+                   need_tokens: int = 0) -> Route:
+        """The cheapest route over peers that answer now, for a session of `need_tokens` positions,
+        weighed by `options.routing`; NoRouteError names missing blocks.
 
         A small swarm (up to `probe_all_up_to` records) is probed whole, so every candidate's round
         trip and span are fresh. In a larger one, probing everyone for every request would cost a
@@ -148,10 +156,11 @@ class Client:
         again. Each round probes at least one peer not probed before, so planning ends.
         """
         end = self.config.num_layers if end is None else end
+        weighed = dict(mode=ROUTING_MODES[self.options.routing], need_tokens=need_tokens)
         records = [r for r in await self.discovery.lookup(self.manifest_hash) if r.peer_id not in banned]
         if len(records) <= self.options.probe_all_up_to:
             probed = await self._probe_all(records)
-            return plan_route(self._spans(probed.items()), start, end, rtts=self.rtts)
+            return plan_route(self._spans(probed.items()), start, end, rtts=self.rtts, **weighed)
         spans = {span.peer_id: span for span in self._spans((r.peer_id, r.info) for r in records)}
         by_peer = {r.peer_id: r for r in records}
         rtts, probed = self._estimated_rtts(records), set()
@@ -163,14 +172,15 @@ class Client:
                 spans.pop(peer, None)
                 spans.update((s.peer_id, s) for s in self._spans([(peer, info)]))
                 rtts[peer] = self.rtts.get(peer, rtts[peer])
-            route = plan_route(spans.values(), start, end, rtts=rtts)
+            route = plan_route(spans.values(), start, end, rtts=rtts, **weighed)
             ask = [by_peer[peer] for peer in route.peers if peer not in probed]
             if not ask:  # every peer on the route answered just now, with the span it was planned on
                 return route
 
     def _spans(self, infos: Iterable[tuple[str, SpanInfo | None]]) -> list[ServerSpan]:
         return [ServerSpan(peer, info.start, info.end,
-                           block_seconds=1.0 / max(info.throughput * (info.end - info.start), 1e-9))
+                           block_seconds=1.0 / max(info.throughput * (info.end - info.start), 1e-9),
+                           sessions=info.sessions, free_cache_tokens=info.free_cache_tokens)
                 for peer, info in infos if info is not None]
 
     def _estimated_rtts(self, records: list[PeerRecord]) -> dict[str, float]:
@@ -233,7 +243,7 @@ class Client:
 
     def _pipeline(self, max_length: int) -> RoutePipeline:
         async def plan(start: int, end: int, banned: frozenset[str]) -> Route:
-            return await self.plan(start, end, banned=banned)
+            return await self.plan(start, end, banned=banned, need_tokens=max_length)
 
         async def open_one(peer_id: str, start: int, end: int) -> HopSession:
             return await open_hop(

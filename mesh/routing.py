@@ -2,9 +2,15 @@
 
 A server announces a span; a hop may use any sub-range of it (the node runs only those blocks), so
 overlapping spans of different lengths combine freely. Cost of a hop = the client's measured round
-trip to that server + blocks x the server's seconds per block per token. The graph's vertices are
-block boundaries where some span starts or ends; Dijkstra finds the cheapest path from `start` to
-`end`. Ties break on fewer hops, then on peer id, so the same snapshot always gives the same route.
+trip to that server + blocks x the server's seconds per block per token, the latter stretched by
+the server's load: each session already open there adds `load_weight` of its compute time (a
+node batches concurrent decode steps, so one more session costs it a fraction of a step, not a
+whole one). A server whose free KV cache cannot hold the session is used only if nothing else
+covers its blocks. Two modes weigh these: `LATENCY` for interactive chat (round trips count in
+full, load a little) and `THROUGHPUT` for batch jobs (spread over idle servers, round trips count
+less). The graph's vertices are block boundaries where some span starts or ends; Dijkstra finds
+the cheapest path from `start` to `end`. Ties break on fewer hops, then on peer id, so the same
+snapshot always gives the same route.
 """
 
 from __future__ import annotations
@@ -17,6 +23,21 @@ from dataclasses import dataclass
 
 DEFAULT_RTT_S = 0.005  # assumed round trip to a peer never measured
 DEFAULT_BLOCK_S = 0.005  # assumed seconds per block per token for a server that announced none
+CACHE_SHORT_S = 10.0  # added to a hop whose server says its free KV cache cannot hold the session
+
+
+@dataclass(frozen=True)
+class RoutingMode:
+    name: str
+    rtt_weight: float  # how much a hop's round trip counts
+    load_weight: float  # share of a server's compute time each session open there adds
+
+
+# An int8 decode pass over 8 sessions' rows took 2.9x one row's here (`shard.batch`): each extra
+# session costs about a quarter of a step. A batch job weighs load fully, to spread over idle servers.
+LATENCY = RoutingMode("latency", rtt_weight=1.0, load_weight=0.25)
+THROUGHPUT = RoutingMode("throughput", rtt_weight=0.25, load_weight=1.0)
+ROUTING_MODES = {mode.name: mode for mode in (LATENCY, THROUGHPUT)}
 
 
 @dataclass(frozen=True)
@@ -27,6 +48,8 @@ class ServerSpan:
     start: int
     end: int
     block_seconds: float = DEFAULT_BLOCK_S  # seconds per block per decoded token
+    sessions: int = 0  # open on the server when it was last heard from
+    free_cache_tokens: int | None = None  # positions its KV cache can still take; None: unknown
 
     def covers(self, block: int) -> bool:
         return self.start <= block < self.end
@@ -59,12 +82,15 @@ class NoRouteError(Exception):
 
 
 def plan_route(servers: Iterable[ServerSpan], start: int, end: int, *,
-               rtts: Mapping[str, float] | None = None, banned: Iterable[str] = ()) -> Route:
-    """The cheapest chain of hops covering [start, end); raises NoRouteError naming the gaps."""
+               rtts: Mapping[str, float] | None = None, banned: Iterable[str] = (),
+               mode: RoutingMode = LATENCY, need_tokens: int = 0) -> Route:
+    """The cheapest chain of hops covering [start, end) for a session of `need_tokens` positions;
+    raises NoRouteError naming the gaps."""
     banned = set(banned)
     rtts = rtts or {}
+    fixed = {s.peer_id: _fixed_cost(s, rtts, mode, need_tokens) for s in servers}
     usable = _undominated([s for s in servers if s.peer_id not in banned and s.start < end and s.end > start],
-                          start, end, rtts)
+                          start, end, fixed, mode)
     bounds = sorted({start, end} | {min(max(b, start), end) for s in usable for b in (s.start, s.end)})
     covering = {b: [s for s in usable if s.covers(b)] for b in bounds[:-1]}
     best: dict[int, tuple[float, int, tuple[Hop, ...]]] = {start: (0.0, 0, ())}
@@ -77,9 +103,9 @@ def plan_route(servers: Iterable[ServerSpan], start: int, end: int, *,
             continue  # a stale queue entry
         first = bisect.bisect_right(bounds, block)
         for server in covering[block]:
-            rtt = rtts.get(server.peer_id, DEFAULT_RTT_S)
+            hop_fixed, per_block = fixed[server.peer_id], _block_cost(server, mode)
             for stop in bounds[first:bisect.bisect_right(bounds, min(server.end, end))]:
-                hop_cost = cost + rtt + (stop - block) * server.block_seconds
+                hop_cost = cost + hop_fixed + (stop - block) * per_block
                 known = best.get(stop)
                 if known is not None and hop_cost > known[0]:
                     continue
@@ -91,20 +117,32 @@ def plan_route(servers: Iterable[ServerSpan], start: int, end: int, *,
     raise NoRouteError(start, end, uncovered(usable, start, end))
 
 
-def _undominated(servers: list[ServerSpan], start: int, end: int, rtts: Mapping[str, float]) -> list[ServerSpan]:
+def _fixed_cost(server: ServerSpan, rtts: Mapping[str, float], mode: RoutingMode, need_tokens: int) -> float:
+    """What a hop through `server` costs whatever its length: the round trip, and a penalty when
+    the server says its KV cache is too full for the session."""
+    short = server.free_cache_tokens is not None and server.free_cache_tokens < need_tokens
+    return mode.rtt_weight * rtts.get(server.peer_id, DEFAULT_RTT_S) + (CACHE_SHORT_S if short else 0.0)
+
+
+def _block_cost(server: ServerSpan, mode: RoutingMode) -> float:
+    return server.block_seconds * (1.0 + mode.load_weight * server.sessions)
+
+
+def _undominated(servers: list[ServerSpan], start: int, end: int, fixed: Mapping[str, float],
+                 mode: RoutingMode) -> list[ServerSpan]:
     """`servers` less those another server beats on every route: same blocks within [start, end),
-    a round trip and a time per block no worse, and an earlier peer id when both are equal."""
+    a fixed and a per-block cost no worse, and an earlier peer id when both are equal."""
     groups: dict[tuple[int, int], list[ServerSpan]] = {}
     for server in servers:
         groups.setdefault((max(server.start, start), min(server.end, end)), []).append(server)
     kept = []
     for group in groups.values():
-        group.sort(key=lambda s: (rtts.get(s.peer_id, DEFAULT_RTT_S), s.block_seconds, s.peer_id))
+        group.sort(key=lambda s: (fixed[s.peer_id], _block_cost(s, mode), s.peer_id))
         fastest = math.inf
         for server in group:
-            if server.block_seconds < fastest:
+            if _block_cost(server, mode) < fastest:
                 kept.append(server)
-                fastest = server.block_seconds
+                fastest = _block_cost(server, mode)
     return kept
 
 

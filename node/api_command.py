@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens to generate when a request gives no max_tokens (default {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--codec", choices=sorted(CODECS), default="fp16", help="activations on the wire")
     parser.add_argument("--timeout", type=float, default=300.0, metavar="S", help="deadline for each request")
+    parser.add_argument("--routing", choices=("latency", "throughput"), default="latency",
+                        help="route for the lowest latency (chat) or around busy nodes (batch jobs)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise InvalidInput(f"--timeout must be positive, got {args.timeout}")
     check_model_dir(args.model)
-    options = ClientOptions(codec=CODECS[args.codec], request_timeout_s=args.timeout)
+    options = ClientOptions(codec=CODECS[args.codec], request_timeout_s=args.timeout, routing=args.routing)
     trio.run(serve, args.bootstrap, args.model, settings, options)
     return 0
 

@@ -101,7 +101,7 @@ def run_swarm(args: argparse.Namespace) -> int:
     with LocalSwarm(args.model, quant=args.quant) as swarm:
         swarm.start(swarm.spans(args.nodes))
         for node in swarm.nodes:
-            print(f"{node.name} pid {node.pid} blocks {node.args[3]}: {node.addr}", flush=True)
+            print(f"{node.name} pid {node.pid} blocks {node.args[node.args.index('--blocks') + 1]}: {node.addr}", flush=True)
         print(f"bootstrap: {swarm.bootstrap[0]}\nCtrl-C stops every node.", flush=True)
         try:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})

@@ -3,6 +3,11 @@
 Prints `listening on <multiaddr>/p2p/<id>` once it serves. SIGINT or SIGTERM withdraws the
 announcement and ends open sessions with an error telling their clients to go elsewhere.
 
+Without `--blocks` the node chooses its span: it joins first, reads what the swarm serves, and
+takes as many blocks as its memory budget holds (`--memory`, or the memory available now, less the
+KV-cache budget) where the swarm is weakest (`mesh.balance`); then it keeps re-evaluating and
+moves when that raises the swarm's bottleneck enough (`node.rebalance`; `--no-rebalance` stays put).
+
 With `--api-port` the node also answers the OpenAI-compatible API (`node.api`) through a client of
 its own, joined through its own libp2p host; a loopback wraps that host so the client can use the
 node's own span too. It prints `api listening on http://HOST:PORT/v1` before `listening on`.
@@ -12,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import random
 import signal
 import time
 from contextlib import nullcontext
@@ -21,18 +28,20 @@ from pathlib import Path
 import torch
 import trio
 
+from mesh.balance import choose_span, max_blocks_for
 from mesh.client import Client
 from mesh.data_channel import DataChannels
 from mesh.join import joined
 from mesh.loopback import LoopbackTransport
 from node.api import ApiServer, ApiSettings, check_model_dir
 from node.node import Node, measure_token_seconds
+from node.rebalance import BalanceSettings, served_from
 from node.sessions import SessionLimits
 from shard.config import load_config
 from shard.errors import InvalidInput
 from shard.manifest import model_digest
 from shard.quant import QUANT_MODES
-from shard.span import load_span
+from shard.span import block_bytes, load_span
 
 log = logging.getLogger("hearth.node")
 
@@ -40,8 +49,8 @@ log = logging.getLogger("hearth.node")
 @dataclass(frozen=True)
 class NodeSettings:
     model_dir: Path
-    start: int
-    end: int
+    start: int | None  # None: choose the span from what the swarm serves
+    end: int | None
     quant: str = "none"
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     bootstrap: tuple[str, ...] = ()
@@ -52,11 +61,25 @@ class NodeSettings:
     allowed_peers: frozenset[str] | None = None
     api: ApiSettings | None = None  # serve the OpenAI-compatible API too
     data_channel: bool = True  # offer clients a sealed TCP channel for their steps (mesh.data_channel)
+    memory_bytes: int | None = None  # budget for weights + KV cache when choosing a span; None: available now
+    rebalance: bool = True  # a node that chose its span moves it when the swarm needs (node.rebalance)
+    rebalance_every_s: float = 120.0
+
+    @property
+    def auto_span(self) -> bool:
+        return self.start is None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
-    parser.add_argument("--blocks", required=True, metavar="A:B", help="serve blocks A (inclusive) to B (exclusive)")
+    parser.add_argument("--blocks", metavar="A:B",
+                        help="serve blocks A (inclusive) to B (exclusive); default: choose where the swarm is weakest")
+    parser.add_argument("--memory", type=parse_bytes, metavar="BYTES",
+                        help="without --blocks: memory for weights and KV cache, e.g. 6G (default: available now)")
+    parser.add_argument("--no-rebalance", action="store_true",
+                        help="without --blocks: keep the span chosen at start instead of moving where needed")
+    parser.add_argument("--rebalance-every", type=float, default=120.0, metavar="S",
+                        help="how often a node that chose its span re-evaluates it (randomised +-50%%)")
     parser.add_argument("--quant", choices=QUANT_MODES, default="none")
     parser.add_argument("--listen", action="append", metavar="MULTIADDR",
                         help="address to listen on (default /ip4/127.0.0.1/tcp/0); repeatable")
@@ -83,7 +106,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> NodeSettings:
-    start, end = parse_blocks(args.blocks)
+    start, end = parse_blocks(args.blocks) if args.blocks else (None, None)
+    if args.blocks and (args.memory is not None or args.no_rebalance):
+        raise InvalidInput("--memory and --no-rebalance are for a node choosing its own blocks (no --blocks)")
+    if args.rebalance_every <= 0:
+        raise InvalidInput(f"--rebalance-every must be positive, got {args.rebalance_every}")
     for name in ("max_sessions", "kv_cache_bytes", "max_length"):
         if getattr(args, name) <= 0:
             raise InvalidInput(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -94,7 +121,8 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
         listen=tuple(args.listen or ("/ip4/127.0.0.1/tcp/0",)), bootstrap=tuple(args.bootstrap),
         identity=args.identity, peer_cache=args.peer_cache, mdns=args.mdns, limits=limits,
         allowed_peers=read_allow_list(args.allow_peers) if args.allow_peers else None,
-        api=api_settings_from_args(args), data_channel=not args.no_data_channel)
+        api=api_settings_from_args(args), data_channel=not args.no_data_channel, memory_bytes=args.memory,
+        rebalance=not args.no_rebalance, rebalance_every_s=args.rebalance_every)
 
 
 def api_settings_from_args(args: argparse.Namespace) -> ApiSettings | None:
@@ -131,6 +159,43 @@ def parse_blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
+def parse_bytes(text: str) -> int:
+    """`6G`, `512M`, `1.5G` or a plain byte count."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = (text[:-1], units[text[-1].upper()]) if text[-1:].upper() in units else (text, 1)
+    try:
+        value = int(float(number) * unit)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 6G, 512M or 1000000, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"the size must be positive, got {text!r}")
+    return value
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable; the free pages where /proc is missing)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def span_capacity(settings: NodeSettings, n_blocks: int) -> tuple[int, int]:
+    """(blocks this node's memory holds, bytes per block); InvalidInput when not even one fits."""
+    per_block = block_bytes(load_config(settings.model_dir), settings.quant)
+    memory = settings.memory_bytes if settings.memory_bytes is not None else available_memory()
+    blocks = max_blocks_for(memory, per_block, n_blocks=n_blocks, reserve_bytes=settings.limits.kv_cache_bytes)
+    if blocks < 1:
+        raise InvalidInput(f"{memory} bytes of memory hold no block of this model: one block takes {per_block} "
+                           f"bytes ({settings.quant}) besides the {settings.limits.kv_cache_bytes}-byte KV-cache "
+                           f"budget; give more --memory, a smaller --kv-cache-bytes or --quant int4")
+    return blocks, per_block
+
+
 def read_allow_list(path: Path) -> frozenset[str]:
     try:
         lines = path.read_text().splitlines()
@@ -146,7 +211,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     config = load_config(settings.model_dir)  # bad config or span: a clear error before any network
-    if not 0 <= settings.start < settings.end <= config.num_layers:
+    if settings.auto_span:
+        span_capacity(settings, config.num_layers)
+    elif not 0 <= settings.start < settings.end <= config.num_layers:
         raise InvalidInput(f"--blocks {settings.start}:{settings.end} is outside the model's {config.num_layers} blocks")
     if settings.api is not None:
         check_model_dir(settings.model_dir)
@@ -158,24 +225,48 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+async def load(settings: NodeSettings, start: int, end: int):
+    say(f"loading blocks {start}:{end} of {settings.model_dir} ({settings.quant})")
+    return await trio.to_thread.run_sync(lambda: load_span(settings.model_dir, start, end, quant=settings.quant))
+
+
+async def choose_blocks(settings: NodeSettings, discovery, digest: str, n_blocks: int, max_blocks: int,
+                        rng: random.Random) -> tuple[int, int]:
+    """The window of `max_blocks` blocks where the swarm is weakest, from what discovery says now."""
+    records = []
+    with trio.move_on_after(15.0):  # a node alone (or whose bootstrap is slow) starts at the front
+        records = await discovery.lookup(digest)
+    start, end = choose_span(served_from(records, digest), n_blocks, max_blocks, rng=rng)
+    say(f"chose blocks {start}:{end} of {n_blocks} ({max_blocks} fit in memory; {len(records)} peers serve this model)")
+    return start, end
+
+
 async def serve(settings: NodeSettings) -> None:
-    say(f"loading blocks {settings.start}:{settings.end} of {settings.model_dir} ({settings.quant})")
-    span = await trio.to_thread.run_sync(
-        lambda: load_span(settings.model_dir, settings.start, settings.end, quant=settings.quant))
+    n_blocks = load_config(settings.model_dir).num_layers
     digest = await trio.to_thread.run_sync(model_digest, settings.model_dir)
-    token_seconds = await trio.to_thread.run_sync(measure_token_seconds, span)
+    rng = random.Random()  # span choice ties and rebalancing times: spread nodes, never in step
     async with joined(bootstrap=settings.bootstrap, listen=settings.listen, identity_path=settings.identity,
                       peer_cache_path=settings.peer_cache, enable_mdns=settings.mdns,
                       wall_clock=time.time) as (transport, discovery), \
             (LoopbackTransport.wrap(transport) if settings.api else nullcontext(transport)) as transport:
+        start, end, balance = settings.start, settings.end, None
+        if settings.auto_span:
+            max_blocks, _ = span_capacity(settings, n_blocks)
+            start, end = await choose_blocks(settings, discovery, digest, n_blocks, max_blocks, rng)
+        span = await load(settings, start, end)
+        token_seconds = await trio.to_thread.run_sync(measure_token_seconds, span)
+        if settings.auto_span and settings.rebalance:
+            balance = BalanceSettings(n_blocks, max_blocks, token_seconds / (end - start),
+                                      every_s=settings.rebalance_every_s)
         channels = data_channels(settings.listen, transport.addrs) if settings.data_channel else None
         node = Node(span, settings.model_dir.name, digest, limits=settings.limits,
                     allowed_peers=settings.allowed_peers, wall_clock=time.time, token_seconds=token_seconds,
-                    data_channels=channels)
+                    data_channels=channels, balance=balance, seed=rng.random(),
+                    load_span=(lambda a, b: load(settings, a, b)) if balance else None)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.run, transport, discovery)
-                say(f"announced blocks {settings.start}:{settings.end} ({1 / token_seconds:.0f} tokens/s through the span)")
+                say(f"announced blocks {start}:{end} ({1 / token_seconds:.0f} tokens/s through the span)")
                 api = await start_api(nursery, settings, transport, discovery) if settings.api else None
                 for addr in transport.addrs:
                     say(f"listening on {addr}")

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_prompt_and_sampling_arguments(parser)
     parser.add_argument("--codec", choices=sorted(CODECS), default="fp16", help="activations on the wire")
     parser.add_argument("--timeout", type=float, default=300.0, metavar="S", help="deadline for the whole request")
+    parser.add_argument("--routing", choices=("latency", "throughput"), default="latency",
+                        help="route for the lowest latency (chat) or around busy nodes (batch jobs)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    options = ClientOptions(codec=CODECS[args.codec], request_timeout_s=args.timeout)
+    options = ClientOptions(codec=CODECS[args.codec], request_timeout_s=args.timeout, routing=args.routing)
     params = sampling_params(args)
     async with connect(bootstrap=args.bootstrap, model=args.model, options=options, wall_clock=time.time) as client:
         report = GenerationReport([])

@@ -7,8 +7,9 @@ inside tests and the simulator over the in-memory transport.
 from __future__ import annotations
 
 import logging
+import random
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 
 import torch
 import trio
@@ -16,9 +17,10 @@ import trio
 from mesh.data_channel import DataChannels
 from mesh.discovery import RECORD_TTL_S, REFRESH_EVERY_S, Discovery, PeerRecord
 from mesh.transport import INFERENCE_PROTOCOL, INFO_PROTOCOL, Transport
+from node.rebalance import BalanceSettings, Rebalancer
 from node.server import InferenceServer
-from node.sessions import SessionLimits, SessionManager
-from protocol import SpanInfo
+from node.sessions import SessionLimits, SessionManager, SessionRefused
+from protocol import ErrorCode, SpanInfo
 from shard.span import SpanModel
 
 log = logging.getLogger("hearth.node")
@@ -41,7 +43,8 @@ class Node:
                  limits: SessionLimits = SessionLimits(), allowed_peers: Collection[str] | None = None,
                  wall_clock: Callable[[], float] = time.time, token_seconds: float | None = None,
                  record_ttl_s: float = RECORD_TTL_S, refresh_every_s: float = REFRESH_EVERY_S,
-                 data_channels: DataChannels | None = None):
+                 data_channels: DataChannels | None = None, balance: BalanceSettings | None = None,
+                 load_span: Callable[[int, int], Awaitable[SpanModel]] | None = None, seed: int | str = 0):
         self.span, self.model_id, self.manifest_hash = span, model_id, manifest_hash
         self.manager = SessionManager(span, limits)
         self.data_channels = data_channels
@@ -53,12 +56,17 @@ class Node:
         self.transport: Transport | None = None
         self.discovery: Discovery | None = None
         self._stop = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        if (balance is None) != (load_span is None):
+            raise ValueError("rebalancing needs both balance settings and a way to load spans")
+        self.load_span = load_span
+        self.rebalancer = None if balance is None else Rebalancer(self, balance, random.Random(seed), self.move_to)
 
     def span_info(self) -> SpanInfo:
         return SpanInfo(model_id=self.model_id, manifest_hash=self.manifest_hash, start=self.span.start,
                         end=self.span.end, quantization=self.span.quant,
                         throughput=1.0 / max(self.token_seconds, 1e-9),
-                        free_cache_tokens=self.manager.free_cache_tokens)
+                        free_cache_tokens=self.manager.free_cache_tokens, sessions=len(self.manager.sessions))
 
     def record(self) -> PeerRecord:
         return PeerRecord(self.transport.peer_id, tuple(self.transport.addrs), self.span_info(),
@@ -71,10 +79,13 @@ class Node:
         transport.set_handler(INFERENCE_PROTOCOL, self.server.handle_inference)
         transport.set_handler(INFO_PROTOCOL, self.server.handle_info)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             if self.data_channels is not None:
                 await nursery.start(self.data_channels.serve)
             await self._announce()
             nursery.start_soon(self._refresh_loop)
+            if self.rebalancer is not None:
+                nursery.start_soon(self.rebalancer.run)
             task_status.started()
             await self._stop.wait()
             nursery.cancel_scope.cancel()
@@ -82,6 +93,28 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def move_to(self, start: int, end: int) -> None:
+        """Serve blocks [start, end) instead: load them, announce them, then retire the old span
+        (its open sessions may finish within the grace period; then they are told to go elsewhere)."""
+        old = self.span
+        span = await self.load_span(start, end)
+        self.span = self.manager.span = span
+        self.token_seconds = self.rebalancer.settings.block_seconds * (end - start)
+        await self._announce()
+        self._nursery.start_soon(self._retire, old)
+
+    async def _retire(self, old: SpanModel) -> None:
+        def on_old():
+            return [s for s in self.manager.sessions.values() if s.root is old]
+
+        with trio.move_on_after(self.rebalancer.settings.grace_s):
+            while on_old():
+                await trio.sleep(1.0)
+        reason = SessionRefused(ErrorCode.SPAN_NOT_SERVED, f"this node moved to blocks [{self.span.start}, "
+                                f"{self.span.end}); replay elsewhere", retry_elsewhere=True)
+        for session in on_old():
+            self.manager.end(session, reason)
 
     async def _refresh_loop(self) -> None:
         while True:

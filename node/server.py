@@ -40,7 +40,7 @@ class InferenceServer:
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
         self.io_timeout = io_timeout
         self._live: dict[str, trio.CancelScope] = {}
-        manager.on_evict = self._evicted
+        manager.on_end = self._ended
 
     def hello(self) -> Hello:
         return Hello(software=SOFTWARE, codecs=SUPPORTED_CODECS, capabilities=CAPABILITIES)
@@ -186,14 +186,13 @@ class InferenceServer:
                     await stream.send(Pong(nonce=message.nonce))
                     continue
                 await self._step(stream, session, message)
-        if session.evicted:
-            raise SessionRefused(ErrorCode.CACHE_FULL, "session evicted to make room in this node's KV cache; "
-                                 "replay elsewhere", retry_elsewhere=True)
+        if session.ended is not None:
+            raise session.ended
         if self.manager.draining:
             raise SessionRefused(ErrorCode.SHUTTING_DOWN, "this node is shutting down; replay elsewhere",
                                  retry_elsewhere=True)
 
-    def _evicted(self, session: ServedSession) -> None:
+    def _ended(self, session: ServedSession) -> None:
         scope = self._live.get(session.session_id)
         if scope is not None:
             scope.cancel()

@@ -121,11 +121,12 @@ class LocalSwarm:
             node.wait_ready(timeout)
         return started
 
-    def add(self, start: int, end: int, *, extra_args: list[str] | None = None) -> NodeProcess:
-        """Start (without waiting for) one node serving [start, end); `extra_args` are for it alone."""
+    def add(self, start: int | None, end: int | None, *, extra_args: list[str] | None = None) -> NodeProcess:
+        """Start (without waiting for) one node serving [start, end), or choosing its blocks itself
+        when they are None; `extra_args` are for it alone."""
         name = f"node{len(self.nodes)}"
-        args = ["--model", str(self.model_dir), "--blocks", f"{start}:{end}", "--quant", self.quant, *self.extra_args,
-                *(extra_args or [])]
+        blocks = [] if start is None else ["--blocks", f"{start}:{end}"]
+        args = ["--model", str(self.model_dir), *blocks, "--quant", self.quant, *self.extra_args, *(extra_args or [])]
         for addr in self.bootstrap:
             args += ["--bootstrap", addr]
         if self.work_dir is not None:

@@ -79,7 +79,8 @@ def _span_info(rng: random.Random, _zstd: ZstdContext | None) -> Message:
     return SpanInfo(model_id=_text(rng), manifest_hash=_text(rng, 64, 64), start=start,
                     end=start + rng.randint(1, 40),
                     quantization=rng.choice(("none", "int8", "int4")),
-                    throughput=rng.uniform(0, 1000), free_cache_tokens=rng.randint(0, 1 << 40))
+                    throughput=rng.uniform(0, 1000), free_cache_tokens=rng.randint(0, 1 << 40),
+                    sessions=rng.randint(0, 64))
 
 
 def _open_session(rng: random.Random, _zstd: ZstdContext | None) -> Message:

@@ -203,6 +203,7 @@ class SpanInfo(Message):
     quantization: str = "none"
     throughput: float = 0.0  # tokens per second through the whole span
     free_cache_tokens: int = 0
+    sessions: int = 0  # sessions open on the node now: its load, for load-aware routing
 
     def validate(self) -> None:
         _str(self, "model_id", self.model_id, max_chars=MAX_ID_CHARS, empty=False)
@@ -211,6 +212,7 @@ class SpanInfo(Message):
         _str(self, "quantization", self.quantization, max_chars=32, empty=False)
         _float(self, "throughput", self.throughput)
         _int(self, "free_cache_tokens", self.free_cache_tokens, 0, U64)
+        _int(self, "sessions", self.sessions, 0, U32)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -74,6 +74,12 @@ class SpanModel(nn.Module):
         cache.advance(T)
         return x
 
+    def forward_batch(self, items: list) -> list[torch.Tensor]:
+        """Several sessions' steps (`shard.batch.BatchItem`s) in one pass; see `shard.batch`."""
+        from shard.batch import forward_batch  # shard.batch builds on this module
+
+        return forward_batch(self, items)
+
     def _check_input(self, hidden: torch.Tensor, cache: KVCache) -> tuple[int, int, int]:
         if hidden.dim() != 3 or hidden.shape[2] != self.config.hidden_size or hidden.shape[1] == 0:
             raise InvalidInput(
@@ -84,6 +90,17 @@ class SpanModel(nn.Module):
         if not hidden.is_floating_point():
             raise InvalidInput(f"hidden states must be floating point, got {hidden.dtype}")
         return tuple(hidden.shape)
+
+
+def block_bytes(config: ModelConfig, quant: str = "none", group_size: int = 32,
+                dtype: torch.dtype = torch.float32) -> int:
+    """Bytes one block's weights take in memory once loaded with `quant` (built on the meta device)."""
+    if quant not in QUANT_MODES:
+        raise QuantizationError(f"quantization {quant!r} is not one of {', '.join(QUANT_MODES)}")
+    with torch.device("meta"):
+        block = DecoderBlock(config).to(torch.float32 if quant != "none" else dtype)
+    empty_quantized_linears_(block, quant, group_size)
+    return sum(t.numel() * t.element_size() for t in (*block.parameters(), *block.buffers()))
 
 
 def check_span(config: ModelConfig, start: int, end: int) -> None:

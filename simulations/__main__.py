@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--nodes", type=int, help="household nodes online on average")
     run.add_argument("--clients", type=int, help="users")
     run.add_argument("--duration", help="virtual time, e.g. 30m or 2h")
+    run.add_argument("--spans", choices=("weakest", "balanced", "random"),
+                     help="overrides how household hosts choose spans (the scenario's [balance] spans)")
     run.add_argument("--out", type=Path, help="where report.json and the plots go (default sim-out/NAME-seedN)")
     run.add_argument("--checkpoint", type=Path, help="model directory for compute = 'torch' scenarios")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
     duration = parse_duration(args.duration, "--duration") if args.duration else None
     scenario = load_scenario(args.scenario).scaled(nodes=args.nodes, clients=args.clients, duration_s=duration,
-                                                   seed=args.seed)
+                                                   seed=args.seed, spans=args.spans)
     level = getattr(logging, args.log_level.upper(), None)
     if not isinstance(level, int):
         raise ScenarioError("--log-level", f"{args.log_level!r} is not a logging level")

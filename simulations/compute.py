@@ -153,6 +153,10 @@ class CostModelSpan:
         cache.advance(hidden.shape[1])
         return torch.from_numpy(out)
 
+    def forward_batch(self, items: list) -> list[torch.Tensor]:
+        """Concurrent sessions' steps (`shard.batch.BatchItem`s); their cost is one `compute_delay`."""
+        return [self.sub_span(item.start, item.end)(item.hidden, item.cache) for item in items]
+
     async def compute_delay(self, tokens: int) -> None:
         await trio.sleep(step_seconds(self.device, self.end - self.start, tokens))
 
@@ -175,6 +179,9 @@ class TimedSpan:
 
     def __call__(self, hidden: torch.Tensor, cache) -> torch.Tensor:
         return self.span(hidden, cache)
+
+    def forward_batch(self, items: list) -> list[torch.Tensor]:
+        return self.span.forward_batch(items)
 
     async def compute_delay(self, tokens: int) -> None:
         await trio.sleep(step_seconds(self.device, self.end - self.start, tokens))

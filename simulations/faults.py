@@ -17,7 +17,7 @@ from simulations.users import User
 async def run_event(world, event: Event) -> None:
     await trio.sleep_until(event.at.resolve(world.scenario.duration_s))
     handlers = {"datacenter-outage": datacenter_outage, "partition": partition,
-                "flash-crowd": flash_crowd, "swizzle-clog": swizzle_clog}
+                "flash-crowd": flash_crowd, "swizzle-clog": swizzle_clog, "mass-departure": mass_departure}
     await handlers[event.kind](world, event)
 
 
@@ -28,6 +28,18 @@ async def datacenter_outage(world, event: Event) -> None:
     world.mark("datacenter outage")
     for host in cloud:
         world.swarm.kill(host)
+
+
+async def mass_departure(world, event: Event) -> None:
+    """A share of the household hosts leave at once (drained), for good; the world then watches
+    how long the rest take to cover every block again."""
+    households = [h for h in world.swarm.live() if h.kind == "household"]
+    leaving = world.rng("departure").sample(households, round(event.share * len(households)))
+    world.trace.record("mass_departure", hosts=len(leaving))
+    world.mark(f"{len(leaving)} hosts leave")
+    for host in leaving:
+        world.swarm.depart(host)
+    await world.watch_coverage(f"after {len(leaving)} of {len(households)} hosts left")
 
 
 async def partition(world, event: Event) -> None:

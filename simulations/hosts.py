@@ -1,7 +1,9 @@
 """Hosts: real `node.Node`s on the virtual network, arriving, serving and leaving as churn says.
 
-A household host arrives (Poisson, following the day), picks the span where the swarm is weakest
-from what discovery says is served, runs a real `Node` over its own `MemoryTransport`, and after
+A household host arrives (Poisson, following the day), picks its span as the scenario's balance
+policy says (by default where the swarm is weakest, from what discovery says is served, with the
+real `mesh.balance`; "balanced" also rebalances with the real `node.rebalance`), runs a real `Node`
+over its own `MemoryTransport`, and after
 a Weibull session ends it one way or another: drained on shutdown, crashed (streams reset,
 record left to expire), or frozen (silent; then it thaws or dies). A crashed host may restart
 with its identity and span. Data-center ("cloud") hosts serve the whole model until an outage.
@@ -15,9 +17,11 @@ from dataclasses import dataclass
 
 import trio
 
+from mesh.balance import choose_span
 from mesh.discovery import Discovery, PeerRecord
 from mesh.memory_transport import MemoryTransport
 from node.node import Node
+from node.rebalance import BalanceSettings, served_from
 from node.sessions import SessionLimits
 from simulations import churn
 from simulations.compute import step_seconds
@@ -35,6 +39,8 @@ class Host:
     state: str = "starting"  # starting, up, frozen, down
     node: Node | None = None
     life: trio.CancelScope | None = None
+    waiting: trio.CancelScope | None = None  # its current session's wait; cancelled by `depart`
+    departing: bool = False
 
 
 class HostDirectory(Discovery):
@@ -82,6 +88,7 @@ class Swarm:
         c = self.scenario.churn
         for _ in range(c.nodes):
             await self._arrive(nursery, churn.residual_length(self.rng, c.shape, c.median_s))
+            self.world.note_join()
 
     async def keep_arriving(self, nursery: trio.Nursery, until: float) -> None:
         """New households, Poisson arrivals following the day, until `until`."""
@@ -110,10 +117,28 @@ class Swarm:
         return host
 
     async def _choose_span(self, device: DeviceProfile) -> tuple[int, int]:
+        length = min(self.model.blocks, self.model.span_length(device))
+        if self.scenario.balance.spans == "random":
+            start = self.rng.randrange(self.model.blocks - length + 1)
+            return start, start + length
         records = await self.world.directory.lookup(self.model.digest)
-        served = [(r.info.start, r.info.end, r.info.throughput) for r in records]
-        throughput = churn.block_throughput(served, self.model.blocks)
-        return churn.choose_span(throughput, self.model.span_length(device), self.rng)
+        return choose_span(served_from(records, self.model.digest), self.model.blocks, length, rng=self.rng)
+
+    def _balancing(self, host: Host) -> tuple[BalanceSettings | None, object]:
+        """The host's rebalancing settings and span loader, when the scenario's policy rebalances."""
+        b = self.scenario.balance
+        if host.kind != "household" or b.spans != "balanced":
+            return None, None
+        settings = BalanceSettings(self.model.blocks, min(self.model.blocks, self.model.span_length(host.device)),
+                                   host.device.block_ms / 1000.0, every_s=b.every_s, threshold=b.threshold,
+                                   settle_s=b.settle_s, grace_s=b.grace_s)
+
+        async def load(start: int, end: int):
+            self.world.trace.record("node_move", peer=host.peer_id, blocks=[start, end], was=list(host.span))
+            host.span = (start, end)
+            return self.model.span(host.device, start, end)
+
+        return settings, load
 
     async def _life(self, host: Host, session_s: float, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Sessions of one host until it leaves for good (or is killed); started once it first serves."""
@@ -138,9 +163,11 @@ class Swarm:
             start, end = host.span
             limits = SessionLimits(max_sessions=host.device.max_sessions, kv_cache_bytes=int(host.device.kv_gb * 1e9),
                                    max_length=self.model.config.max_position_embeddings, compute_in_thread=False)
+            balance, load = self._balancing(host)
             host.node = Node(self.model.span(host.device, start, end), self.model.model_id, self.model.digest,
                              limits=limits, wall_clock=trio.current_time,
-                             token_seconds=step_seconds(host.device, end - start, 1))
+                             token_seconds=step_seconds(host.device, end - start, 1),
+                             balance=balance, load_span=load, seed=f"{self.world.seed}:balance:{host.peer_id}")
             host.state = "up"
             self.world.trace.record("node_up", peer=host.peer_id, region=host.region, device=host.device.name,
                                     blocks=[start, end])
@@ -150,7 +177,10 @@ class Swarm:
         """Serve for `session_s`, thawing from freezes; returns how the session ends."""
         c = self.scenario.churn
         while True:
-            await trio.sleep(session_s)
+            with trio.CancelScope() as host.waiting:
+                await trio.sleep(session_s)
+            if host.departing:
+                return "leave"
             how = churn.departure(host.rng, c) if host.kind == "household" else "crash"
             if how != "freeze":
                 return how
@@ -174,6 +204,12 @@ class Swarm:
             self.network.crash(host.peer_id)
             host.state = "down"
             nursery.cancel_scope.cancel()
+
+    def depart(self, host: Host) -> None:
+        """Leave now (drained, as on shutdown), if up; a frozen host leaves when it next wakes."""
+        host.departing = True
+        if host.state == "up" and host.waiting is not None:
+            host.waiting.cancel()
 
     def kill(self, host: Host) -> None:
         """Gone at once and for good (a data-center outage)."""

@@ -83,6 +83,21 @@ def coverage_summary(result: RunResult) -> dict:
                           "tokens_per_s": round(s.tokens_per_s, 3)} for s in samples]}
 
 
+def balance_summary(result: RunResult) -> dict:
+    """Span placement: the joins (when memory first allowed full coverage, when it came), the moves,
+    coverage restored after events, and the swarm's throughput (tokens/s summed over clients)."""
+    s, joins = result.scenario, result.joins
+    allowed = next((i + 1 for i, j in enumerate(joins) if j["capacity_blocks"] >= s.model.blocks), None)
+    covered = next((i + 1 for i, j in enumerate(joins) if j["min_replicas"] >= 1), None)
+    last = joins[-1] if joins else None
+    return {"spans": s.balance.spans, "moves": result.counts.get("node_move", 0),
+            "joins": {"count": len(joins), "capacity_allows_full_coverage_at": allowed, "fully_covered_at": covered,
+                      "capacity_x": round(last["capacity_blocks"] / s.model.blocks, 2) if last else None,
+                      "min_replicas_after": last["min_replicas"] if last else None},
+            "restorations": result.restorations,
+            "swarm_tokens_per_s": round(sum(x.tokens for x in result.sessions) / s.duration_s, 3)}
+
+
 def after_first_fault(result: RunResult) -> dict | None:
     """Sessions started after the first scheduled fault: the share that completed."""
     if not result.marks:
@@ -109,6 +124,7 @@ def build_report(result: RunResult, *, scenario_arg: str = "") -> dict:
         "sessions": session_summary(result.sessions), "after_first_fault": after_first_fault(result),
         "tokens_per_s_per_client": throughput_summary(result.sessions),
         "recovery": recovery_summary(result.sessions), "coverage": coverage_summary(result),
+        "balance": balance_summary(result),
         "hosts": result.hosts, "network": result.network,
         "events": {k: v for k, v in sorted(result.counts.items()) if not k.startswith(("session", "sample"))},
         "marks": [{"t": round(t, 1), "label": label} for t, label in result.marks],
@@ -155,6 +171,16 @@ def summary(report: dict) -> str:
     if after:
         lines.append(f"sessions started after the first fault (t={after['since_s']:g} s): {after['started']}, "
                      f"completed {after['completed']}, failed {after['failed_with_error']}, hung {after['hung']}")
+    b = report["balance"]
+    if b["joins"]["count"]:
+        j = b["joins"]
+        lines.append(f"spans {b['spans']}: memory allowed full coverage at join {j['capacity_allows_full_coverage_at']}, "
+                     f"covered at join {j['fully_covered_at']}; after {j['count']} joins {j['capacity_x']}x memory, "
+                     f"min replicas {j['min_replicas_after']}; {b['moves']} moves; "
+                     f"swarm {b['swarm_tokens_per_s']:.2f} tok/s")
+    for r in b["restorations"]:
+        lines.append(f"{r['label']}: min replicas fell to {r['lowest_min_replicas']}; "
+                     + (f"every block served again after {r['after_s']:g} s" if r["restored"] else "NOT restored"))
     if report["sessions"]["errors"]:
         lines.append("errors: " + ", ".join(f"{k} x{v}" for k, v in report["sessions"]["errors"].items()))
     if report["invariants"]["ok"]:

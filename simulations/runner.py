@@ -42,6 +42,8 @@ class RunResult:
     network: dict[str, int]
     host_regions: dict[str, str]
     trace_lines: list[str] = field(default_factory=list)
+    joins: list[dict] = field(default_factory=list)
+    restorations: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -114,4 +116,5 @@ def _result(world: World, wall: float) -> RunResult:
                "resets": world.trace.counts["connection_reset"]}
     return RunResult(world.scenario, world.trace.digest, wall, world.ended_at, world.sessions, world.samples,
                      world.violations, world.marks, dict(world.trace.counts), hosts, network,
-                     {h.peer_id: h.region for h in world.swarm.hosts.values()}, world.trace.lines)
+                     {h.peer_id: h.region for h in world.swarm.hosts.values()}, world.trace.lines,
+                     world.joins, world.restorations)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
-EVENT_KINDS = ("datacenter-outage", "partition", "flash-crowd", "swizzle-clog")
+EVENT_KINDS = ("datacenter-outage", "partition", "flash-crowd", "swizzle-clog", "mass-departure")
+SPAN_POLICIES = ("weakest", "balanced", "random")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)\s*$")
 
@@ -171,6 +172,19 @@ class ClientSpec:
 
 
 @dataclass(frozen=True)
+class BalanceSpec:
+    """How household hosts choose spans: "weakest" where the swarm is weakest when they join
+    (mesh.balance.choose_span, as `hearth node` without --blocks); "balanced" that and rebalancing
+    afterwards (node.rebalance); "random" a random window of what fits, for comparison."""
+
+    spans: str = "weakest"
+    every_s: float = _duration(120.0)  # node.rebalance.BalanceSettings
+    threshold: float = 0.2
+    settle_s: float = _duration(300.0)
+    grace_s: float = _duration(60.0)
+
+
+@dataclass(frozen=True)
 class ChecksSpec:
     hang_grace_s: float = _duration(30.0)  # past a request's deadline, a session still running has hung
     sample_every_s: float = _duration(60.0)
@@ -186,6 +200,7 @@ class Event:
     crowd: float = 0.0  # or this many times clients.count
     think: Moment = Moment(5.0)  # flash-crowd: their mean pause between requests
     hosts: int = 0  # swizzle-clog: this many hosts clogged one by one
+    share: float = 0.0  # mass-departure: this share of the household hosts leave at once
     interval: Moment = Moment(10.0)  # swizzle-clog: between one clog (or unclog) and the next
 
 
@@ -204,13 +219,16 @@ class Scenario:
     day_night: DayNight = DayNight()
     cloud: CloudSpec = CloudSpec()
     clients: ClientSpec = ClientSpec()
+    balance: BalanceSpec = BalanceSpec()
     checks: ChecksSpec = ChecksSpec()
     events: tuple[Event, ...] = ()
 
     def scaled(self, *, nodes: int | None = None, clients: int | None = None,
-               duration_s: float | None = None, seed: int | None = None) -> Scenario:
+               duration_s: float | None = None, seed: int | None = None, spans: str | None = None) -> Scenario:
         """This scenario with the command line's overrides applied."""
         changed = self
+        if spans is not None:
+            changed = dataclasses.replace(changed, balance=dataclasses.replace(changed.balance, spans=spans))
         if nodes is not None:
             changed = dataclasses.replace(changed, churn=dataclasses.replace(changed.churn, nodes=nodes))
         if clients is not None:
@@ -264,7 +282,7 @@ def scenario_from_dict(raw: dict[str, Any], where: str = "scenario", *, default_
         devices[name] = _build(DeviceProfile, {**base, **_table(table, f"{where}: devices.{name}")},
                                f"{where}: devices.{name}")
     sections = {"model": ModelShape, "network": NetworkSpec, "churn": ChurnSpec, "day_night": DayNight,
-                "cloud": CloudSpec, "clients": ClientSpec, "checks": ChecksSpec}
+                "cloud": CloudSpec, "clients": ClientSpec, "balance": BalanceSpec, "checks": ChecksSpec}
     built: dict[str, Any] = {name: _build(cls, _table(raw.pop(name, {}), f"{where}: {name}"), f"{where}: {name}")
                              for name, cls in sections.items()}
     events = tuple(_event(e, f"{where}: events[{i}]") for i, e in enumerate(raw.pop("events", [])))
@@ -315,7 +333,7 @@ def _event(raw: Any, where: str) -> Event:
             values[key] = Moment.parse(value, f"{where}.{key}")
         elif key == "regions":
             values[key] = tuple(str(r) for r in value)
-        elif key == "crowd":
+        elif key in ("crowd", "share"):
             values[key] = float(value)
         else:
             values[key] = int(value)
@@ -343,3 +361,10 @@ def _check(s: Scenario, where: str) -> None:
         raise ScenarioError(f"{where}: clients", f"prompts plus new tokens exceed model.max_length {s.model.max_length}")
     if s.duration_s <= 0:
         raise ScenarioError(where, "duration must be positive")
+    if s.balance.spans not in SPAN_POLICIES:
+        raise ScenarioError(f"{where}: balance", f"spans must be one of {', '.join(SPAN_POLICIES)}, not {s.balance.spans!r}")
+    if s.balance.every_s <= 0 or s.balance.threshold < 0:
+        raise ScenarioError(f"{where}: balance", "every must be positive and threshold >= 0")
+    for event in s.events:
+        if event.kind == "mass-departure" and not 0 < event.share <= 1:
+            raise ScenarioError(f"{where}: events", f"mass-departure needs 0 < share <= 1, got {event.share}")

@@ -50,6 +50,8 @@ class World:
         self.progress = progress
         self.user_nursery: trio.Nursery | None = None
         self.ended_at = 0.0
+        self.joins: list[dict] = []  # after each initial household joined: capacity and coverage
+        self.restorations: list[dict] = []  # how long full coverage took to come back after an event
 
     def rng(self, purpose: str) -> random.Random:
         """A generator of its own for each purpose, so one change does not shift every other draw."""
@@ -94,13 +96,39 @@ class World:
             await trio.sleep(every)
             self._sample()
 
+    def replicas(self) -> list[int]:
+        """Per block, how many live hosts serve it."""
+        replicas = [0] * self.model.blocks
+        for host in self.swarm.live():
+            for block in range(*host.span):
+                replicas[block] += 1
+        return replicas
+
+    def note_join(self) -> None:
+        """After an initial household joined: could the live hosts' memory cover the model, and do they?"""
+        live = self.swarm.live()
+        capacity = sum(min(self.model.blocks, self.model.span_length(h.device)) for h in live if h.kind == "household")
+        self.joins.append({"t": round(trio.current_time(), 3), "hosts": len(live), "capacity_blocks": capacity,
+                           "min_replicas": min(self.replicas())})
+
+    async def watch_coverage(self, label: str, poll_s: float = 1.0, limit_s: float = 3600.0) -> None:
+        """Wait until every block is served again (polling), and record how long that took."""
+        began = trio.current_time()
+        lowest = min(self.replicas())
+        with trio.move_on_after(limit_s):
+            while (now := min(self.replicas())) < 1:
+                await trio.sleep(poll_s)
+                lowest = min(lowest, now)
+        covered = min(self.replicas()) >= 1
+        self.restorations.append({"label": label, "at": round(began, 1), "lowest_min_replicas": lowest,
+                                  "restored": covered,
+                                  "after_s": round(trio.current_time() - began, 1) if covered else None})
+        self.trace.record("coverage_restored" if covered else "coverage_not_restored", label=label)
+
     def _sample(self) -> None:
         now = trio.current_time()
         live = self.swarm.live()
-        replicas = [0] * self.model.blocks
-        for host in live:
-            for block in range(*host.span):
-                replicas[block] += 1
+        replicas = self.replicas()
         since = now - (self.samples[-1].t if self.samples else 0.0)
         rate = self.tokens_generated / since if since > 0 else 0.0
         self.tokens_generated = 0

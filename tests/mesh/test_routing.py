@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.routing import DEFAULT_RTT_S, Hop, NoRouteError, ServerSpan, plan_route, uncovered
+from mesh.client import ClientOptions
+from mesh.routing import DEFAULT_RTT_S, LATENCY, THROUGHPUT, Hop, NoRouteError, ServerSpan, plan_route, uncovered
+from shard.errors import InvalidInput
 
 
 def test_single_server_covering_everything():
@@ -107,3 +109,39 @@ def test_the_route_is_the_cheapest_chain(spans, start, end):
     assert route.cost_s == pytest.approx(best)
     assert route.hops[0].start == start and route.hops[-1].end == end
     assert all(a.end == b.start for a, b in zip(route.hops, route.hops[1:]))
+
+
+# --- load-aware routing ---------------------------------------------------------------------------
+
+
+def test_a_busy_server_loses_to_a_slightly_slower_idle_one():
+    servers = [ServerSpan("busy", 0, 8, block_seconds=0.002, sessions=8),
+               ServerSpan("idle", 0, 8, block_seconds=0.003, sessions=0)]
+    assert plan_route(servers, 0, 8).peers == ["idle"]  # 2 ms x (1 + 0.25 x 8) = 6 ms a block vs 3 ms
+    servers[0] = ServerSpan("busy", 0, 8, block_seconds=0.002, sessions=1)
+    assert plan_route(servers, 0, 8).peers == ["busy"]  # one session costs it only a quarter of a step
+
+
+def test_throughput_mode_spreads_over_idle_servers_and_weighs_round_trips_less():
+    servers = [ServerSpan("near-busy", 0, 8, block_seconds=0.002, sessions=2),
+               ServerSpan("far-idle", 0, 8, block_seconds=0.002, sessions=0)]
+    rtts = {"near-busy": 0.001, "far-idle": 0.030}
+    # chat: the 29 ms round trip outweighs 2 x 0.25 x 16 ms of load; a batch job: 16 ms x 2 > 0.25 x 29 ms
+    assert plan_route(servers, 0, 8, rtts=rtts, mode=LATENCY).peers == ["near-busy"]
+    assert plan_route(servers, 0, 8, rtts=rtts, mode=THROUGHPUT).peers == ["far-idle"]
+
+
+def test_a_server_short_of_kv_cache_is_used_only_when_nothing_else_covers_its_blocks():
+    servers = [ServerSpan("full", 0, 8, block_seconds=0.001, free_cache_tokens=100),
+               ServerSpan("roomy", 0, 8, block_seconds=0.005, free_cache_tokens=10_000)]
+    assert plan_route(servers, 0, 8, need_tokens=512).peers == ["roomy"]
+    assert plan_route(servers, 0, 8, need_tokens=64).peers == ["full"]  # the session fits: fastest wins
+    assert plan_route(servers[:1], 0, 8, need_tokens=512).peers == ["full"]  # the only one: still a route
+    unknown = [ServerSpan("unknown", 0, 8, block_seconds=0.001), servers[1]]
+    assert plan_route(unknown, 0, 8, need_tokens=512).peers == ["unknown"]  # no figure: no penalty
+
+
+def test_routing_mode_names_are_checked_by_the_client_options():
+    assert ClientOptions(routing="throughput").routing == "throughput"
+    with pytest.raises(InvalidInput, match="routing mode 'fastest'"):
+        ClientOptions(routing="fastest")

@@ -70,7 +70,7 @@ messages = st.one_of(
     st.builds(lambda start, length, **kw: SpanInfo(start=start, end=start + length, **kw),
               start=st.integers(0, 1000), length=st.integers(1, 1000), model_id=ids,
               manifest_hash=ids, quantization=st.sampled_from(("none", "int8", "int4-g64")),
-              throughput=rates, free_cache_tokens=u64),
+              throughput=rates, free_cache_tokens=u64, sessions=st.integers(0, 2**32 - 1)),
     st.builds(lambda start, length, **kw: OpenSession(start=start, end=start + length, **kw),
               start=st.integers(0, 1000), length=st.integers(1, 1000), session_id=ids,
               model_id=ids, manifest_hash=ids, max_length=st.integers(1, 2**32 - 1),
