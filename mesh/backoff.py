@@ -18,15 +18,20 @@ def backoff_delay(attempt: int, rng: random.Random, *, base_s: float = 0.1, cap_
 
 @dataclass
 class BanList:
-    """Peers the client will not use for a while; each repeat offence doubles the ban."""
+    """Peers the client will not use for a while; each repeat offence doubles the ban. A peer that
+    is only busy (it refused for want of session slots or KV cache) sits out `busy_s`, no strike."""
 
     base_s: float = 15.0
     cap_s: float = 600.0
+    busy_s: float = 2.0
     until: dict[str, float] = field(default_factory=dict)
     strikes: dict[str, int] = field(default_factory=dict)
 
-    def ban(self, peer_id: str, now: float) -> float:
+    def ban(self, peer_id: str, now: float, *, busy: bool = False) -> float:
         """Ban `peer_id` from `now`; returns the ban's length in seconds."""
+        if busy:
+            self.until[peer_id] = max(self.until.get(peer_id, now), now + self.busy_s)
+            return self.busy_s
         self.strikes[peer_id] = self.strikes.get(peer_id, 0) + 1
         length = min(self.cap_s, self.base_s * 2 ** (self.strikes[peer_id] - 1))
         self.until[peer_id] = now + length

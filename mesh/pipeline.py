@@ -93,7 +93,7 @@ class RoutePipeline:
     async def _replace(self, index: int, err: HopFailed) -> None:
         failed = self.hops[index]
         started = trio.current_time()
-        length = self.bans.ban(failed.peer_id, started)
+        length = self.bans.ban(failed.peer_id, started, busy=err.busy)
         log.warning("%s; banned for %.0f s, replaying %d tokens elsewhere", err, length, failed.length)
         with trio.CancelScope(shield=True):
             await failed.close()
@@ -118,7 +118,7 @@ class RoutePipeline:
             except HopFailed as err:
                 if not err.retry_elsewhere:
                     raise
-                self.bans.ban(err.peer_id, trio.current_time())
+                self.bans.ban(err.peer_id, trio.current_time(), busy=err.busy)
                 log.warning("%s while recovering; banned", err)
                 failure = err
             delay = backoff_delay(attempt, self.rng)

@@ -18,7 +18,7 @@ from mesh.data_channel import CAPABILITY as DATA_CHANNEL, Offer, connect as conn
 from mesh.errors import TransportError
 from mesh.transport import INFERENCE_PROTOCOL, MessageStream, Transport
 from protocol import (
-    Codec, CloseSession, Error, Hello, OpenSession, ProtocolError, Role, SessionOpened,
+    Codec, CloseSession, Error, ErrorCode, Hello, OpenSession, ProtocolError, Role, SessionOpened,
     Step, StepResult, decode_tensor, encode_tensor,
 )
 
@@ -28,12 +28,17 @@ CLIENT_SOFTWARE = "hearth-client/0.1"
 DATA_CHANNEL_TIMEOUT_S = 2.0
 
 
+BUSY = frozenset({ErrorCode.OVERLOADED, ErrorCode.CACHE_FULL})  # refusals of a node that is full, not broken
+
+
 class HopFailed(Exception):
     """A hop cannot continue: its peer vanished, timed out, refused, or answered nonsense."""
 
-    def __init__(self, peer_id: str, start: int, end: int, reason: str, *, retry_elsewhere: bool = True):
+    def __init__(self, peer_id: str, start: int, end: int, reason: str, *, retry_elsewhere: bool = True,
+                 busy: bool = False):
         self.peer_id, self.start, self.end = peer_id, start, end
         self.reason, self.retry_elsewhere = reason, retry_elsewhere
+        self.busy = busy  # the node is healthy but full (sessions, KV cache): worth asking again soon
         super().__init__(f"hop {peer_id} for blocks [{start}, {end}) failed: {reason}")
 
 
@@ -75,7 +80,7 @@ class HopSession:
         self.step_number += 1
         if isinstance(reply, Error):
             raise HopFailed(self.peer_id, self.start, self.end, f"node says: {reply.reason}",
-                            retry_elsewhere=reply.retry_elsewhere)
+                            retry_elsewhere=reply.retry_elsewhere, busy=reply.code in BUSY)
         if not isinstance(reply, StepResult):
             raise HopFailed(self.peer_id, self.start, self.end, f"expected step_result, got {reply.TYPE}")
         try:
@@ -126,7 +131,8 @@ async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, 
         raise HopFailed(peer_id, start, end, str(err)) from err
     if isinstance(reply, Error):
         await stream.aclose()
-        raise HopFailed(peer_id, start, end, f"node refused: {reply.reason}", retry_elsewhere=reply.retry_elsewhere)
+        raise HopFailed(peer_id, start, end, f"node refused: {reply.reason}", retry_elsewhere=reply.retry_elsewhere,
+                        busy=reply.code in BUSY)
     if not isinstance(reply, SessionOpened):
         await stream.aclose()
         raise HopFailed(peer_id, start, end, f"expected session_opened, got {reply.TYPE}")

@@ -88,7 +88,7 @@ def check_items(span: SpanModel, items: Sequence[BatchItem]) -> None:
         if not (isinstance(item.start, int) and isinstance(item.end, int)
                 and span.start <= item.start < item.end <= span.end):
             raise SpanOutOfRange(item.start, item.end, span.config.num_layers)
-        _, tokens, _ = span._check_input(item.hidden, item.cache)  # the span's own input rules
+        _, tokens, _ = span.check_input(item.hidden, item.cache)  # the span's own input rules
         _check_cache_shape(span, item)
         item.cache.check_room(tokens)
         if id(item.cache) in seen:

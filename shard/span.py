@@ -63,7 +63,7 @@ class SpanModel(nn.Module):
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, cache: KVCache) -> torch.Tensor:
         # hidden: [B, T, D] -> [B, T, D], positions cache.length .. cache.length + T - 1
-        B, T, D = self._check_input(hidden, cache)
+        B, T, D = self.check_input(hidden, cache)
         cache.check_room(T)
         positions = torch.arange(cache.length, cache.length + T)
         cos, sin = rotary_tables(self.inv_freq, positions, self.dtype)
@@ -80,7 +80,7 @@ class SpanModel(nn.Module):
 
         return forward_batch(self, items)
 
-    def _check_input(self, hidden: torch.Tensor, cache: KVCache) -> tuple[int, int, int]:
+    def check_input(self, hidden: torch.Tensor, cache: KVCache) -> tuple[int, int, int]:
         if hidden.dim() != 3 or hidden.shape[2] != self.config.hidden_size or hidden.shape[1] == 0:
             raise InvalidInput(
                 f"hidden states must be [batch, tokens>0, {self.config.hidden_size}], got {list(hidden.shape)}"

@@ -209,6 +209,7 @@ class Swarm:
         """Leave now (drained, as on shutdown), if up; a frozen host leaves when it next wakes."""
         host.departing = True
         if host.state == "up" and host.waiting is not None:
+            host.state = "draining"  # no longer counted as serving, from this moment
             host.waiting.cancel()
 
     def kill(self, host: Host) -> None:

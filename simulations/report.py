@@ -87,11 +87,16 @@ def balance_summary(result: RunResult) -> dict:
     """Span placement: the joins (when memory first allowed full coverage, when it came), the moves,
     coverage restored after events, and the swarm's throughput (tokens/s summed over clients)."""
     s, joins = result.scenario, result.joins
-    allowed = next((i + 1 for i, j in enumerate(joins) if j["capacity_blocks"] >= s.model.blocks), None)
-    covered = next((i + 1 for i, j in enumerate(joins) if j["min_replicas"] >= 1), None)
+
+    def first(test) -> int | None:
+        return next((i + 1 for i, j in enumerate(joins) if test(j)), None)
+
+    # for 1x and 2x coverage: the join after which memory first allowed it, and the join after which it was there
+    reached = {f"{k}x": {"memory_allows_at": first(lambda j: j["capacity_blocks"] >= k * s.model.blocks),
+                         "covered_at": first(lambda j: j["min_replicas"] >= k)} for k in (1, 2)}
     last = joins[-1] if joins else None
     return {"spans": s.balance.spans, "moves": result.counts.get("node_move", 0),
-            "joins": {"count": len(joins), "capacity_allows_full_coverage_at": allowed, "fully_covered_at": covered,
+            "joins": {"count": len(joins), **reached,
                       "capacity_x": round(last["capacity_blocks"] / s.model.blocks, 2) if last else None,
                       "min_replicas_after": last["min_replicas"] if last else None},
             "restorations": result.restorations,
@@ -174,10 +179,10 @@ def summary(report: dict) -> str:
     b = report["balance"]
     if b["joins"]["count"]:
         j = b["joins"]
-        lines.append(f"spans {b['spans']}: memory allowed full coverage at join {j['capacity_allows_full_coverage_at']}, "
-                     f"covered at join {j['fully_covered_at']}; after {j['count']} joins {j['capacity_x']}x memory, "
-                     f"min replicas {j['min_replicas_after']}; {b['moves']} moves; "
-                     f"swarm {b['swarm_tokens_per_s']:.2f} tok/s")
+        lines.append(f"spans {b['spans']}: memory allowed 1x / 2x coverage at join {j['1x']['memory_allows_at']} / "
+                     f"{j['2x']['memory_allows_at']}, covered at join {j['1x']['covered_at']} / {j['2x']['covered_at']}; "
+                     f"after {j['count']} joins {j['capacity_x']}x memory, min replicas {j['min_replicas_after']}; "
+                     f"{b['moves']} moves; swarm {b['swarm_tokens_per_s']:.2f} tok/s")
     for r in b["restorations"]:
         lines.append(f"{r['label']}: min replicas fell to {r['lowest_min_replicas']}; "
                      + (f"every block served again after {r['after_s']:g} s" if r["restored"] else "NOT restored"))

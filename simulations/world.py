@@ -115,15 +115,17 @@ class World:
         """Wait until every block is served again (polling), and record how long that took."""
         began = trio.current_time()
         lowest = min(self.replicas())
-        with trio.move_on_after(limit_s):
-            while (now := min(self.replicas())) < 1:
-                await trio.sleep(poll_s)
-                lowest = min(lowest, now)
-        covered = min(self.replicas()) >= 1
-        self.restorations.append({"label": label, "at": round(began, 1), "lowest_min_replicas": lowest,
-                                  "restored": covered,
-                                  "after_s": round(trio.current_time() - began, 1) if covered else None})
-        self.trace.record("coverage_restored" if covered else "coverage_not_restored", label=label)
+        try:
+            with trio.move_on_after(limit_s):
+                while (now := min(self.replicas())) < 1:
+                    await trio.sleep(poll_s)
+                    lowest = min(lowest, now)
+        finally:  # also when the run ends first
+            covered = min(self.replicas()) >= 1
+            self.restorations.append({"label": label, "at": round(began, 1), "lowest_min_replicas": lowest,
+                                      "restored": covered,
+                                      "after_s": round(trio.current_time() - began, 1) if covered else None})
+            self.trace.record("coverage_restored" if covered else "coverage_not_restored", label=label)
 
     def _sample(self) -> None:
         now = trio.current_time()

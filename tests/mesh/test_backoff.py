@@ -29,3 +29,11 @@ def test_bans_expire_and_lengthen_on_repeat():
     assert bans.ban("p", now=20) == 20
     assert bans.ban("p", now=50) == 25  # capped
     assert bans.banned(74) == {"p"} and bans.banned(75) == frozenset()
+
+
+def test_a_busy_peer_sits_out_briefly_without_a_strike():
+    bans = BanList(base_s=15.0, busy_s=2.0)
+    assert bans.ban("full", 100.0, busy=True) == 2.0
+    assert "full" in bans.banned(101.0) and "full" not in bans.banned(102.5)
+    assert bans.ban("full", 103.0) == 15.0  # its first real failure still gets the first ban length
+    assert bans.ban("full", 104.0, busy=True) == 2.0 and "full" in bans.banned(117.0)  # a busy refusal never shortens a ban
