@@ -3,14 +3,15 @@
 Builds the random ~1B Llama of bench_local.py (or takes --model DIR), starts two `hearth node`
 processes on 127.0.0.1 serving half each, and measures, in alternating rounds so that the shared
 machine's drift hits both alike: one client generating alone, then --clients clients generating
-at once (concurrent generations of one client library in this process, each its own sessions). A
-node runs the decode steps its sessions send while it is busy as one batched forward pass
-(node.sessions, shard.batch), so the weights are read once per batch instead of once per session.
+at once (concurrent generations of one client library in this process, each its own sessions, as
+an API server's users are). A node runs the decode steps its sessions send while it is busy as one
+batched forward pass (node.sessions, shard.batch), so the weights are read once per batch instead
+of once per session; the client likewise runs its generations' int8 LM head rows in one pass.
 
 Aggregate decode tokens/s = tokens decoded after each client's first token, summed over clients,
 divided by the time from the earliest first token to the latest last one. Target: >= 3x of one client.
 
-    python benchmarks/bench_batching.py [--clients 8] [--tokens 32] [--rounds 2] [--quant int8] [--layers 16] [--hidden 2048]
+    python benchmarks/bench_batching.py [--clients 8] [--tokens 64] [--rounds 2] [--quant int8] [--layers 16] [--hidden 2048]
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a model directory (default: build the random ~1B model)")
     parser.add_argument("--quant", default="int8", choices=("none", "int8", "int4"))
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=2048)

@@ -33,6 +33,8 @@ from shard.tokenizer import TOKENIZER_FILE, Tokenizer
 
 log = logging.getLogger("hearth.client")
 
+HEAD_BATCH_ROWS = 32  # the int8 head kernel stays row-exact up to 48 rows
+
 
 @dataclass(frozen=True)
 class ClientOptions:
@@ -102,6 +104,8 @@ class Client:
         self.rtts: dict[str, float] = {}
         self.bans = BanList(base_s=options.ban_s)
         self.rng = random.Random(options.seed)
+        self._head_lock = trio.Lock()
+        self._head_queue: list[list] = []  # [hidden [1, 1, D], logits or None] of concurrent generations
 
     async def servers(self) -> list[tuple[PeerRecord, SpanInfo]]:
         """Every record of a peer serving this model that answers now, with its fresh span info."""
@@ -260,7 +264,22 @@ class Client:
         hidden = self.head.embed(ids).to(torch.float32).numpy()
         hidden = await pipeline.forward(hidden, position)
         report.hops = _hop_reports(pipeline.hops)
-        return self.head.logits(torch.from_numpy(hidden[:, -1:]))[0, 0]
+        return await self._logits(torch.from_numpy(hidden[:, -1:]))
+
+    async def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        """The LM head on one sequence's last hidden state [1, 1, D] -> [V]. Concurrent generations
+        (an API server's users) share one pass when the head computes rows independently (int8,
+        int4): whoever holds the lock next runs every row queued by then, reading the head once."""
+        if not self.head.rows_independent:
+            return self.head.logits(last)[0, 0]
+        entry = [last, None]
+        self._head_queue.append(entry)
+        async with self._head_lock:
+            while entry[1] is None:  # not done by an earlier holder: the oldest rows, then ours
+                batch, self._head_queue = self._head_queue[:HEAD_BATCH_ROWS], self._head_queue[HEAD_BATCH_ROWS:]
+                for queued, logits in zip(batch, self.head.logits(torch.cat([e[0] for e in batch]))[:, 0]):
+                    queued[1] = logits
+        return entry[1]
 
 
 def _hop_reports(hops: list[HopSession]) -> list[HopReport]:

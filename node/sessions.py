@@ -23,6 +23,14 @@ from shard.kv_cache import KVCache
 from shard.span import SpanModel
 
 
+# Quantizations whose kernels compute each row on its own (int8 in groups of <= 48 rows, which
+# shard.batch keeps), so a step batched with others gives the bits it gives alone, and a replay
+# after failover rebuilds the same KV cache. fp32/bf16 GEMMs round differently with the row count
+# (~1e-6) and gain little from batching on CPUs (8 rows cost ~3x one here), so those spans run
+# decode steps one at a time.
+ROW_EXACT = frozenset({"int8", "int4"})
+
+
 class SessionRefused(Exception):
     """An open or step the node will not serve; becomes an `Error` reply with `code`."""
 
@@ -208,17 +216,19 @@ class SessionManager:
         limits, now = self.limits, trio.current_time()
         expected = {s for s in self.sessions.values() if s is not session and s.root is session.root
                     and s.steps > 0 and now - s.last_active <= limits.batch_window_s}
-        if limits.batch_wait_s <= 0 or not expected:
+        if limits.batch_wait_s <= 0 or not expected or session.root.quant not in ROW_EXACT:
             return
         with trio.move_on_after(limits.batch_wait_s):
             while not expected <= {queued.session for queued in self._queue}:
                 await self._queued.wait()
 
     def _take_batch(self, root: SpanModel) -> list[_Step]:
-        """The queued decode steps on `root`, oldest first, up to `max_batch_rows` rows."""
+        """The queued decode steps on `root`, oldest first, up to `max_batch_rows` rows; only the
+        oldest on a span whose rows are not computed independently (see `ROW_EXACT`)."""
         batch, rows = [], 0
+        limit = self.limits.max_batch_rows if root.quant in ROW_EXACT else 0
         for step in self._queue:
-            if step.session.root is root and (not batch or rows + step.rows <= self.limits.max_batch_rows):
+            if step.session.root is root and (not batch or rows + step.rows <= limit):
                 batch.append(step)
                 rows += step.rows
         self._queue = [step for step in self._queue if step not in batch]

@@ -15,7 +15,7 @@ from shard.blocks import RMSNorm
 from shard.checkpoint import Checkpoint
 from shard.config import ModelConfig, load_config
 from shard.errors import CorruptCheckpoint, InvalidInput, QuantizationError
-from shard.quant import QUANT_MODES, quantize_linears_
+from shard.quant import QUANT_MODES, Int4Linear, Int8Linear, quantize_linears_
 
 
 class ClientHead(nn.Module):
@@ -36,6 +36,12 @@ class ClientHead(nn.Module):
             bad = int(ids.max()) if int(ids.max()) >= self.config.vocab_size else int(ids.min())
             raise InvalidInput(f"token id {bad} is outside the vocabulary of {self.config.vocab_size}")
         return F.embedding(ids, self.embed_weight)
+
+    @property
+    def rows_independent(self) -> bool:
+        """Whether `logits` computes each row on its own (the int8 and int4 kernels, up to 48 rows),
+        so that several sequences' logits in one call equal each computed alone, bit for bit."""
+        return isinstance(self.lm_head, (Int8Linear, Int4Linear))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

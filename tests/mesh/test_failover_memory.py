@@ -228,3 +228,29 @@ async def test_replay_is_one_message_per_hop_and_still_exact(autojump_clock, swa
     report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=TOKENS))
     assert report.token_ids == expected
     assert sent == [("d", len(PROMPT) + 11, (len(PROMPT),) + (1,) * 11)]
+
+
+async def test_concurrent_generations_share_an_int8_head_pass_with_the_tokens_of_running_alone(autojump_clock, swarm):
+    await swarm.add_node("a", 0, 3)
+    await swarm.add_node("b", 3, 6)
+    client = await swarm.client(head_quant="int8")
+    prompts = [PROMPT, [8, 8, 8], [100, 3], [40, 41, 42, 43, 44]]
+    alone = [(await client.generate_text(prompt_ids=p, params=SamplingParams(max_new_tokens=TOKENS))).token_ids
+             for p in prompts]
+    rows, logits = [], client.head.logits
+
+    def counting(hidden):
+        rows.append(hidden.shape[0])
+        return logits(hidden)
+
+    client.head.logits = counting
+    together = [None] * len(prompts)
+
+    async def one(i):
+        together[i] = (await client.generate_text(prompt_ids=prompts[i], params=SamplingParams(max_new_tokens=TOKENS))).token_ids
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(prompts)):
+            nursery.start_soon(one, i)
+    assert together == alone  # the int8 head computes rows independently
+    assert sum(rows) == len(prompts) * TOKENS and max(rows) > 1  # and shared passes

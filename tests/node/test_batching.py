@@ -142,3 +142,10 @@ async def test_prefill_in_chunks_equals_prefill_in_one_pass_per_chunk(int8_span)
 def test_prefill_turns(chunks, limit, turns):
     assert prefill_turns(chunks, limit) == turns
     assert sum(sum(turn) for turn in turns) == sum(chunks)
+
+
+async def test_an_unquantized_span_runs_decode_steps_one_at_a_time(checkpoint_factory):
+    """fp32 rows round differently in a batch; exact replay after failover matters more here."""
+    manager = manager_for(load_span(checkpoint_factory("llama"), 0, 6), compute_in_thread=False)
+    await run_sessions(manager, [9, 10, 11], rounds=2)
+    assert (manager.batches, manager.batched_steps) == (6, 6)
