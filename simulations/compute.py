@@ -190,6 +190,8 @@ class TimedSpan:
 class StandInHead:
     """The client's embeddings and LM head for stand-in activations (what `mesh.Client` calls)."""
 
+    rows_independent = True  # each row's token is exact integer arithmetic: concurrent users share a pass
+
     def __init__(self, config: ModelConfig, weights: StandInWeights):
         self.config, self.weights = config, weights
 
