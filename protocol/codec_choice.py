@@ -20,15 +20,16 @@ from dataclasses import dataclass
 from protocol.errors import InvalidMessage
 from protocol.tensors import Codec
 
-# Worst-case error of one value, relative to the largest magnitude in its block (int8-block64)
+# Worst-case error of one value, relative to the largest magnitude in its block (int8 blockwise)
 # or to the value itself (float codecs): half an ulp, plus fp16 rounding of the int8 scale.
 CODEC_ERROR_BOUND: Mapping[Codec, float] = {
     Codec.FP32: 0.0,
     Codec.FP16: 2.0**-11,
     Codec.BF16: 2.0**-8,
     Codec.INT8_BLOCK64: (1 + 2.0**-10) / 254,
+    Codec.INT8_BLOCK16: (1 + 2.0**-10) / 254,
 }
-DEFAULT_ERROR_BUDGET = 5e-3  # admits bf16 and int8-block64
+DEFAULT_ERROR_BUDGET = 5e-3  # admits bf16 and the int8 blockwise codecs
 
 
 def error_bound(codec: Codec) -> float:

@@ -4,9 +4,11 @@ Codecs (ids in `tensors.Codec`, byte layouts in docs/protocol.md), all little-en
 
 - fp32, fp16, bf16: the values, rounded to nearest-even into the codec's format. numpy has no
   bfloat16, so bf16 is the top 16 bits of float32 with round-to-nearest-even done on the bits.
-- int8-block64: values in blocks of 64 (the flattened tensor, zero-padded); per block one fp16
-  scale >= absmax / 127 (the fp32 quotient rounded *up* to fp16) and int8 codes
-  `round(x / scale)` in [-127, 127]. Error bound: |x - x_hat| <= scale / 2 per value.
+- int8-block64, int8-block16: values in blocks of 64 or 16 (the flattened tensor, zero-padded); per
+  block one fp16 scale >= absmax / 127 (the fp32 quotient rounded *up* to fp16) and int8 codes
+  `round(x / scale)` in [-127, 127]. Error bound: |x - x_hat| <= scale / 2 per value. Smaller
+  blocks cost more scales (0.281x the bytes of fp32 against 0.258x) and keep outliers from
+  coarsening their neighbours: on the trained demo model, top-1 agreement 99.65% against 99.25%.
 - any of these + zstd: `data` is one zstd frame (with its content size) of the bytes above;
   int8 scales are not compressed.
 
@@ -90,8 +92,9 @@ def decode_tensor(
         data = (zstd_context or ZstdContext()).decompress(data, tensor.raw_data_bytes)
     out_dtype = np.float16 if tensor.dtype == "float16" else np.float32
     base = tensor.codec & ~ZSTD_FLAG
-    if base == Codec.INT8_BLOCK64:
-        flat = _decode_int8(data, tensor.scales, tensor.numel, out_dtype, allow_nonfinite)
+    block = tensor.codec.block_size
+    if block:
+        flat = _decode_int8(data, tensor.scales, tensor.numel, out_dtype, allow_nonfinite, block)
     else:
         flat = _RAW_DECODERS[base](data, out_dtype, allow_nonfinite)
     return flat.reshape(tensor.shape)
@@ -200,17 +203,21 @@ def _require_finite(values: np.ndarray) -> None:
 # --- int8 blockwise ---------------------------------------------------------------------------
 
 
-def _encode_int8(array: np.ndarray) -> tuple[bytes, bytes]:
-    codes, scales = quantize_int8_blockwise(array)
+def _encode_int8(array: np.ndarray, block: int = BLOCK_SIZE) -> tuple[bytes, bytes]:
+    codes, scales = quantize_int8_blockwise(array, block)
     return codes.reshape(-1)[: array.size].tobytes(), scales.tobytes()
 
 
-def quantize_int8_blockwise(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int8 codes (padded to whole blocks) and fp16 scales of an array, per block of 64."""
+def _encode_int8_block16(array: np.ndarray) -> tuple[bytes, bytes]:
+    return _encode_int8(array, Codec.INT8_BLOCK16.block_size)
+
+
+def quantize_int8_blockwise(array: np.ndarray, block: int = BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes (padded to whole blocks) and fp16 scales of an array, per block of `block` values."""
     flat = np.asarray(array, dtype=np.float32).reshape(-1)
-    if flat.size % BLOCK_SIZE:
-        flat = np.concatenate([flat, np.zeros(-flat.size % BLOCK_SIZE, np.float32)])
-    blocks = flat.reshape(-1, BLOCK_SIZE)  # [n_blocks, 64]
+    if flat.size % block:
+        flat = np.concatenate([flat, np.zeros(-flat.size % block, np.float32)])
+    blocks = flat.reshape(-1, block)  # [n_blocks, block]
     # |x| as float32 bits compare like the floats, and an int max is much faster per row.
     magnitude = (blocks.view(np.int32) & np.int32(0x7FFFFFFF)).max(axis=1)  # [n_blocks]
     if magnitude.size and magnitude.max() >= _F32_INF_BITS:
@@ -239,31 +246,32 @@ def _raise_unrepresentable(absmax: np.ndarray) -> None:
     bad = ~np.isfinite(absmax) | (absmax * np.float32(1 / 127) > FP16_MAX)
     block = int(np.flatnonzero(bad)[0]) if bad.any() else 0
     raise InvalidTensor(
-        f"int8-block64 cannot carry block {block} with absmax {float(absmax[block])!r} "
+        f"int8 blockwise cannot carry block {block} with absmax {float(absmax[block])!r} "
         f"(non-finite, or scale beyond fp16)"
     )
 
 
-def dequantize_int8_blockwise(codes: np.ndarray, scales: np.ndarray, numel: int) -> np.ndarray:
-    """float32 values of int8 codes and fp16 scales, trimmed to `numel`."""
-    blocks = codes.reshape(-1, BLOCK_SIZE).astype(np.float32)
+def dequantize_int8_blockwise(codes: np.ndarray, scales: np.ndarray, numel: int,
+                              block: int = BLOCK_SIZE) -> np.ndarray:
+    """float32 values of int8 codes and fp16 scales (one per `block` codes), trimmed to `numel`."""
+    blocks = codes.reshape(-1, block).astype(np.float32)
     blocks *= scales.astype(np.float32)[:, None]
     return blocks.reshape(-1)[:numel]
 
 
 def _decode_int8(
-    data: bytes, scale_bytes: bytes, numel: int, out_dtype: type, allow_nonfinite: bool
+    data: bytes, scale_bytes: bytes, numel: int, out_dtype: type, allow_nonfinite: bool, block: int
 ) -> np.ndarray:
     scales = np.frombuffer(scale_bytes, dtype="<f2")
     if not allow_nonfinite:
         _require_finite(scales)
-    padded = np.zeros(scales.size * BLOCK_SIZE, np.int8)
+    padded = np.zeros(scales.size * block, np.int8)
     codes = np.frombuffer(data, dtype="<i1")
     if codes.size == padded.size:
         padded = codes
     else:
         padded[:numel] = codes
-    values = dequantize_int8_blockwise(padded, scales, numel)
+    values = dequantize_int8_blockwise(padded, scales, numel, block)
     return _to_float16(values) if out_dtype is np.float16 else values
 
 
@@ -272,5 +280,6 @@ _ENCODERS = {
     Codec.FP16: _encode_fp16,
     Codec.BF16: _encode_bf16,
     Codec.INT8_BLOCK64: _encode_int8,
+    Codec.INT8_BLOCK16: _encode_int8_block16,
 }
 _RAW_DECODERS = {Codec.FP32: _decode_fp32, Codec.FP16: _decode_fp16, Codec.BF16: _decode_bf16}

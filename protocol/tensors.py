@@ -25,7 +25,7 @@ from protocol.errors import InvalidTensor, UnsupportedCodec
 
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_NDIM = 8
-BLOCK_SIZE = 64
+BLOCK_SIZE = 64  # values per scale of int8-block64 (int8-block16: 16)
 ZSTD_FLAG = 0x10
 
 
@@ -36,10 +36,12 @@ class Codec(enum.IntEnum):
     FP16 = 2
     BF16 = 3
     INT8_BLOCK64 = 4
+    INT8_BLOCK16 = 5
     FP32_ZSTD = FP32 | ZSTD_FLAG
     FP16_ZSTD = FP16 | ZSTD_FLAG
     BF16_ZSTD = BF16 | ZSTD_FLAG
     INT8_BLOCK64_ZSTD = INT8_BLOCK64 | ZSTD_FLAG
+    INT8_BLOCK16_ZSTD = INT8_BLOCK16 | ZSTD_FLAG
 
     @property
     def base(self) -> Codec:
@@ -62,10 +64,14 @@ class Codec(enum.IntEnum):
         return _VALUE_BYTES[self.base]
 
     @property
+    def block_size(self) -> int:
+        """Values per fp16 scale for the int8 blockwise codecs; 0 for the others."""
+        return _BLOCK_SIZES[self]
+
+    @property
     def nominal_bytes_per_value(self) -> float:
         """Wire bytes per value without zstd, scales included."""
-        scales = 2 / BLOCK_SIZE if self.base is Codec.INT8_BLOCK64 else 0.0
-        return self.value_bytes + scales
+        return self.value_bytes + (2 / self.block_size if self.block_size else 0.0)
 
 
 _BASE_LABELS = {
@@ -73,11 +79,14 @@ _BASE_LABELS = {
     Codec.FP16: "fp16",
     Codec.BF16: "bf16",
     Codec.INT8_BLOCK64: "int8-block64",
+    Codec.INT8_BLOCK16: "int8-block16",
 }
-_BASE_VALUE_BYTES = {Codec.FP32: 4, Codec.FP16: 2, Codec.BF16: 2, Codec.INT8_BLOCK64: 1}
+_BASE_VALUE_BYTES = {Codec.FP32: 4, Codec.FP16: 2, Codec.BF16: 2, Codec.INT8_BLOCK64: 1, Codec.INT8_BLOCK16: 1}
+_BASE_BLOCK_SIZES = {Codec.INT8_BLOCK64: BLOCK_SIZE, Codec.INT8_BLOCK16: 16}
 # Per codec (zstd variants included), looked up on every tensor: plain dicts are fastest.
 _VALUE_BYTES = {codec: _BASE_VALUE_BYTES[codec.base] for codec in Codec}
-_HAS_SCALES = {codec: codec.base is Codec.INT8_BLOCK64 for codec in Codec}
+_BLOCK_SIZES = {codec: _BASE_BLOCK_SIZES.get(codec.base, 0) for codec in Codec}
+_HAS_SCALES = {codec: _BLOCK_SIZES[codec] > 0 for codec in Codec}
 
 
 def parse_codec(value: object) -> Codec:
@@ -161,7 +170,7 @@ class WireTensor:
     def scale_bytes(self) -> int:
         if not _HAS_SCALES[self.codec]:
             return 0
-        return 2 * -(-math.prod(self.shape) // BLOCK_SIZE)
+        return 2 * -(-math.prod(self.shape) // _BLOCK_SIZES[self.codec])
 
     @property
     def wire_bytes(self) -> int:

@@ -43,7 +43,7 @@ def test_invalid_tensors_name_what_is_wrong(overrides: dict[str, object], match:
     assert caught.value.code in (ErrorCode.INVALID_TENSOR, ErrorCode.UNSUPPORTED_CODEC)
 
 
-@pytest.mark.parametrize("codec", [0, 5, 16, 99, -1, "2", None, True, 2.0])
+@pytest.mark.parametrize("codec", [0, 6, 16, 99, -1, "2", None, True, 2.0])
 def test_unknown_codec_ids_are_unsupported(codec: object) -> None:
     with pytest.raises(UnsupportedCodec) as caught:
         WireTensor.from_wire(tensor_wire(codec=codec))
@@ -75,7 +75,9 @@ def test_codec_properties() -> None:
     assert Codec.INT8_BLOCK64_ZSTD.base is Codec.INT8_BLOCK64 and Codec.INT8_BLOCK64_ZSTD.zstd
     assert Codec.BF16_ZSTD.label == "bf16+zstd"
     assert Codec.INT8_BLOCK64.nominal_bytes_per_value == 1 + 2 / 64
-    assert [int(c) for c in Codec] == [1, 2, 3, 4, 17, 18, 19, 20]  # stable wire ids
+    assert Codec.INT8_BLOCK16_ZSTD.block_size == 16 and Codec.INT8_BLOCK16.nominal_bytes_per_value == 1 + 2 / 16
+    assert Codec.FP16.block_size == 0 and Codec.INT8_BLOCK16_ZSTD.label == "int8-block16+zstd"
+    assert [int(c) for c in Codec] == [1, 2, 3, 4, 5, 17, 18, 19, 20, 21]  # stable wire ids
 
 
 def test_limits_are_validated() -> None:
