@@ -97,6 +97,8 @@ class Node:
     async def move_to(self, start: int, end: int) -> None:
         """Serve blocks [start, end) instead: load them, announce them, then retire the old span
         (its open sessions may finish within the grace period; then they are told to go elsewhere)."""
+        if self.rebalancer is None:
+            raise RuntimeError("only a node started with balance settings and a span loader can move")
         old = self.span
         span = await self.load_span(start, end)
         self.span = self.manager.span = span

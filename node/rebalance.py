@@ -57,6 +57,7 @@ class Rebalancer:
                  move: Callable[[int, int], Awaitable[None]]):
         self.node, self.settings, self.rng, self.move = node, settings, rng, move
         self.moves = 0
+        self.failed_moves = 0
 
     def next_wait(self) -> float:
         s = self.settings
@@ -71,8 +72,13 @@ class Rebalancer:
             target = await self.evaluate()
             if target is not None:
                 log.info("moving from blocks [%d, %d) to [%d, %d)", self.node.span.start, self.node.span.end, *target)
-                await self.move(*target)
-                self.moves += 1
+                try:
+                    await self.move(*target)
+                except Exception:  # e.g. the new blocks do not fit after all: keep serving the old ones
+                    log.exception("could not move to blocks [%d, %d); staying", *target)
+                    self.failed_moves += 1
+                else:
+                    self.moves += 1
                 last_move = trio.current_time()
 
     async def evaluate(self) -> tuple[int, int] | None:

@@ -94,3 +94,20 @@ async def test_sessions_on_the_old_span_finish_within_the_grace_period_or_fail_o
         assert report.recoveries[0].replacements == ["spare"]
     await trio.sleep(grace_s + 5)
     assert not [s for s in mover.manager.sessions.values() if s.root is not mover.span]  # the old span let go
+
+
+async def test_a_move_that_cannot_load_leaves_the_node_serving_its_old_blocks(autojump_clock, swarm, expected):
+    await swarm.add_node("a", 0, 3)
+    mover = await add_balanced(swarm, "b", 0, 3, settle_s=30.0)
+
+    async def out_of_memory(a: int, b: int):
+        raise MemoryError(f"cannot allocate blocks [{a}, {b})")
+
+    mover.load_span = out_of_memory
+    await trio.sleep(60 * 1.5 + 1)
+    assert mover.rebalancer.failed_moves >= 1 and mover.rebalancer.moves == 0
+    assert (await announced(swarm))["b"] == (0, 3)  # still announced, still serving
+    await swarm.add_node("c", 3, 6)
+    client = await swarm.client()
+    report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=TOKENS))
+    assert report.token_ids == expected
