@@ -29,7 +29,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_local import save_model  # noqa: E402
+from benchmarks.bench_local import model_or_build  # noqa: E402
 from mesh.client import Client, ClientOptions, GenerationReport  # noqa: E402
 from mesh.join import connect  # noqa: E402
 from node.swarm import LocalSwarm  # noqa: E402
@@ -107,11 +107,7 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle node processes must not spin on the cores
     torch.set_num_threads(1)  # the clients' heads: one core, the nodes the rest
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model
-        if model_dir is None:
-            model_dir = Path(tmp) / "model"
-            print(f"building random Llama h{args.hidden} L{args.layers} ...", flush=True)
-            save_model(model_dir, args)
+        model_dir = model_or_build(args, tmp)
         with LocalSwarm(model_dir, quant=args.quant, work_dir=tmp, extra_args=["--threads", str(args.threads)]) as swarm:
             swarm.start(swarm.spans(2), timeout=600)
             result = trio.run(measure, swarm.bootstrap[0], model_dir, args.clients, args.tokens, args.rounds)

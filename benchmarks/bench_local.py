@@ -65,6 +65,16 @@ def save_model(path: Path, args) -> None:
     model.save_pretrained(path)
 
 
+def model_or_build(args, tmp: str) -> Path:
+    """`args.model` if given, else the random Llama of `args.hidden` x `args.layers` saved under `tmp`."""
+    if args.model is not None:
+        return args.model
+    model_dir = Path(tmp) / "model"
+    print(f"building random Llama h{args.hidden} L{args.layers} ...", flush=True)
+    save_model(model_dir, args)
+    return model_dir
+
+
 def time_decode(step, steps: int) -> float:
     """Median seconds per decode step; `step()` runs one step."""
     times = []

@@ -30,7 +30,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_local import save_model  # noqa: E402
+from benchmarks.bench_local import model_or_build  # noqa: E402
 from mesh.client import ClientOptions, GenerationReport  # noqa: E402
 from mesh.join import connect  # noqa: E402
 from node.swarm import LocalSwarm  # noqa: E402
@@ -151,11 +151,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle node processes must not spin on the cores
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model
-        if model_dir is None:
-            model_dir = Path(tmp) / "model"
-            print(f"building random Llama h{args.hidden} L{args.layers} ...", flush=True)
-            save_model(model_dir, args)
+        model_dir = model_or_build(args, tmp)
         pipeline = LocalPipeline.load(model_dir, quant=args.quant)
         generate_local(pipeline, prompt_ids()[:8], SamplingParams(max_new_tokens=4))  # warm-up, as the swarm gets
         local, swarm_times, hop_rounds = [], [], []

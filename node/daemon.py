@@ -184,8 +184,8 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def span_capacity(settings: NodeSettings, n_blocks: int) -> tuple[int, int]:
-    """(blocks this node's memory holds, bytes per block); InvalidInput when not even one fits."""
+def span_capacity(settings: NodeSettings, n_blocks: int) -> int:
+    """How many blocks this node's memory holds; InvalidInput when not even one fits."""
     per_block = block_bytes(load_config(settings.model_dir), settings.quant)
     memory = settings.memory_bytes if settings.memory_bytes is not None else available_memory()
     blocks = max_blocks_for(memory, per_block, n_blocks=n_blocks, reserve_bytes=settings.limits.kv_cache_bytes)
@@ -193,7 +193,7 @@ def span_capacity(settings: NodeSettings, n_blocks: int) -> tuple[int, int]:
         raise InvalidInput(f"{memory} bytes of memory hold no block of this model: one block takes {per_block} "
                            f"bytes ({settings.quant}) besides the {settings.limits.kv_cache_bytes}-byte KV-cache "
                            f"budget; give more --memory, a smaller --kv-cache-bytes or --quant int4")
-    return blocks, per_block
+    return blocks
 
 
 def read_allow_list(path: Path) -> frozenset[str]:
@@ -251,7 +251,7 @@ async def serve(settings: NodeSettings) -> None:
             (LoopbackTransport.wrap(transport) if settings.api else nullcontext(transport)) as transport:
         start, end, balance = settings.start, settings.end, None
         if settings.auto_span:
-            max_blocks, _ = span_capacity(settings, n_blocks)
+            max_blocks = span_capacity(settings, n_blocks)
             start, end = await choose_blocks(settings, discovery, digest, n_blocks, max_blocks, rng)
         span = await load(settings, start, end)
         token_seconds = await trio.to_thread.run_sync(measure_token_seconds, span)

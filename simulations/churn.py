@@ -1,4 +1,4 @@
-"""Churn and placement as pure functions: session lengths, arrivals, the day, which span to serve.
+"""Churn as pure functions: session lengths, arrivals, the day, the order of a swizzle-clog.
 
 Everything takes the time (`now`, seconds since the run started) and a seeded `random.Random`, so
 tests call these directly and a run replays exactly. Session lengths are Weibull (household P2P
@@ -73,32 +73,6 @@ def weighted_choice(rng: random.Random, weights: Mapping[str, float]) -> str:
 def departure(rng: random.Random, churn: ChurnSpec) -> str:
     """How a session ends: "leave" (drained), "crash" or "freeze"."""
     return weighted_choice(rng, {"leave": churn.leave, "crash": churn.crash, "freeze": churn.freeze})
-
-
-def block_throughput(spans: Sequence[tuple[int, int, float]], blocks: int) -> list[float]:
-    """Tokens per second each block can carry, summed over servers (start, end, throughput)."""
-    total = [0.0] * blocks
-    for start, end, throughput in spans:
-        for block in range(max(start, 0), min(end, blocks)):
-            total[block] += throughput
-    return total
-
-
-def choose_span(throughput: Sequence[float], length: int, rng: random.Random) -> tuple[int, int]:
-    """Where a new server of `length` blocks helps most: the window whose weakest block is weakest.
-
-    Ties go to the window with the least total throughput, then to a seeded draw.
-    """
-    blocks = len(throughput)
-    length = max(1, min(length, blocks))
-    scored = []
-    for start in range(blocks - length + 1):
-        window = throughput[start:start + length]
-        scored.append(((min(window), sum(window)), start))
-    best = min(score for score, _ in scored)
-    starts = [start for score, start in scored if score == best]
-    start = starts[0] if len(starts) == 1 else rng.choice(starts)
-    return start, start + length
 
 
 def swizzle_order(peers: Sequence[str], count: int, rng: random.Random) -> tuple[list[str], list[str]]:

@@ -45,18 +45,6 @@ def test_arrival_rate_keeps_the_population():
     assert churn.arrival_rate(spec) * churn.mean_session(0.5, 3600) == pytest.approx(100)
 
 
-def test_a_new_server_goes_where_the_swarm_is_weakest():
-    throughput = churn.block_throughput([(0, 6, 10.0), (4, 10, 5.0)], 12)
-    assert throughput == [10, 10, 10, 10, 15, 15, 5, 5, 5, 5, 0, 0]
-    assert churn.choose_span(throughput, 4, random.Random(0)) == (8, 12)
-    assert churn.choose_span(throughput, 50, random.Random(0)) == (0, 12)
-
-
-def test_ties_are_broken_by_the_seeded_generator():
-    picks = {churn.choose_span([0.0] * 10, 3, random.Random(seed)) for seed in range(20)}
-    assert len(picks) > 1 and all(end - start == 3 for start, end in picks)
-
-
 def test_swizzle_restores_in_another_order():
     clog, restore = churn.swizzle_order([f"n{i}" for i in range(10)], 6, random.Random(4))
     assert len(clog) == 6 and sorted(clog) == sorted(restore) and clog != restore
