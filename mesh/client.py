@@ -6,6 +6,7 @@ token ids and text never leave the device: only hidden states travel, hop by hop
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections.abc import AsyncIterator, Iterable
@@ -19,7 +20,7 @@ from mesh.discovery import Discovery, PeerRecord
 from mesh.errors import TransportError
 from mesh.backoff import BanList
 from mesh.pipeline import Recovery, RoutePipeline, StepTiming
-from mesh.routing import DEFAULT_RTT_S, ROUTING_MODES, Route, ServerSpan, plan_route
+from mesh.routing import DEFAULT_RTT_S, ROUTING_MODES, NoRouteError, Route, ServerSpan, plan_route
 from mesh.session import HopSession, open_hop
 from mesh.transport import INFO_PROTOCOL, MessageStream, Transport
 from protocol import Codec, Hello, ProtocolError, Role, SpanInfo
@@ -43,6 +44,7 @@ class ClientOptions:
     probe_timeout_s: float = 3.0
     probe_all_up_to: int = 32  # swarms with at most this many records are probed whole before each plan
     probe_sample: int = 8  # in larger ones: unmeasured peers probed per plan, besides the route's, to learn RTTs
+    probe_rounds: int = 3  # in larger ones: rounds of probing, then the route is planned on peers that answered
     step_timeout_s: float = 10.0  # per step, plus step_timeout_per_token_s per token in it
     step_timeout_per_token_s: float = 0.05
     io_timeout_s: float = 30.0
@@ -157,7 +159,11 @@ class Client:
         earlier, or the median of those for a peer never measured), then only its peers and a few
         unmeasured ones (`probe_sample`, to learn their round trips) are probed; a route peer that
         does not answer, or no longer serves what its record said, is left out and the route planned
-        again. Each round probes at least one peer not probed before, so planning ends.
+        again. Records are older than probes (a node's load has usually grown since it announced), so
+        a peer not yet probed tends to look better than one just probed, and chasing them could take
+        a round trip per peer in the swarm: after `probe_rounds` rounds the route is planned on the
+        peers that answered, when they cover the blocks. Each round probes at least one peer not
+        probed before, so planning ends.
         """
         end = self.config.num_layers if end is None else end
         weighed = dict(mode=ROUTING_MODES[self.options.routing], need_tokens=need_tokens)
@@ -167,15 +173,20 @@ class Client:
             return plan_route(self._spans(probed.items()), start, end, rtts=self.rtts, **weighed)
         spans = {span.peer_id: span for span in self._spans((r.peer_id, r.info) for r in records)}
         by_peer = {r.peer_id: r for r in records}
-        rtts, probed = self._estimated_rtts(records), set()
+        rtts, probed = self._estimated_rtts(records), {}  # probed: peer -> None, in probing order
         unmeasured = [r for r in records if r.peer_id not in self.rtts]
         ask = self.rng.sample(unmeasured, min(self.options.probe_sample, len(unmeasured)))
-        while True:
+        for rounds in itertools.count(1):
             for peer, info in (await self._probe_all(ask)).items():
-                probed.add(peer)
+                probed[peer] = None
                 spans.pop(peer, None)
                 spans.update((s.peer_id, s) for s in self._spans([(peer, info)]))
                 rtts[peer] = self.rtts.get(peer, rtts[peer])
+            if rounds >= self.options.probe_rounds:
+                try:  # on fresh answers only
+                    return plan_route([spans[p] for p in probed if p in spans], start, end, rtts=rtts, **weighed)
+                except NoRouteError:
+                    pass  # the peers that answered leave a gap: probe on
             route = plan_route(spans.values(), start, end, rtts=rtts, **weighed)
             ask = [by_peer[peer] for peer in route.peers if peer not in probed]
             if not ask:  # every peer on the route answered just now, with the span it was planned on

@@ -18,6 +18,7 @@ import trio
 
 from mesh.errors import DialError, StreamClosed
 from mesh.transport import ByteStream, StreamHandler, Transport
+from mesh.virtual_time import sleep_until
 
 ADDR_PREFIX = "/memory/"
 SEND_BUFFER_BYTES = 256 * 1024  # what a send may queue beyond the link before it blocks
@@ -63,7 +64,7 @@ class MemoryByteStream(ByteStream):
         # SEND_BUFFER_BYTES are still waiting for the uplink; then it waits until they fit.
         backlog_s = self._next_free - now - SEND_BUFFER_BYTES * 8 / link.bandwidth_bps
         if backlog_s > 0:
-            await trio.sleep(backlog_s)
+            await sleep_until(now + backlog_s)
         else:
             await trio.lowlevel.checkpoint()
 
@@ -78,7 +79,7 @@ class MemoryByteStream(ByteStream):
             except trio.ClosedResourceError:
                 raise StreamClosed(self.peer_id, "stream closed locally") from None
             if arrival > trio.current_time():
-                await trio.sleep_until(arrival)
+                await sleep_until(arrival)
             await self._wait_while_frozen()
             if self._in.reset:
                 raise StreamClosed(self.peer_id, "stream reset")

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Collection
 import torch
 import trio
 
+from mesh import virtual_time
 from mesh.data_channel import DataChannels
 from mesh.discovery import RECORD_TTL_S, REFRESH_EVERY_S, Discovery, PeerRecord
 from mesh.transport import INFERENCE_PROTOCOL, INFO_PROTOCOL, Transport
@@ -120,7 +121,7 @@ class Node:
 
     async def _refresh_loop(self) -> None:
         while True:
-            await trio.sleep(self.refresh_every_s)
+            await virtual_time.sleep(self.refresh_every_s)  # trio.sleep, or a simulator's cheaper timers
             await self._announce()
 
     async def _announce(self) -> None:

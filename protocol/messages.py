@@ -9,9 +9,10 @@ message built locally is checked exactly like one that arrived.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, Field, dataclass, fields
 from typing import Any, ClassVar
 
 from protocol.codec_choice import CodecSpeed
@@ -111,9 +112,14 @@ class Message:
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"type": self.TYPE}
-        for field in fields(self):
+        for field in _fields_of(type(self)):
             wire[field.name] = _value_to_wire(getattr(self, field.name))
         return wire
+
+
+@functools.cache
+def _fields_of(cls: type[Message]) -> tuple[Field, ...]:
+    return fields(cls)  # dataclasses.fields rebuilds its tuple on every call; messages are hot
 
 
 def _value_to_wire(value: object) -> object:
@@ -415,7 +421,7 @@ def message_from_wire(wire: object, limits: TensorLimits = DEFAULT_LIMITS) -> Me
     if cls is None:
         raise UnknownMessageType(message_type)
     values: dict[str, Any] = {}
-    for field in fields(cls):
+    for field in _fields_of(cls):
         if field.name not in wire:
             if field.default is MISSING and field.default_factory is MISSING:
                 raise InvalidMessage(f"{cls.__name__} lacks required field {field.name!r}")

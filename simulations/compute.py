@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import trio
 
+from mesh.virtual_time import sleep_until
 from shard.config import ModelConfig
 from shard.errors import CacheFull, InvalidInput
 from simulations.scenario import DeviceProfile, ModelShape
@@ -60,7 +61,9 @@ class StandInWeights:
         self.embed = rng.integers(0, PRIME, size=(model.vocab, LIVE)).astype(np.float64)
         self.readout = rng.integers(1, 4096, size=LIVE).astype(np.float64)
         self.vocab = model.vocab
-        self._rows = [(self.scale[b].tolist(), self.mix[b].tolist(), self.shift[b].tolist()) for b in range(model.blocks)]
+        # per block: scale, mix and shift of each channel, as one tuple of Python floats (for the decode path)
+        self._rows = [tuple(np.stack([self.scale[b], self.mix[b], self.shift[b]], axis=1).ravel().tolist())
+                      for b in range(model.blocks)]
 
     def block(self, index: int, live: np.ndarray, state: np.ndarray, first_position: int) -> np.ndarray:
         """Block `index` on `live` [B, T, LIVE] (integers); updates `state` [B] (running input sum)."""
@@ -75,11 +78,14 @@ class StandInWeights:
 
         `state` holds one running sum per block (updated in place); used for decode steps, the common case.
         """
-        for offset, (scale, mix, shift) in enumerate(self._rows[start:start + len(state)]):
-            prefix = (state[offset] + live[0]) % PRIME
+        x0, x1, x2, x3 = live  # LIVE channels, unrolled: this runs for every block of every decoded token
+        p = float(position + 1)
+        for offset, (a0, m0, c0, a1, m1, c1, a2, m2, c2, a3, m3, c3) in enumerate(self._rows[start:start + len(state)]):
+            prefix = (state[offset] + x0) % PRIME
             state[offset] = prefix
-            live = [(x * a + prefix * m + (position + 1) * c) % PRIME for x, a, m, c in zip(live, scale, mix, shift)]
-        return live
+            x0, x1, x2, x3 = ((x0 * a0 + prefix * m0 + p * c0) % PRIME, (x1 * a1 + prefix * m1 + p * c1) % PRIME,
+                              (x2 * a2 + prefix * m2 + p * c2) % PRIME, (x3 * a3 + prefix * m3 + p * c3) % PRIME)
+        return [x0, x1, x2, x3]
 
     def token(self, live_last: np.ndarray) -> int:
         """The stand-in head's choice for one position's channels [LIVE]."""
@@ -158,7 +164,7 @@ class CostModelSpan:
         return [self.sub_span(item.start, item.end)(item.hidden, item.cache) for item in items]
 
     async def compute_delay(self, tokens: int) -> None:
-        await trio.sleep(step_seconds(self.device, self.end - self.start, tokens))
+        await sleep_until(trio.current_time() + step_seconds(self.device, self.end - self.start, tokens))
 
 
 class TimedSpan:
@@ -184,7 +190,7 @@ class TimedSpan:
         return self.span.forward_batch(items)
 
     async def compute_delay(self, tokens: int) -> None:
-        await trio.sleep(step_seconds(self.device, self.end - self.start, tokens))
+        await sleep_until(trio.current_time() + step_seconds(self.device, self.end - self.start, tokens))
 
 
 class StandInHead:
@@ -202,13 +208,12 @@ class StandInHead:
         return torch.from_numpy(out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [B, T, D] -> [B, T, V], one-hot at the stand-in token
-        out = torch.zeros(*hidden.shape[:2], self.config.vocab_size)
-        live = hidden[:, :, :LIVE].numpy().astype(np.float64)
-        for b in range(hidden.shape[0]):
-            for t in range(hidden.shape[1]):
-                out[b, t, self.weights.token(live[b, t])] = 1.0
-        return out
+        # hidden: [B, T, D] -> [B, T, V], one-hot at the stand-in token (`StandInWeights.token` of each row)
+        live = hidden[:, :, :LIVE].numpy().astype(np.float64).reshape(-1, LIVE)
+        tokens = (live @ self.weights.readout % self.weights.vocab).astype(np.int64)  # exact: sums below 2**31
+        out = np.zeros((live.shape[0], self.config.vocab_size), dtype=np.float32)
+        out[np.arange(live.shape[0]), tokens] = 1.0
+        return torch.from_numpy(out.reshape(*hidden.shape[:2], -1))
 
 
 def reference_tokens(weights: StandInWeights, blocks: int, prompt: list[int], new_tokens: int) -> list[int]:

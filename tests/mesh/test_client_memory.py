@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import trio
 
@@ -145,6 +147,34 @@ async def test_a_large_swarm_probes_only_the_route_and_a_sample(swarm, monkeypat
     report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=5))
     assert report.token_ids == local_tokens(swarm.model_dir, 5)
     assert len(probed) <= len(report.hops) + 1 < 5
+
+
+async def test_records_that_promise_more_than_probes_show_do_not_make_planning_chase_every_peer(swarm, monkeypatch):
+    """Every record says its node is 100x faster than its probe then shows (stale load): unprobed peers
+    always look best, yet planning stops after `probe_rounds` rounds with a route over peers that answered."""
+    for i in range(12):
+        await swarm.add_node(f"n{i:02d}", 0, 6, token_seconds=0.05)  # compute outweighs any round trip here
+    lookup = MemoryDirectory.lookup
+
+    async def promising(self, model_key):
+        return [dataclasses.replace(r, info=dataclasses.replace(r.info, throughput=r.info.throughput * 100))
+                for r in await lookup(self, model_key)]
+
+    monkeypatch.setattr(MemoryDirectory, "lookup", promising)
+    rounds: list[list[str]] = []
+    probe_all = Client._probe_all
+
+    async def counting(self, records):
+        rounds.append([r.peer_id for r in records])
+        return await probe_all(self, records)
+
+    monkeypatch.setattr(Client, "_probe_all", counting)
+    client = await swarm.client("user", probe_all_up_to=2, probe_sample=1, probe_rounds=3)
+    route = await client.plan()
+    assert len(rounds) == 3
+    assert route.peers[0] in {peer for batch in rounds for peer in batch}
+    report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=5))
+    assert report.token_ids == local_tokens(swarm.model_dir, 5)
 
 
 async def test_a_stale_record_on_the_planned_route_is_routed_around(swarm):
