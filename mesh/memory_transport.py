@@ -32,12 +32,45 @@ class Link:
 
 
 class _Pipe:
-    """One direction of a stream: chunks in flight with their delivery times."""
+    """One direction of a stream: chunks in flight with their delivery times, in order (as TCP's).
+
+    Under a clock that can call back at a time (`mesh.virtual_time.VirtualClock`), a chunk is handed
+    to the receiver when it arrives; under any other, at once with its arrival time, and the
+    receiver waits for that time itself.
+    """
 
     def __init__(self):
         self.send, self.recv = trio.open_memory_channel(math.inf)
         self.reset = False
         self.closed = False  # the sender closed its side
+        self.last_arrival = 0.0
+        self.in_flight = 0  # chunks handed to the clock, not yet arrived
+
+    def put(self, arrival: float, data: bytes) -> None:
+        arrival = self.last_arrival = max(arrival, self.last_arrival)
+        call_at = getattr(trio.lowlevel.current_clock(), "call_at", None)
+        if call_at is None:
+            self.send.send_nowait((arrival, data))
+            return
+        self.in_flight += 1
+        call_at(arrival, self._arrive, arrival, data)
+
+    def _arrive(self, arrival: float, data: bytes) -> None:
+        self.in_flight -= 1
+        try:
+            if not self.reset:
+                self.send.send_nowait((arrival, data))
+            if self.closed and not self.in_flight:
+                self.send.close()  # the end of the stream arrives after its last chunk
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # reset, or the receiver is gone: the chunk is lost with the stream
+
+    async def close(self) -> None:
+        self.closed = True
+        if self.in_flight:
+            await trio.lowlevel.checkpoint()  # closed once the last chunk arrives
+        else:
+            await self.send.aclose()
 
 
 class MemoryByteStream(ByteStream):
@@ -49,15 +82,15 @@ class MemoryByteStream(ByteStream):
 
     async def send_all(self, data: bytes) -> None:
         await self._wait_while_frozen()
-        if self._out.reset or self.network.is_down(self.local) or self.network.is_down(self.peer_id):
-            raise StreamClosed(self.peer_id, "stream reset")
+        if self._out.reset or self._out.closed or self.network.is_down(self.local) \
+                or self.network.is_down(self.peer_id):
+            raise StreamClosed(self.peer_id, "stream reset" if self._out.reset else "stream closed")
         link = self.network.link(self.local, self.peer_id)
         now = trio.current_time()
         transmit = len(data) * 8 / link.bandwidth_bps
         self._next_free = max(self._next_free, now) + transmit
-        arrival = self._next_free + link.latency_s
         try:
-            self._out.send.send_nowait((arrival, bytes(data)))
+            self._out.put(self._next_free + link.latency_s, bytes(data))
         except (trio.ClosedResourceError, trio.BrokenResourceError) as err:
             raise StreamClosed(self.peer_id, "stream closed") from err
         # Like a socket's send buffer: the write returns once the data is queued, unless more than
@@ -87,8 +120,7 @@ class MemoryByteStream(ByteStream):
         return data
 
     async def aclose(self) -> None:
-        self._out.closed = True
-        await self._out.send.aclose()
+        await self._out.close()
 
     @property
     def finished(self) -> bool:

@@ -20,6 +20,7 @@ import heapq
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 DEFAULT_RTT_S = 0.005  # assumed round trip to a peer never measured
 DEFAULT_BLOCK_S = 0.005  # assumed seconds per block per token for a server that announced none
@@ -86,13 +87,9 @@ def plan_route(servers: Iterable[ServerSpan], start: int, end: int, *,
                mode: RoutingMode = LATENCY, need_tokens: int = 0) -> Route:
     """The cheapest chain of hops covering [start, end) for a session of `need_tokens` positions;
     raises NoRouteError naming the gaps."""
-    banned = set(banned)
-    rtts = rtts or {}
-    fixed = {s.peer_id: _fixed_cost(s, rtts, mode, need_tokens) for s in servers}
-    usable = _undominated([s for s in servers if s.peer_id not in banned and s.start < end and s.end > start],
-                          start, end, fixed, mode)
-    bounds = sorted({start, end} | {min(max(b, start), end) for s in usable for b in (s.start, s.end)})
-    covering = {b: [s for s in usable if s.covers(b)] for b in bounds[:-1]}
+    usable = _undominated(_costed(servers, start, end, set(banned), rtts or {}, mode, need_tokens), start, end)
+    bounds = sorted({start, end} | {min(max(b, start), end) for c in usable for b in (c.server.start, c.server.end)})
+    covering = {b: [c for c in usable if c.server.start <= b < c.server.end] for b in bounds[:-1]}
     best: dict[int, tuple[float, int, tuple[Hop, ...]]] = {start: (0.0, 0, ())}
     queue: list[tuple[float, int, tuple[str, ...], int]] = [(0.0, 0, (), start)]
     while queue:
@@ -102,8 +99,7 @@ def plan_route(servers: Iterable[ServerSpan], start: int, end: int, *,
         if best[block][:2] != (cost, n_hops):
             continue  # a stale queue entry
         first = bisect.bisect_right(bounds, block)
-        for server in covering[block]:
-            hop_fixed, per_block = fixed[server.peer_id], _block_cost(server, mode)
+        for hop_fixed, per_block, server in covering[block]:
             for stop in bounds[first:bisect.bisect_right(bounds, min(server.end, end))]:
                 hop_cost = cost + hop_fixed + (stop - block) * per_block
                 known = best.get(stop)
@@ -114,35 +110,43 @@ def plan_route(servers: Iterable[ServerSpan], start: int, end: int, *,
                 if known is None or key < (known[0], known[1], tuple(h.peer_id for h in known[2])):
                     best[stop] = (hop_cost, n_hops + 1, hops)
                     heapq.heappush(queue, (hop_cost, n_hops + 1, key[2], stop))
-    raise NoRouteError(start, end, uncovered(usable, start, end))
+    raise NoRouteError(start, end, uncovered([c.server for c in usable], start, end))
 
 
-def _fixed_cost(server: ServerSpan, rtts: Mapping[str, float], mode: RoutingMode, need_tokens: int) -> float:
-    """What a hop through `server` costs whatever its length: the round trip, and a penalty when
-    the server says its KV cache is too full for the session."""
-    short = server.free_cache_tokens is not None and server.free_cache_tokens < need_tokens
-    return mode.rtt_weight * rtts.get(server.peer_id, DEFAULT_RTT_S) + (CACHE_SHORT_S if short else 0.0)
+class _Costed(NamedTuple):
+    fixed: float  # what a hop through the server costs whatever its length
+    per_block: float  # and per block of it
+    server: ServerSpan
 
 
-def _block_cost(server: ServerSpan, mode: RoutingMode) -> float:
-    return server.block_seconds * (1.0 + mode.load_weight * server.sessions)
+def _costed(servers: Iterable[ServerSpan], start: int, end: int, banned: set[str], rtts: Mapping[str, float],
+            mode: RoutingMode, need_tokens: int) -> list[_Costed]:
+    """The servers that may take part, with their costs: a hop's round trip (and a penalty when the
+    server says its KV cache is too full for the session), and its compute per block, stretched by load."""
+    costed = []
+    for server in servers:
+        if server.peer_id in banned or server.start >= end or server.end <= start:
+            continue
+        short = server.free_cache_tokens is not None and server.free_cache_tokens < need_tokens
+        fixed = mode.rtt_weight * rtts.get(server.peer_id, DEFAULT_RTT_S) + (CACHE_SHORT_S if short else 0.0)
+        costed.append(_Costed(fixed, server.block_seconds * (1.0 + mode.load_weight * server.sessions), server))
+    return costed
 
 
-def _undominated(servers: list[ServerSpan], start: int, end: int, fixed: Mapping[str, float],
-                 mode: RoutingMode) -> list[ServerSpan]:
+def _undominated(servers: list[_Costed], start: int, end: int) -> list[_Costed]:
     """`servers` less those another server beats on every route: same blocks within [start, end),
     a fixed and a per-block cost no worse, and an earlier peer id when both are equal."""
-    groups: dict[tuple[int, int], list[ServerSpan]] = {}
-    for server in servers:
-        groups.setdefault((max(server.start, start), min(server.end, end)), []).append(server)
+    groups: dict[tuple[int, int], list[_Costed]] = {}
+    for costed in servers:
+        groups.setdefault((max(costed.server.start, start), min(costed.server.end, end)), []).append(costed)
     kept = []
     for group in groups.values():
-        group.sort(key=lambda s: (fixed[s.peer_id], _block_cost(s, mode), s.peer_id))
+        group.sort(key=lambda c: (c.fixed, c.per_block, c.server.peer_id))
         fastest = math.inf
-        for server in group:
-            if _block_cost(server, mode) < fastest:
-                kept.append(server)
-                fastest = _block_cost(server, mode)
+        for costed in group:
+            if costed.per_block < fastest:
+                kept.append(costed)
+                fastest = costed.per_block
     return kept
 
 

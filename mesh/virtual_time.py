@@ -4,8 +4,9 @@ trio's run loop asks its clock how long to sleep (`deadline_to_sleep_time`) only
 runnable; `VirtualClock` answers by moving its time to the next event, so the loop wakes at once.
 The next event is the nearer of trio's next deadline (a cancel scope's, e.g. an I/O timeout) and
 the clock's own next timer. Timers are what a simulated world (`simulations`) waits on by the
-thousand: a message's arrival on a virtual link (`mesh.memory_transport`) and a span's modelled
-compute time, through `sleep_until`. A trio sleep is a cancel scope whose deadline
+thousand: a span's modelled compute time (`sleep_until`) and a message's arrival on a virtual link
+(`call_at`: `mesh.memory_transport` hands the bytes over when they arrive, so the receiver wakes
+once, not once when they are sent and again when they arrive). A trio sleep is a cancel scope whose deadline
 cancels it, which costs a `Cancelled` exception per wake-up; a timer parks the task and the clock
 reschedules it (timers due at one instant in the order they were set; trio then runs them as one
 batch, in its own order, which a run seeds). So hours of a
@@ -21,6 +22,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Callable
 
 import trio
 
@@ -30,7 +32,8 @@ IDLE_S = 86400.0  # no deadline and no timer: only real I/O could wake the run (
 class VirtualClock(trio.abc.Clock):
     def __init__(self, start: float = 0.0):
         self._now = start
-        self._timers: list[list] = []  # heap of [when, order, task or None once it was cancelled]
+        # heap of [when, order, task to wake or None, callback or None, its args]; a cancelled sleep has neither
+        self._timers: list[list] = []
         self._order = itertools.count()
         self.jumps = 0
 
@@ -42,17 +45,19 @@ class VirtualClock(trio.abc.Clock):
 
     def deadline_to_sleep_time(self, deadline: float) -> float:
         """Called by trio's run loop when no task can run: jump to the next deadline or timer."""
-        while self._timers and self._timers[0][2] is None:  # cancelled sleeps: nothing to wake
-            heapq.heappop(self._timers)
+        while self._timers and self._timers[0][2] is None and self._timers[0][3] is None:
+            heapq.heappop(self._timers)  # cancelled sleeps: nothing to wake
         timer = self._timers[0][0] if self._timers else math.inf
         if timer == deadline == math.inf:
             return IDLE_S
         if timer <= deadline:
             self._advance(timer)
             while self._timers and self._timers[0][0] <= self._now:
-                task = heapq.heappop(self._timers)[2]
+                _, _, task, callback, args = heapq.heappop(self._timers)
                 if task is not None:
                     trio.lowlevel.reschedule(task)
+                elif callback is not None:
+                    callback(*args)
         else:
             self._advance(deadline)
         return 0.0
@@ -62,12 +67,21 @@ class VirtualClock(trio.abc.Clock):
             self._now = when
             self.jumps += 1
 
+    def call_at(self, when: float, callback: Callable[..., None], *args) -> None:
+        """Call `callback(*args)` at `when` (at once if that has come), from trio's run loop between
+        task steps: it must not block or raise, and may only do what needs no running task (wake
+        one: a memory channel's `send_nowait`, `trio.lowlevel.reschedule`)."""
+        if when <= self._now:
+            callback(*args)
+        else:
+            heapq.heappush(self._timers, [when, next(self._order), None, callback, args])
+
     async def sleep_until(self, when: float) -> None:
         """`trio.sleep_until` on this clock's timers (a checkpoint; cancellable like any wait)."""
         if when <= self._now:
             await trio.lowlevel.checkpoint()
             return
-        entry = [when, next(self._order), trio.lowlevel.current_task()]
+        entry = [when, next(self._order), trio.lowlevel.current_task(), None, ()]
         heapq.heappush(self._timers, entry)
 
         def abort(_) -> trio.lowlevel.Abort:
