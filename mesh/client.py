@@ -108,6 +108,7 @@ class Client:
         self.rng = random.Random(options.seed)
         self._head_lock = trio.Lock()
         self._head_queue: list[list] = []  # [hidden [1, 1, D], logits or None] of concurrent generations
+        self._generating = 0  # generations running now: alone, one has nobody to share the head with
 
     async def servers(self) -> list[tuple[PeerRecord, SpanInfo]]:
         """Every record of a peer serving this model that answers now, with its fresh span info."""
@@ -231,6 +232,7 @@ class Client:
         max_length = min(limit, len(ids) + params.max_new_tokens)
         pipeline = self._pipeline(max_length)
         report.recoveries = pipeline.recoveries
+        self._generating += 1
         try:
             await pipeline.open(0, self.config.num_layers)
             inputs, position = torch.tensor([ids]), 0
@@ -248,6 +250,7 @@ class Client:
                     break
                 inputs = torch.tensor([[emitted.token_id]])
         finally:
+            self._generating -= 1
             await pipeline.close()
 
     async def generate_text(self, prompt: str | None = None, **kwargs) -> GenerationReport:
@@ -281,8 +284,8 @@ class Client:
         """The LM head on one sequence's last hidden state [1, 1, D] -> [V]. Concurrent generations
         (an API server's users) share one pass when the head computes rows independently (int8,
         int4): whoever holds the lock next runs every row queued by then, reading the head once."""
-        if not self.head.rows_independent:
-            return self.head.logits(last)[0, 0]
+        if not self.head.rows_independent or (self._generating == 1 and not self._head_queue):
+            return self.head.logits(last)[0, 0]  # nobody to share a pass with
         entry = [last, None]
         self._head_queue.append(entry)
         async with self._head_lock:

@@ -91,8 +91,11 @@ class HopSession:
             raise HopFailed(self.peer_id, self.start, self.end,
                             f"step result has shape {list(output.shape)}, sent {list(hidden.shape)}")
         # replayed inputs too, in their original chunks: a later failover replays them again
-        offsets = np.cumsum((0, *(chunks or (hidden.shape[1],))))
-        self.history.extend(StepRecord(start_position + int(a), hidden[:, a:b]) for a, b in zip(offsets, offsets[1:]))
+        if len(chunks) <= 1:
+            self.history.append(StepRecord(start_position, hidden))
+        else:
+            offsets = np.cumsum((0, *chunks))
+            self.history.extend(StepRecord(start_position + int(a), hidden[:, a:b]) for a, b in zip(offsets, offsets[1:]))
         self.compute_seconds += reply.compute_seconds
         self.wall_seconds += trio.current_time() - started
         return output

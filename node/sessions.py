@@ -9,7 +9,8 @@ chunks, so the event loop keeps answering pings and other sessions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,7 +201,7 @@ class SessionManager:
         try:
             if not self.compute_lock.locked():
                 await self._wait_for_company(step.session)
-            async with self.compute_lock:
+            async with _holding(self.compute_lock):
                 while step.output is None and step.error is None:  # not run yet by an earlier holder's batch
                     await self._run_batch(self._take_batch(step.session.root))  # oldest first, then ours
         finally:
@@ -268,7 +269,7 @@ class SessionManager:
         for turn in prefill_turns(chunks or (hidden.shape[1],), self.limits.prefill_chunk_tokens):
             part = hidden[:, offset:offset + sum(turn)]
             offset += sum(turn)
-            async with self.compute_lock:
+            async with self.compute_lock:  # yields between turns: decode steps get theirs
                 started = trio.current_time()
                 if self.limits.compute_in_thread:
                     outputs.append(await trio.to_thread.run_sync(_forward, session, part, turn))
@@ -279,6 +280,21 @@ class SessionManager:
         self.tokens_served += hidden.shape[0] * hidden.shape[1]
         self.compute_seconds += seconds
         return np.concatenate(outputs, axis=1), seconds
+
+
+@asynccontextmanager
+async def _holding(lock: trio.Lock) -> AsyncIterator[None]:
+    """`async with lock`, without trio's yield when nobody holds or waits for it (a decode step
+    yields soon enough: sending its result)."""
+    if lock.locked():
+        await lock.acquire()
+    else:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        lock.acquire_nowait()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def prefill_turns(chunks: tuple[int, ...], limit: int) -> list[tuple[int, ...]]:
@@ -310,7 +326,9 @@ def _forward(session: ServedSession, hidden: np.ndarray, passes: tuple[int, ...]
     """The session's blocks on `hidden` [B, T, D], as forward passes of `passes` tokens each."""
     inputs = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))
     try:
-        outputs = [session.span(part, session.cache) for part in inputs.split(list(passes) or [inputs.shape[1]], dim=1)]
+        if len(passes) <= 1:  # one pass: a decode step, or a prefill chunk
+            return session.span(inputs, session.cache).to(torch.float32).numpy()
+        outputs = [session.span(part, session.cache) for part in inputs.split(list(passes), dim=1)]
     except ShardError as err:
         raise SessionRefused(ErrorCode.INVALID_TENSOR, str(err)) from err
     return torch.cat(outputs, dim=1).to(torch.float32).numpy()
