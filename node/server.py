@@ -40,6 +40,7 @@ class InferenceServer:
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
         self.io_timeout = io_timeout
         self._live: dict[str, trio.CancelScope] = {}
+        self._stepping: dict[str, bool] = {}  # session id -> whether to stop once the step in flight is answered
         manager.on_end = self._ended
 
     def hello(self) -> Hello:
@@ -185,17 +186,27 @@ class InferenceServer:
                 if isinstance(message, Ping):
                     await stream.send(Pong(nonce=message.nonce))
                     continue
-                await self._step(stream, session, message)
+                self._stepping[session.session_id] = False
+                try:
+                    await self._step(stream, session, message)
+                finally:
+                    if self._stepping.pop(session.session_id):
+                        scope.cancel()  # asked to stop during the step: now that it is answered
         if session.ended is not None:
             raise session.ended
         if self.manager.draining:
             raise SessionRefused(ErrorCode.SHUTTING_DOWN, "this node is shutting down; replay elsewhere",
                                  retry_elsewhere=True)
 
-    def _ended(self, session: ServedSession) -> None:
-        scope = self._live.get(session.session_id)
-        if scope is not None:
+    def _stop(self, session_id: str) -> None:
+        """End a session's loop: at once when it waits for a message, else once its step is answered."""
+        if session_id in self._stepping:
+            self._stepping[session_id] = True
+        elif (scope := self._live.get(session_id)) is not None:
             scope.cancel()
+
+    def _ended(self, session: ServedSession) -> None:
+        self._stop(session.session_id)
 
     async def _next(self, stream: MessageStream, session: ServedSession) -> Message:
         idle = self.manager.limits.idle_timeout_s
@@ -210,8 +221,7 @@ class InferenceServer:
         if not isinstance(message, Step):
             raise SessionRefused(ErrorCode.UNEXPECTED_MESSAGE, f"expected step, got {message.TYPE}")
         hidden = decode_tensor(message.hidden)
-        with trio.CancelScope(shield=True):  # a drain waits for the step in flight
-            output, seconds = await self.manager.step(session, hidden, message.start_position, message.chunks)
+        output, seconds = await self.manager.step(session, hidden, message.start_position, message.chunks)
         result = encode_tensor(output, session.codec)
         await stream.send(StepResult(session_id=session.session_id, step=message.step, hidden=result,
                                      compute_seconds=seconds))
@@ -219,8 +229,8 @@ class InferenceServer:
     def drain(self) -> None:
         """Refuse new sessions and end open ones with an error telling their clients to go elsewhere."""
         self.manager.draining = True
-        for scope in list(self._live.values()):
-            scope.cancel()
+        for session_id in list(self._live):
+            self._stop(session_id)
 
     async def _refuse(self, stream: MessageStream, code: ErrorCode, reason: str, *,
                       retry_elsewhere: bool = False, session_id: str = "") -> None:
