@@ -44,7 +44,7 @@ class ClientOptions:
     probe_timeout_s: float = 3.0
     probe_all_up_to: int = 32  # swarms with at most this many records are probed whole before each plan
     probe_sample: int = 8  # in larger ones: unmeasured peers probed per plan, besides the route's, to learn RTTs
-    probe_rounds: int = 3  # in larger ones: rounds of probing, then the route is planned on peers that answered
+    probe_rounds: int = 2  # in larger ones: rounds of probing, then the route is planned on peers that answered
     step_timeout_s: float = 10.0  # per step, plus step_timeout_per_token_s per token in it
     step_timeout_per_token_s: float = 0.05
     io_timeout_s: float = 30.0

@@ -41,9 +41,9 @@ THROUGHPUT = RoutingMode("throughput", rtt_weight=0.25, load_weight=1.0)
 ROUTING_MODES = {mode.name: mode for mode in (LATENCY, THROUGHPUT)}
 
 
-@dataclass(frozen=True)
-class ServerSpan:
-    """What the route planner knows about one server (a snapshot of its announcement)."""
+class ServerSpan(NamedTuple):
+    """What the route planner knows about one server (a snapshot of its announcement). A named
+    tuple: a client builds one per record for every plan, a thousand in a large swarm."""
 
     peer_id: str
     start: int
