@@ -200,6 +200,7 @@ class StandInHead:
 
     def __init__(self, config: ModelConfig, weights: StandInWeights):
         self.config, self.weights = config, weights
+        self.readout = weights.readout.tolist()
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         # ids: [B, T] -> [B, T, D]
@@ -209,11 +210,12 @@ class StandInHead:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [B, T, D] -> [B, T, V], one-hot at the stand-in token (`StandInWeights.token` of each row)
-        live = hidden[:, :, :LIVE].numpy().astype(np.float64).reshape(-1, LIVE)
-        tokens = (live @ self.weights.readout % self.weights.vocab).astype(np.int64)  # exact: sums below 2**31
-        out = np.zeros((live.shape[0], self.config.vocab_size), dtype=np.float32)
-        out[np.arange(live.shape[0]), tokens] = 1.0
-        return torch.from_numpy(out.reshape(*hidden.shape[:2], -1))
+        rows = hidden[:, :, :LIVE].reshape(-1, LIVE).tolist()
+        readout, vocab = self.readout, self.weights.vocab
+        out = torch.zeros(len(rows), self.config.vocab_size)
+        for row, live in enumerate(rows):  # exact: integers, sums below 2**31
+            out[row, int(sum(x * r for x, r in zip(live, readout)) % vocab)] = 1.0
+        return out.reshape(*hidden.shape[:2], -1)
 
 
 def reference_tokens(weights: StandInWeights, blocks: int, prompt: list[int], new_tokens: int) -> list[int]:
