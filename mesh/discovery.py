@@ -84,5 +84,7 @@ class MemoryDirectory(Discovery):
 
     async def lookup(self, model_key: str) -> list[PeerRecord]:
         now = self.clock()
-        return sorted((r for (key, _), r in self.records.items() if key == model_key and not r.expired(now)),
-                      key=lambda r: r.peer_id)
+        expired = [key for key, record in self.records.items() if record.expired(now)]
+        for key in expired:  # a crashed peer never withdraws: forget its record once it has expired
+            del self.records[key]
+        return sorted((r for (key, _), r in self.records.items() if key == model_key), key=lambda r: r.peer_id)

@@ -71,10 +71,14 @@ def encode_tensor(
 ) -> WireTensor:
     """Encode a float32/float16 array; `dtype` (default: the array's) is what receivers build."""
     array = np.asarray(array)
-    if array.dtype != np.float32 and array.dtype != np.float16:
+    if array.dtype == np.float32:
+        name = "float32"
+    elif array.dtype == np.float16:
+        name = "float16"
+    else:
         raise InvalidTensor(f"can only encode float32 or float16 arrays, got {array.dtype}")
     codec = Codec(codec)
-    dtype = array.dtype.name if dtype is None else dtype
+    dtype = name if dtype is None else dtype
     if dtype == "float16" and array.dtype != np.float16:
         raise InvalidTensor("dtype 'float16' needs a float16 array")
     data, scales = _ENCODERS[codec & ~ZSTD_FLAG](array)

@@ -157,7 +157,9 @@ def _checked_logits(logits: object, previous_ids: Sequence[Sequence[int]]) -> to
         )
     if logits.shape[1] == 0:
         raise SamplingError("logits have an empty vocabulary dimension")
-    scores = logits.detach().to(device="cpu", dtype=torch.float32)
+    scores = logits.detach()
+    if scores.dtype != torch.float32 or scores.device.type != "cpu":
+        scores = scores.to(device="cpu", dtype=torch.float32)
     if bool(torch.isfinite(scores).all()):  # the usual case, in one pass
         return scores
     bad = torch.isnan(scores).any(dim=-1) | torch.isposinf(scores).any(dim=-1)

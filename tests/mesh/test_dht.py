@@ -20,7 +20,7 @@ from mesh.dht import (
     provider_key,
     record_key,
 )
-from mesh.discovery import InvalidRecord, PeerRecord
+from mesh.discovery import InvalidRecord, MemoryDirectory, PeerRecord
 from mesh.errors import StreamClosed
 from mesh.libp2p_transport import Libp2pTransport
 from protocol import SpanInfo
@@ -224,3 +224,16 @@ async def test_a_stuck_network_lookup_falls_back_to_records_held_until_they_expi
         assert trio.current_time() - started < da.warm_timeout + 1.0
         clock.now += 31  # the held record expires like any other
         assert await da.lookup(MODEL) == []
+
+
+async def test_the_memory_directory_forgets_records_once_they_expire():
+    """Crashed peers never withdraw; their records must not pile up in a long simulation."""
+    clock = FakeClock(0.0)
+    directory = MemoryDirectory(clock)
+    for peer, expires_at in (("short", 10.0), ("long", 100.0)):
+        info = SpanInfo(model_id="tiny", manifest_hash=MODEL, start=0, end=2)
+        await directory.announce(PeerRecord(peer, (f"/memory/{peer}/p2p/{peer}",), info, expires_at))
+    assert [r.peer_id for r in await directory.lookup(MODEL)] == ["long", "short"]
+    clock.now = 50.0
+    assert [r.peer_id for r in await directory.lookup(MODEL)] == ["long"]
+    assert list(directory.records) == [(MODEL, "long")]
