@@ -85,7 +85,7 @@ def one_torch_thread() -> Iterator[None]:
 def rare_collections(threshold: int = 50_000) -> Iterator[None]:
     """Python's cycle collector, first generation every `threshold` allocations instead of 700: a run
     allocates messages, arrays and trio's exceptions by the million, and at the default the
-    collector took about 9% of a 1,000-node run's wall time (0.6% at 50,000). Restored afterwards."""
+    collector took about 9% of a 1,000-node run's wall time (under 1% at 50,000). Restored afterwards."""
     saved = gc.get_threshold()
     gc.set_threshold(threshold, *saved[1:])
     try:

@@ -59,6 +59,11 @@ class FaultySwarm:
                 elif how == "drain":  # as on SIGTERM, but at a known point: this step is refused
                     node.server.drain()
                     node.stop()
+                elif how == "drain-after-compute":  # SIGTERM while the step is in flight: it is answered
+                    result = await original(session, hidden, position, *rest)
+                    node.server.drain()
+                    node.stop()
+                    return result
             return await original(session, hidden, position, *rest)
 
         manager.step = failing_step
@@ -111,6 +116,18 @@ async def test_failure_of_a_hop_gives_identical_output(autojump_clock, swarm, ex
     if how == "freeze":  # noticed by the step timeout, not faster
         assert trio.current_time() - started >= ClientOptions().step_timeout_s
     assert [hop["peer_id"] for hop in report.route] == ["a", "d"]
+
+
+@pytest.mark.parametrize("step", [1, 9])
+async def test_a_drain_during_a_step_answers_it_and_refuses_the_next(autojump_clock, swarm, expected, step):
+    await two_routes(swarm)
+    swarm.fail_at("b", step, "drain-after-compute")
+    client = await swarm.client()
+    report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=TOKENS))
+    assert report.token_ids == expected
+    [recovery] = report.recoveries
+    assert (recovery.failed_peer, recovery.replacements) == ("b", ["d"])
+    assert recovery.tokens_replayed == len(PROMPT) + step  # the drained step's answer arrived: replayed too
 
 
 async def test_replacement_failing_during_replay_is_replaced_too(autojump_clock, swarm, expected):
