@@ -160,7 +160,7 @@ def _checked_logits(logits: object, previous_ids: Sequence[Sequence[int]]) -> to
     scores = logits.detach()
     if scores.dtype != torch.float32 or scores.device.type != "cpu":
         scores = scores.to(device="cpu", dtype=torch.float32)
-    if bool(torch.isfinite(scores).all()):  # the usual case, in one pass
+    if math.isfinite(scores.sum().item()):  # the usual case, in one pass: a NaN or an inf anywhere makes the sum one
         return scores
     bad = torch.isnan(scores).any(dim=-1) | torch.isposinf(scores).any(dim=-1)
     bad |= torch.isneginf(scores).all(dim=-1)

@@ -28,7 +28,7 @@ from shard.config import ModelConfig
 from shard.errors import CacheFull, InvalidInput
 from simulations.scenario import DeviceProfile, ModelShape
 
-LIVE = 4  # channels of the stand-in activations that carry information
+LIVE = 2  # channels of the stand-in activations that carry information (the simulator's own cost: keep it small)
 PRIME = 65521  # values stay below 2**16; products below 2**36: exact in float64 (and in float32 on the wire)
 MODEL_DIR_NAME = "sim-model"  # the client's model id comes from the directory name: keep it fixed
 
@@ -64,6 +64,8 @@ class StandInWeights:
         # per block: scale, mix and shift of each channel, as one tuple of Python floats (for the decode path)
         self._rows = [tuple(np.stack([self.scale[b], self.mix[b], self.shift[b]], axis=1).ravel().tolist())
                       for b in range(model.blocks)]
+        self.embed_rows = self.embed.tolist()  # token -> its LIVE channels, as Python floats
+        self.readout_row = self.readout.tolist()
 
     def block(self, index: int, live: np.ndarray, state: np.ndarray, first_position: int) -> np.ndarray:
         """Block `index` on `live` [B, T, LIVE] (integers); updates `state` [B] (running input sum)."""
@@ -78,18 +80,17 @@ class StandInWeights:
 
         `state` holds one running sum per block (updated in place); used for decode steps, the common case.
         """
-        x0, x1, x2, x3 = live  # LIVE channels, unrolled: this runs for every block of every decoded token
+        x0, x1 = live  # LIVE channels, unrolled: this runs for every block of every decoded token
         p = float(position + 1)
-        for offset, (a0, m0, c0, a1, m1, c1, a2, m2, c2, a3, m3, c3) in enumerate(self._rows[start:start + len(state)]):
+        for offset, (a0, m0, c0, a1, m1, c1) in enumerate(self._rows[start:start + len(state)]):
             prefix = (state[offset] + x0) % PRIME
             state[offset] = prefix
-            x0, x1, x2, x3 = ((x0 * a0 + prefix * m0 + p * c0) % PRIME, (x1 * a1 + prefix * m1 + p * c1) % PRIME,
-                              (x2 * a2 + prefix * m2 + p * c2) % PRIME, (x3 * a3 + prefix * m3 + p * c3) % PRIME)
-        return [x0, x1, x2, x3]
+            x0, x1 = (x0 * a0 + prefix * m0 + p * c0) % PRIME, (x1 * a1 + prefix * m1 + p * c1) % PRIME
+        return [x0, x1]
 
-    def token(self, live_last: np.ndarray) -> int:
-        """The stand-in head's choice for one position's channels [LIVE]."""
-        return int(np.dot(live_last, self.readout) % self.vocab)
+    def token(self, live_last: list[float]) -> int:
+        """The stand-in head's choice for one position's channels [LIVE] (exact: integers, sums below 2**31)."""
+        return int(sum(x * r for x, r in zip(live_last, self.readout_row)) % self.vocab)
 
 
 class VirtualCache:
@@ -147,9 +148,9 @@ class CostModelSpan:
                                f"got {list(hidden.shape)}")
         cache.check_room(hidden.shape[1])
         out = hidden.numpy().copy()
-        if hidden.shape[:2] == (1, 1):
-            state = cache.state[:, 0].tolist()
-            live = self.weights.blocks_one_position(self.start, out[0, 0, :LIVE].tolist(), state, cache.length)
+        if hidden.shape[:2] == (1, 1):  # a decode step: Python floats, no array per block
+            row, state = out[0, 0], cache.state[:, 0].tolist()
+            live = self.weights.blocks_one_position(self.start, row[:LIVE].tolist(), state, cache.length)
             cache.state[:, 0] = state
         else:
             live = out[:, :, :LIVE].astype(np.float64)
@@ -200,22 +201,23 @@ class StandInHead:
 
     def __init__(self, config: ModelConfig, weights: StandInWeights):
         self.config, self.weights = config, weights
-        self.readout = weights.readout.tolist()
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         # ids: [B, T] -> [B, T, D]
         out = np.zeros((*ids.shape, self.config.hidden_size), dtype=np.float32)
-        out[:, :, :LIVE] = self.weights.embed[ids.numpy() % self.weights.vocab]
+        if ids.shape == (1, 1):  # a decode step
+            out[0, 0, :LIVE] = self.weights.embed_rows[ids.tolist()[0][0] % self.weights.vocab]
+        else:
+            out[:, :, :LIVE] = self.weights.embed[ids.numpy() % self.weights.vocab]
         return torch.from_numpy(out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [B, T, D] -> [B, T, V], one-hot at the stand-in token (`StandInWeights.token` of each row)
-        rows = hidden[:, :, :LIVE].reshape(-1, LIVE).tolist()
-        readout, vocab = self.readout, self.weights.vocab
-        out = torch.zeros(len(rows), self.config.vocab_size)
-        for row, live in enumerate(rows):  # exact: integers, sums below 2**31
-            out[row, int(sum(x * r for x, r in zip(live, readout)) % vocab)] = 1.0
-        return out.reshape(*hidden.shape[:2], -1)
+        rows = hidden.numpy()[:, :, :LIVE].reshape(-1, LIVE).tolist()
+        out = np.zeros((len(rows), self.config.vocab_size), dtype=np.float32)
+        for row, live in enumerate(rows):
+            out[row, self.weights.token(live)] = 1.0
+        return torch.from_numpy(out.reshape(*hidden.shape[:2], -1))
 
 
 def reference_tokens(weights: StandInWeights, blocks: int, prompt: list[int], new_tokens: int) -> list[int]:
@@ -224,10 +226,10 @@ def reference_tokens(weights: StandInWeights, blocks: int, prompt: list[int], ne
     live = weights.embed[np.array([prompt]) % weights.vocab]
     for index in range(blocks):
         live = weights.block(index, live, state[index], 0)
-    tokens, position, sums = [weights.token(live[0, -1])], len(prompt), state[:, 0].tolist()
+    tokens, position, sums = [weights.token(live[0, -1].tolist())], len(prompt), state[:, 0].tolist()
     while len(tokens) < new_tokens:
-        last = weights.blocks_one_position(0, weights.embed[tokens[-1] % weights.vocab].tolist(), sums, position)
-        tokens.append(weights.token(np.array(last)))
+        last = weights.blocks_one_position(0, weights.embed_rows[tokens[-1] % weights.vocab], sums, position)
+        tokens.append(weights.token(last))
         position += 1
     return tokens
 
