@@ -35,6 +35,7 @@ from shard.tokenizer import TOKENIZER_FILE, Tokenizer
 log = logging.getLogger("hearth.client")
 
 HEAD_BATCH_ROWS = 32  # the int8 head kernel stays row-exact up to 48 rows
+SPAN_CACHE_MAX = 1 << 14  # peers whose last span info a client keeps (for planning), before it starts over
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Client:
         self._head_lock = trio.Lock()
         self._head_queue: list[list] = []  # [hidden [1, 1, D], logits or None] of concurrent generations
         self._generating = 0  # generations running now: alone, one has nobody to share the head with
+        self._span_cache: dict[str, tuple[SpanInfo, ServerSpan]] = {}  # peer -> its last info seen, as planned on
 
     async def servers(self) -> list[tuple[PeerRecord, SpanInfo]]:
         """Every record of a peer serving this model that answers now, with its fresh span info."""
@@ -194,10 +196,21 @@ class Client:
                 return route
 
     def _spans(self, infos: Iterable[tuple[str, SpanInfo | None]]) -> list[ServerSpan]:
-        return [ServerSpan(peer, info.start, info.end,
-                           block_seconds=1.0 / max(info.throughput * (info.end - info.start), 1e-9),
-                           sessions=info.sessions, free_cache_tokens=info.free_cache_tokens)
-                for peer, info in infos if info is not None]
+        """The planner's view of each peer's span info (a thousand per plan in a large swarm: each
+        built once per announcement the client sees, not once per plan)."""
+        if len(self._span_cache) > SPAN_CACHE_MAX:
+            self._span_cache.clear()
+        spans = []
+        for peer, info in infos:
+            if info is None:
+                continue
+            cached = self._span_cache.get(peer)
+            if cached is None or cached[0] is not info:
+                cached = self._span_cache[peer] = (info, ServerSpan(
+                    peer, info.start, info.end, block_seconds=1.0 / max(info.throughput * (info.end - info.start), 1e-9),
+                    sessions=info.sessions, free_cache_tokens=info.free_cache_tokens))
+            spans.append(cached[1])
+        return spans
 
     def _estimated_rtts(self, records: list[PeerRecord]) -> dict[str, float]:
         """Measured round trips; the median of those for peers never measured."""

@@ -10,6 +10,8 @@ and the Kademlia DHT one in `mesh.dht`.
 from __future__ import annotations
 
 import abc
+import bisect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,21 +72,48 @@ class Discovery(abc.ABC):
 
 
 class MemoryDirectory(Discovery):
-    """Records in a dict shared by every peer of one in-memory network (a perfect DHT)."""
+    """Records in a dict shared by every peer of one in-memory network (a perfect DHT).
+
+    A simulated swarm holds a thousand records and looks them up for every request, while nodes
+    refresh theirs every few seconds: a lookup walks a per-model list of peer ids kept in order
+    (rebuilt only when a peer comes or goes, not when it refreshes), and expired records are
+    forgotten at most every `PRUNE_EVERY_S` (a lookup skips them in between).
+    """
+
+    PRUNE_EVERY_S = 1.0
 
     def __init__(self, clock: Callable[[], float]):
         self.clock = clock
         self.records: dict[tuple[str, str], PeerRecord] = {}
+        self._ordered: dict[str, list[PeerRecord] | None] = {}  # model key -> its records by peer id, or None: stale
+        self._next_prune = -math.inf
 
     async def announce(self, record: PeerRecord) -> None:
-        self.records[(record.info.manifest_hash, record.peer_id)] = record
+        key = (record.info.manifest_hash, record.peer_id)
+        ordered = self._ordered.get(key[0])
+        if key in self.records and ordered is not None:  # a refresh: same place in the order
+            ordered[bisect.bisect_left(ordered, record.peer_id, key=_peer_id)] = record
+        else:
+            self._ordered[key[0]] = None
+        self.records[key] = record
 
     async def withdraw(self, peer_id: str, model_key: str) -> None:
-        self.records.pop((model_key, peer_id), None)
+        if self.records.pop((model_key, peer_id), None) is not None:
+            self._ordered[model_key] = None
 
     async def lookup(self, model_key: str) -> list[PeerRecord]:
         now = self.clock()
-        expired = [key for key, record in self.records.items() if record.expired(now)]
-        for key in expired:  # a crashed peer never withdraws: forget its record once it has expired
-            del self.records[key]
-        return sorted((r for (key, _), r in self.records.items() if key == model_key), key=lambda r: r.peer_id)
+        if now >= self._next_prune:  # a crashed peer never withdraws: forget its record once it has expired
+            self._next_prune = now + self.PRUNE_EVERY_S
+            for key in [key for key, record in self.records.items() if record.expired(now)]:
+                del self.records[key]
+                self._ordered[key[0]] = None
+        ordered = self._ordered.get(model_key)
+        if ordered is None:
+            ordered = self._ordered[model_key] = sorted(
+                (r for (key, _), r in self.records.items() if key == model_key), key=_peer_id)
+        return [r for r in ordered if now < r.expires_at]
+
+
+def _peer_id(record: PeerRecord) -> str:
+    return record.peer_id

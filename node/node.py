@@ -54,6 +54,8 @@ class Node:
         self.wall_clock = wall_clock
         self.token_seconds = token_seconds if token_seconds is not None else measure_token_seconds(span)
         self.record_ttl_s, self.refresh_every_s = record_ttl_s, refresh_every_s
+        self._info_key: tuple | None = None
+        self._info: SpanInfo | None = None
         self.transport: Transport | None = None
         self.discovery: Discovery | None = None
         self._stop = trio.Event()
@@ -64,10 +66,16 @@ class Node:
         self.rebalancer = None if balance is None else Rebalancer(self, balance, random.Random(seed), self.move_to)
 
     def span_info(self) -> SpanInfo:
-        return SpanInfo(model_id=self.model_id, manifest_hash=self.manifest_hash, start=self.span.start,
-                        end=self.span.end, quantization=self.span.quant,
-                        throughput=1.0 / max(self.token_seconds, 1e-9),
-                        free_cache_tokens=self.manager.free_cache_tokens, sessions=len(self.manager.sessions))
+        """What this node serves and how loaded it is (the same object while nothing changed: a
+        client plans on a thousand of them and rebuilds its view only of those that did)."""
+        span, manager = self.span, self.manager
+        key = (span.start, span.end, span.quant, self.token_seconds, manager.free_cache_tokens, len(manager.sessions))
+        if key != self._info_key:
+            self._info_key = key
+            self._info = SpanInfo(model_id=self.model_id, manifest_hash=self.manifest_hash, start=key[0], end=key[1],
+                                  quantization=key[2], throughput=1.0 / max(key[3], 1e-9), free_cache_tokens=key[4],
+                                  sessions=key[5])
+        return self._info
 
     def record(self) -> PeerRecord:
         return PeerRecord(self.transport.peer_id, tuple(self.transport.addrs), self.span_info(),

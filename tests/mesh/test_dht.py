@@ -237,3 +237,31 @@ async def test_the_memory_directory_forgets_records_once_they_expire():
     clock.now = 50.0
     assert [r.peer_id for r in await directory.lookup(MODEL)] == ["long"]
     assert list(directory.records) == [(MODEL, "long")]
+
+
+async def test_the_memory_directory_returns_fresh_records_in_peer_order_through_refreshes():
+    clock = FakeClock(0.0)
+    directory = MemoryDirectory(clock)
+
+    async def announce(peer: str, expires_at: float, sessions: int = 0) -> None:
+        info = SpanInfo(model_id="tiny", manifest_hash=MODEL, start=0, end=2, sessions=sessions)
+        await directory.announce(PeerRecord(peer, (f"/memory/{peer}/p2p/{peer}",), info, expires_at))
+
+    for peer in ("c", "a", "b"):
+        await announce(peer, 10.0)
+    assert [r.peer_id for r in await directory.lookup(MODEL)] == ["a", "b", "c"]
+    await announce("b", 20.0, sessions=3)  # a refresh takes its place in the order
+    await announce("d", 20.0)  # a newcomer
+    records = await directory.lookup(MODEL)
+    assert [(r.peer_id, r.info.sessions) for r in records] == [("a", 0), ("b", 3), ("c", 0), ("d", 0)]
+    clock.now = 9.8
+    assert len(await directory.lookup(MODEL)) == 4
+    clock.now = 10.5  # a and c expired, within the prune interval: skipped all the same
+    assert [r.peer_id for r in await directory.lookup(MODEL)] == ["b", "d"]
+    assert len(directory.records) == 4  # forgotten at the next prune
+    clock.now = 11.0
+    assert [r.peer_id for r in await directory.lookup(MODEL)] == ["b", "d"] and len(directory.records) == 2
+    await directory.withdraw("d", MODEL)
+    await directory.withdraw("nobody", MODEL)
+    assert [r.peer_id for r in await directory.lookup(MODEL)] == ["b"]
+    assert await directory.lookup("another model") == []
