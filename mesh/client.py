@@ -138,9 +138,10 @@ class Client:
                 started = trio.current_time()
                 raw = await self.transport.open_stream(record.peer_id, INFO_PROTOCOL, timeout=timeout)
                 stream = MessageStream(raw, Role.CLIENT, io_timeout=timeout)
-                try:
-                    await stream.request(Hello(software="hearth-client/0.1", codecs=tuple(Codec)))
-                    info = await stream.receive()
+                try:  # within the probe's one deadline
+                    await stream.send_unbounded(Hello(software="hearth-client/0.1", codecs=tuple(Codec)))
+                    await stream.receive_unbounded()  # the node's Hello
+                    info = await stream.receive_unbounded()
                 finally:
                     await stream.aclose()
             self.rtts[record.peer_id] = trio.current_time() - started

@@ -82,28 +82,38 @@ class MessageStream:
     async def send(self, message: Message, *, timeout: float | None = None) -> None:
         seconds = self.io_timeout if timeout is None else timeout
         with trio.move_on_after(seconds):
-            return await self._send(message)
+            return await self.send_unbounded(message)
         raise TransportTimeout(self.peer_id, f"sending {type(message).__name__}", seconds)
+
+    async def send_together(self, messages: list[Message], *, timeout: float | None = None) -> None:
+        """Send `messages` in one write (one frame each), within one timeout."""
+        seconds = self.io_timeout if timeout is None else timeout
+        with trio.move_on_after(seconds):
+            return await self.raw.send_all(b"".join(self.connection.send(message) for message in messages))
+        raise TransportTimeout(self.peer_id, f"sending {len(messages)} messages", seconds)
 
     async def receive(self, *, timeout: float | None = None) -> Message:
         """The next message; raises StreamClosed at end of stream, TransportTimeout, or a ProtocolError."""
         seconds = self.io_timeout if timeout is None else timeout
         with trio.move_on_after(seconds):
-            return await self._receive()
+            return await self.receive_unbounded()
         raise TransportTimeout(self.peer_id, "waiting for a message", seconds)
 
     async def request(self, message: Message, *, timeout: float | None = None) -> Message:
         """Send `message` and wait for the reply, both within `timeout`."""
         seconds = self.io_timeout if timeout is None else timeout
         with trio.move_on_after(seconds):  # one deadline for both: one cancel scope, not three
-            await self._send(message)
-            return await self._receive()
+            await self.send_unbounded(message)
+            return await self.receive_unbounded()
         raise TransportTimeout(self.peer_id, f"request {type(message).__name__}", seconds)
 
-    async def _send(self, message: Message) -> None:
+    async def send_unbounded(self, message: Message) -> None:
+        """`send` without a timeout of its own: for a caller whose cancel scope has the deadline
+        (a served session's loop moves one scope's deadline instead of entering a scope per message)."""
         await self.raw.send_all(self.connection.send(message))
 
-    async def _receive(self) -> Message:
+    async def receive_unbounded(self) -> Message:
+        """`receive` without a timeout of its own (see `send_unbounded`)."""
         while (message := self.connection.next_event()) is None:
             data = await self.raw.receive_some(READ_CHUNK)
             if not data:

@@ -10,6 +10,7 @@ it and keeps serving everyone else.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Collection
 
 import trio
@@ -54,8 +55,7 @@ class InferenceServer:
                 if isinstance(message, Ping):
                     await stream.send(Pong(nonce=message.nonce))
                 elif isinstance(message, Hello):
-                    await stream.send(self.hello())
-                    await stream.send(self.span_info())
+                    await stream.send_together([self.hello(), self.span_info()])
                 else:
                     await self._refuse(stream, ErrorCode.UNEXPECTED_MESSAGE,
                                        f"{type(message).__name__} is not allowed on an info stream")
@@ -175,20 +175,33 @@ class InferenceServer:
         return chosen
 
     async def _serve(self, stream: MessageStream, session: ServedSession, first: Message | None = None) -> None:
+        """Answer the session's messages until it closes, idles out or is stopped. One cancel scope
+        bounds every wait of the loop (entering a scope per message costs more than the rest of a
+        stand-in step): its deadline is the idle limit while a message is awaited, the I/O timeout
+        while an answer is written, and none while the step computes."""
+        idle, io = self.manager.limits.idle_timeout_s, stream.io_timeout
+        waiting_for = ""  # what the deadline bounds now: "message", "answer", or nothing
         with trio.CancelScope() as scope:
             self._live[session.session_id] = scope
             while True:
-                message = first if first is not None else await self._next(stream, session)
-                first = None
+                if first is None:
+                    waiting_for, scope.deadline = "message", trio.current_time() + idle
+                    message = await stream.receive_unbounded()
+                else:
+                    message, first = first, None
+                waiting_for, scope.deadline = "", math.inf
                 if isinstance(message, CloseSession):
                     log.info("session %s closed after %d steps", session.session_id, session.steps)
                     return
                 if isinstance(message, Ping):
-                    await stream.send(Pong(nonce=message.nonce))
+                    waiting_for, scope.deadline = "answer", trio.current_time() + io
+                    await stream.send_unbounded(Pong(nonce=message.nonce))
                     continue
                 self._stepping[session.session_id] = False
                 try:
-                    await self._step(stream, session, message)
+                    result = await self._step(session, message)
+                    waiting_for, scope.deadline = "answer", trio.current_time() + io
+                    await stream.send_unbounded(result)
                 finally:
                     if self._stepping.pop(session.session_id):
                         scope.cancel()  # asked to stop during the step: now that it is answered
@@ -197,6 +210,11 @@ class InferenceServer:
         if self.manager.draining:
             raise SessionRefused(ErrorCode.SHUTTING_DOWN, "this node is shutting down; replay elsewhere",
                                  retry_elsewhere=True)
+        if waiting_for == "message":
+            raise SessionRefused(ErrorCode.SESSION_EXPIRED, f"session {session.session_id} was idle for {idle:g} s",
+                                 retry_elsewhere=True)
+        if waiting_for == "answer":
+            raise TransportTimeout(stream.peer_id, "sending an answer", io)
 
     def _stop(self, session_id: str) -> None:
         """End a session's loop: at once when it waits for a message, else once its step is answered."""
@@ -208,23 +226,13 @@ class InferenceServer:
     def _ended(self, session: ServedSession) -> None:
         self._stop(session.session_id)
 
-    async def _next(self, stream: MessageStream, session: ServedSession) -> Message:
-        idle = self.manager.limits.idle_timeout_s
-        try:
-            return await stream.receive(timeout=idle)
-        except TransportTimeout:
-            pass
-        raise SessionRefused(ErrorCode.SESSION_EXPIRED, f"session {session.session_id} was idle for {idle:g} s",
-                             retry_elsewhere=True)
-
-    async def _step(self, stream: MessageStream, session: ServedSession, message: Message) -> None:
+    async def _step(self, session: ServedSession, message: Message) -> StepResult:
         if not isinstance(message, Step):
             raise SessionRefused(ErrorCode.UNEXPECTED_MESSAGE, f"expected step, got {message.TYPE}")
         hidden = decode_tensor(message.hidden)
         output, seconds = await self.manager.step(session, hidden, message.start_position, message.chunks)
-        result = encode_tensor(output, session.codec)
-        await stream.send(StepResult(session_id=session.session_id, step=message.step, hidden=result,
-                                     compute_seconds=seconds))
+        return StepResult(session_id=session.session_id, step=message.step, hidden=encode_tensor(output, session.codec),
+                          compute_seconds=seconds)
 
     def drain(self) -> None:
         """Refuse new sessions and end open ones with an error telling their clients to go elsewhere."""

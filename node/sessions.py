@@ -9,8 +9,7 @@ chunks, so the event loop keeps answering pings and other sessions.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,12 +197,20 @@ class SessionManager:
         self._queue.append(step)
         self._queued.set()
         self._queued = trio.Event()
+        lock = self.compute_lock
         try:
-            if not self.compute_lock.locked():
+            if not lock.locked():
                 await self._wait_for_company(step.session)
-            async with _holding(self.compute_lock):
+            if lock.locked():
+                await lock.acquire()
+            else:  # nobody holds or waits for it: no yield (a decode step yields soon enough, sending its result)
+                await trio.lowlevel.checkpoint_if_cancelled()
+                lock.acquire_nowait()
+            try:
                 while step.output is None and step.error is None:  # not run yet by an earlier holder's batch
                     await self._run_batch(self._take_batch(step.session.root))  # oldest first, then ours
+            finally:
+                lock.release()
         finally:
             if step in self._queue:  # cancelled while waiting: nobody runs it now
                 self._queue.remove(step)
@@ -282,21 +289,6 @@ class SessionManager:
         return np.concatenate(outputs, axis=1), seconds
 
 
-@asynccontextmanager
-async def _holding(lock: trio.Lock) -> AsyncIterator[None]:
-    """`async with lock`, without trio's yield when nobody holds or waits for it (a decode step
-    yields soon enough: sending its result)."""
-    if lock.locked():
-        await lock.acquire()
-    else:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        lock.acquire_nowait()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 def prefill_turns(chunks: tuple[int, ...], limit: int) -> list[tuple[int, ...]]:
     """`chunks` (the forward passes a step asks for) as turns of at most `limit` positions: a long
     chunk is split into passes of `limit`; short ones are grouped, a turn running them one by one.
@@ -327,7 +319,8 @@ def _forward(session: ServedSession, hidden: np.ndarray, passes: tuple[int, ...]
     inputs = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))
     try:
         if len(passes) <= 1:  # one pass: a decode step, or a prefill chunk
-            return session.span(inputs, session.cache).to(torch.float32).numpy()
+            output = session.span(inputs, session.cache)
+            return (output if output.dtype == torch.float32 else output.to(torch.float32)).numpy()
         outputs = [session.span(part, session.cache) for part in inputs.split(list(passes), dim=1)]
     except ShardError as err:
         raise SessionRefused(ErrorCode.INVALID_TENSOR, str(err)) from err

@@ -9,9 +9,10 @@ import trio
 from mesh.client import Client, ClientOptions
 from mesh.discovery import MemoryDirectory
 from mesh.memory_transport import MemoryNetwork, MemoryTransport
-from mesh.transport import INFERENCE_PROTOCOL, MessageStream
+from mesh.transport import INFERENCE_PROTOCOL, ByteStream, MessageStream
 from node.node import Node
 from node.sessions import SessionLimits
+from protocol.framing import encode
 from protocol import (
     Codec, CloseSession, Error, ErrorCode, Hello, OpenSession, Ping, Pong, Role, SessionOpened, Step, StepResult,
     encode_tensor,
@@ -204,3 +205,38 @@ async def test_idle_session_is_evicted_to_make_room_and_told_to_replay_elsewhere
     assert reply.retry_elsewhere
     result = await second.request(step("s2", 0, 0, (2, 1, HIDDEN)))
     assert isinstance(result, StepResult), result
+
+
+class _ScriptedPeer(ByteStream):
+    """A peer that sends `frames`, then reads nothing: every write after the first `writes` hangs."""
+
+    peer_id = "peer"
+
+    def __init__(self, frames: list[bytes], writes: int):
+        self._incoming, self._writes, self.written = b"".join(frames), writes, 0
+
+    async def send_all(self, data: bytes) -> None:
+        if self.written >= self._writes:
+            await trio.sleep_forever()  # a peer that stopped reading: the write never completes
+        self.written += 1
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        if not self._incoming:
+            await trio.sleep_forever()  # nothing more comes
+        data, self._incoming = self._incoming[:max_bytes], self._incoming[max_bytes:]
+        return data
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_an_answer_the_peer_never_takes_times_out_and_frees_the_session(served, autojump_clock):
+    """The node's answer to a step is bounded by its I/O timeout like any write."""
+    node = served["node"]
+    frames = [encode(open_message(served["digest"], "s1")), encode(step("s1", 0, 0))]
+    peer = _ScriptedPeer(frames, writes=1)  # takes SessionOpened, then never the step's result
+    started = trio.current_time()
+    with trio.fail_after(node.server.io_timeout + 5):
+        await node.server.handle_inference(peer)
+    assert trio.current_time() - started >= node.server.io_timeout
+    assert node.manager.sessions == {} and node.manager.reserved_bytes == 0
