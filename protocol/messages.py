@@ -421,12 +421,16 @@ def message_from_wire(wire: object, limits: TensorLimits = DEFAULT_LIMITS) -> Me
     if cls is None:
         raise UnknownMessageType(message_type)
     values: dict[str, Any] = {}
-    for field in _fields_of(cls):
-        if field.name not in wire:
-            if field.default is MISSING and field.default_factory is MISSING:
-                raise InvalidMessage(f"{cls.__name__} lacks required field {field.name!r}")
-            continue
-        parser = cls.WIRE_PARSERS.get(field.name)
-        value = wire[field.name]
-        values[field.name] = parser(value, limits) if parser else value
+    for name, required, parser in _wire_fields(cls):
+        if name in wire:
+            values[name] = parser(wire[name], limits) if parser else wire[name]
+        elif required:
+            raise InvalidMessage(f"{cls.__name__} lacks required field {name!r}")
     return cls(**values)
+
+
+@functools.cache
+def _wire_fields(cls: type[Message]) -> tuple[tuple[str, bool, Callable[[object, TensorLimits], Any] | None], ...]:
+    """Per field of `cls`: its name, whether the wire must carry it, and its parser (if any)."""
+    return tuple((f.name, f.default is MISSING and f.default_factory is MISSING, cls.WIRE_PARSERS.get(f.name))
+                 for f in _fields_of(cls))

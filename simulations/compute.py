@@ -28,7 +28,7 @@ from shard.config import ModelConfig
 from shard.errors import CacheFull, InvalidInput
 from simulations.scenario import DeviceProfile, ModelShape
 
-LIVE = 2  # channels of the stand-in activations that carry information (the simulator's own cost: keep it small)
+LIVE = 1  # channels of the stand-in activations that carry information (the simulator's own cost: keep it small)
 PRIME = 65521  # values stay below 2**16; products below 2**36: exact in float64 (and in float32 on the wire)
 MODEL_DIR_NAME = "sim-model"  # the client's model id comes from the directory name: keep it fixed
 
@@ -80,13 +80,13 @@ class StandInWeights:
 
         `state` holds one running sum per block (updated in place); used for decode steps, the common case.
         """
-        x0, x1 = live  # LIVE channels, unrolled: this runs for every block of every decoded token
+        x, = live  # LIVE channels, unrolled: this runs for every block of every decoded token
         p = float(position + 1)
-        for offset, (a0, m0, c0, a1, m1, c1) in enumerate(self._rows[start:start + len(state)]):
-            prefix = (state[offset] + x0) % PRIME
+        for offset, (a, m, c) in enumerate(self._rows[start:start + len(state)]):
+            prefix = (state[offset] + x) % PRIME
             state[offset] = prefix
-            x0, x1 = (x0 * a0 + prefix * m0 + p * c0) % PRIME, (x1 * a1 + prefix * m1 + p * c1) % PRIME
-        return [x0, x1]
+            x = (x * a + prefix * m + p * c) % PRIME
+        return [x]
 
     def token(self, live_last: list[float]) -> int:
         """The stand-in head's choice for one position's channels [LIVE] (exact: integers, sums below 2**31)."""
