@@ -29,6 +29,7 @@ log = logging.getLogger("hearth.node")
 SOFTWARE = "hearth/0.1"
 SUPPORTED_CODECS = tuple(Codec)
 CAPABILITIES = ("replay-chunks",)  # Step.chunks: several original steps replayed in one message
+HELLO = Hello(software=SOFTWARE, codecs=SUPPORTED_CODECS, capabilities=CAPABILITIES)  # immutable: built once
 
 
 class InferenceServer:
@@ -45,7 +46,7 @@ class InferenceServer:
         manager.on_end = self._ended
 
     def hello(self) -> Hello:
-        return Hello(software=SOFTWARE, codecs=SUPPORTED_CODECS, capabilities=CAPABILITIES)
+        return HELLO
 
     async def handle_info(self, raw: ByteStream) -> None:
         stream = MessageStream(raw, Role.HOP, io_timeout=self.io_timeout)
