@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import trio
 
@@ -25,8 +25,7 @@ SEND_BUFFER_BYTES = 256 * 1024  # what a send may queue beyond the link before i
 log = logging.getLogger("hearth.mesh")
 
 
-@dataclass(frozen=True)
-class Link:
+class Link(NamedTuple):  # a named tuple: a simulator builds one per message (its jitter)
     latency_s: float = 0.0  # one way
     bandwidth_bps: float = math.inf  # bits per second
 
@@ -81,7 +80,8 @@ class MemoryByteStream(ByteStream):
         self._next_free = 0.0  # when the outgoing link finishes sending what is queued
 
     async def send_all(self, data: bytes) -> None:
-        await self._wait_while_frozen()
+        if self._silent():
+            await self._wait_while_frozen()
         if self._out.reset or self._out.closed or self.network.is_down(self.local) \
                 or self.network.is_down(self.peer_id):
             raise StreamClosed(self.peer_id, "stream reset" if self._out.reset else "stream closed")
@@ -113,7 +113,8 @@ class MemoryByteStream(ByteStream):
                 raise StreamClosed(self.peer_id, "stream closed locally") from None
             if arrival > trio.current_time():
                 await sleep_until(arrival)
-            await self._wait_while_frozen()
+            if self._silent():
+                await self._wait_while_frozen()
             if self._in.reset:
                 raise StreamClosed(self.peer_id, "stream reset")
         data, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
@@ -132,9 +133,13 @@ class MemoryByteStream(ByteStream):
         self._out.send.close()
         self._in.send.close()
 
+    def _silent(self) -> bool:
+        """Whether either end is frozen or the link between them cut: nothing gets through now."""
+        network = self.network
+        return network.is_frozen(self.local) or network.is_frozen(self.peer_id) or network.is_cut(self.local, self.peer_id)
+
     async def _wait_while_frozen(self) -> None:
-        while self.network.is_frozen(self.local) or self.network.is_frozen(self.peer_id) \
-                or self.network.is_cut(self.local, self.peer_id):
+        while self._silent():
             await trio.sleep(0.05)
 
 
@@ -167,7 +172,7 @@ class MemoryNetwork:
         return peer_id in self._frozen
 
     def is_cut(self, a: str, b: str) -> bool:
-        return frozenset((a, b)) in self._cut
+        return bool(self._cut) and frozenset((a, b)) in self._cut
 
     def crash(self, peer_id: str) -> None:
         """The peer dies: its streams reset, dials to it fail until `restore`."""
