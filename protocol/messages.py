@@ -50,7 +50,7 @@ def _str(owner: object, name: str, value: object, *, max_chars: int, empty: bool
 
 
 def _int(owner: object, name: str, value: object, lo: int, hi: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+    if (type(value) is not int and (not isinstance(value, int) or isinstance(value, bool))) or not lo <= value <= hi:
         raise InvalidMessage(
             f"{type(owner).__name__}.{name} must be an int in [{lo}, {hi}], got {_show(value)}"
         )
@@ -122,12 +122,18 @@ def _fields_of(cls: type[Message]) -> tuple[Field, ...]:
     return fields(cls)  # dataclasses.fields rebuilds its tuple on every call; messages are hot
 
 
+_PLAIN_TYPES = frozenset({str, int, float, bool, bytes, type(None)})  # travel as they are
+
+
 def _value_to_wire(value: object) -> object:
-    if isinstance(value, (WireTensor, CodecSpeed)):
+    kind = type(value)
+    if kind in _PLAIN_TYPES:  # most fields: one set lookup (messages are hot)
+        return value
+    if kind is WireTensor or kind is CodecSpeed:
         return value.to_wire()
-    if isinstance(value, tuple):
+    if kind is tuple:
         return [_value_to_wire(item) for item in value]
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int):
         return int(value)  # IntEnum members travel as plain ints
     return value
 
