@@ -30,6 +30,7 @@ from simulations.scenario import DeviceProfile, ModelShape
 
 LIVE = 1  # channels of the stand-in activations that carry information (the simulator's own cost: keep it small)
 PRIME = 65521  # values stay below 2**16; products below 2**36: exact in float64 (and in float32 on the wire)
+PYTHON_MAX_TOKENS = 256  # up to this many positions, plain Python beats an array per block
 MODEL_DIR_NAME = "sim-model"  # the client's model id comes from the directory name: keep it fixed
 
 
@@ -148,9 +149,10 @@ class CostModelSpan:
                                f"got {list(hidden.shape)}")
         cache.check_room(hidden.shape[1])
         out = hidden.numpy().copy()
-        if hidden.shape[:2] == (1, 1):  # a decode step: Python floats, no array per block
-            row, state = out[0, 0], cache.state[:, 0].tolist()
-            live = self.weights.blocks_one_position(self.start, row[:LIVE].tolist(), state, cache.length)
+        if hidden.shape[0] == 1 and hidden.shape[1] <= PYTHON_MAX_TOKENS:  # one sequence: Python floats, position by position
+            state, first = cache.state[:, 0].tolist(), cache.length
+            live = [self.weights.blocks_one_position(self.start, row, state, first + t)
+                    for t, row in enumerate(out[0, :, :LIVE].tolist())]
             cache.state[:, 0] = state
         else:
             live = out[:, :, :LIVE].astype(np.float64)
@@ -222,11 +224,12 @@ class StandInHead:
 
 def reference_tokens(weights: StandInWeights, blocks: int, prompt: list[int], new_tokens: int) -> list[int]:
     """What a failure-free run produces: every block in one process, the client's chunking."""
-    state = np.zeros((blocks, 1))
-    live = weights.embed[np.array([prompt]) % weights.vocab]
-    for index in range(blocks):
-        live = weights.block(index, live, state[index], 0)
-    tokens, position, sums = [weights.token(live[0, -1].tolist())], len(prompt), state[:, 0].tolist()
+    if not prompt:
+        raise ValueError("a reference needs a prompt of at least one token")
+    sums = [0.0] * blocks
+    for position, token in enumerate(prompt):
+        last = weights.blocks_one_position(0, weights.embed_rows[token % weights.vocab], sums, position)
+    tokens, position = [weights.token(last)], len(prompt)
     while len(tokens) < new_tokens:
         last = weights.blocks_one_position(0, weights.embed_rows[tokens[-1] % weights.vocab], sums, position)
         tokens.append(weights.token(last))

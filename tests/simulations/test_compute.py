@@ -9,7 +9,7 @@ import trio
 
 from shard.config import config_from_dict
 from simulations.compute import (
-    LIVE, CostModelSpan, StandInHead, StandInWeights, VirtualCache, blocks_that_fit, kv_bytes,
+    LIVE, PYTHON_MAX_TOKENS, CostModelSpan, StandInHead, StandInWeights, VirtualCache, blocks_that_fit, kv_bytes,
     reference_tokens, step_seconds,
 )
 from simulations.scenario import DEFAULT_DEVICES, DeviceProfile, ModelShape
@@ -62,6 +62,18 @@ def test_the_decode_fast_path_matches_the_array_path():
         live = WEIGHTS.block(block, live, state_a[block], 41)
     fast = WEIGHTS.blocks_one_position(0, WEIGHTS.embed[3].tolist(), state_b, 41)
     assert fast == live[0, 0].tolist() and state_b == state_a[:, 0].tolist()
+
+
+def test_array_and_python_paths_agree_on_long_prefills():
+    """Past PYTHON_MAX_TOKENS positions (or batches) a span computes with arrays: same integers."""
+    span, head = CostModelSpan(SHAPE, CONFIG, WEIGHTS, LAPTOP, 0, 12), StandInHead(CONFIG, WEIGHTS)
+    prompt = [(7 * i + 3) % 97 for i in range(PYTHON_MAX_TOKENS + 40)]
+    whole, pieces = span.new_cache(1, 400), span.new_cache(1, 400)
+    at_once = span(head.embed(torch.tensor([prompt])), whole)  # the array path
+    in_chunks = torch.cat([span(head.embed(torch.tensor([prompt[i:i + 50]])), pieces)  # the Python path
+                           for i in range(0, len(prompt), 50)], dim=1)
+    assert torch.equal(at_once, in_chunks) and np.array_equal(whole.state, pieces.state)
+    assert int(head.logits(at_once[:, -1:])[0, 0].argmax()) == reference_tokens(WEIGHTS, 12, prompt, 1)[0]
 
 
 def test_a_truncated_cache_redoes_a_step_identically():
