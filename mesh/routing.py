@@ -120,33 +120,45 @@ class _Costed(NamedTuple):
 
 
 def _costed(servers: Iterable[ServerSpan], start: int, end: int, banned: set[str], rtts: Mapping[str, float],
-            mode: RoutingMode, need_tokens: int) -> list[_Costed]:
+            mode: RoutingMode, need_tokens: int) -> list[tuple[float, float, str, int, ServerSpan]]:
     """The servers that may take part, with their costs: a hop's round trip (and a penalty when the
-    server says its KV cache is too full for the session), and its compute per block, stretched by load."""
+    server says its KV cache is too full for the session), and its compute per block, stretched by load.
+
+    Plain tuples (fixed, per-block, peer id, index, server), which sort by cost, then peer id: a
+    client plans over every record of a large swarm, a thousand for each request."""
+    rtt_weight, load_weight, default_rtt = mode.rtt_weight, mode.load_weight, DEFAULT_RTT_S
     costed = []
-    for server in servers:
-        if server.peer_id in banned or server.start >= end or server.end <= start:
+    for index, server in enumerate(servers):
+        peer_id, server_start, server_end, block_seconds, sessions, free = server
+        if server_start >= end or server_end <= start or peer_id in banned:
             continue
-        short = server.free_cache_tokens is not None and server.free_cache_tokens < need_tokens
-        fixed = mode.rtt_weight * rtts.get(server.peer_id, DEFAULT_RTT_S) + (CACHE_SHORT_S if short else 0.0)
-        costed.append(_Costed(fixed, server.block_seconds * (1.0 + mode.load_weight * server.sessions), server))
+        fixed = rtt_weight * rtts.get(peer_id, default_rtt)
+        if free is not None and free < need_tokens:
+            fixed += CACHE_SHORT_S
+        costed.append((fixed, block_seconds * (1.0 + load_weight * sessions), peer_id, index, server))
     return costed
 
 
-def _undominated(servers: list[_Costed], start: int, end: int) -> list[_Costed]:
+def _undominated(servers: list[tuple[float, float, str, int, ServerSpan]], start: int, end: int) -> list[_Costed]:
     """`servers` less those another server beats on every route: same blocks within [start, end),
     a fixed and a per-block cost no worse, and an earlier peer id when both are equal."""
-    groups: dict[tuple[int, int], list[_Costed]] = {}
+    groups: dict[tuple[int, int], list[tuple[float, float, str, int, ServerSpan]]] = {}
     for costed in servers:
-        groups.setdefault((max(costed.server.start, start), min(costed.server.end, end)), []).append(costed)
+        server = costed[4]
+        span = (server.start if server.start > start else start, server.end if server.end < end else end)
+        group = groups.get(span)
+        if group is None:
+            groups[span] = [costed]
+        else:
+            group.append(costed)
     kept = []
     for group in groups.values():
-        group.sort(key=lambda c: (c.fixed, c.per_block, c.server.peer_id))
+        group.sort()  # by fixed cost, per-block cost, peer id (then the caller's order)
         fastest = math.inf
-        for costed in group:
-            if costed.per_block < fastest:
-                kept.append(costed)
-                fastest = costed.per_block
+        for fixed, per_block, _, _, server in group:
+            if per_block < fastest:
+                kept.append(_Costed(fixed, per_block, server))
+                fastest = per_block
     return kept
 
 
