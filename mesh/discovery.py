@@ -75,9 +75,10 @@ class MemoryDirectory(Discovery):
     """Records in a dict shared by every peer of one in-memory network (a perfect DHT).
 
     A simulated swarm holds a thousand records and looks them up for every request, while nodes
-    refresh theirs every few seconds: a lookup walks a per-model list of peer ids kept in order
-    (rebuilt only when a peer comes or goes, not when it refreshes), and expired records are
-    forgotten at most every `PRUNE_EVERY_S` (a lookup skips them in between).
+    refresh theirs every few seconds and come and go: each model's records are also kept in a list
+    in peer order, updated in place (a refresh replaces its entry, a newcomer is inserted, a
+    withdrawn or expired record removed), so a lookup never sorts. Expired records are forgotten
+    at most every `PRUNE_EVERY_S`; a lookup skips them in between.
     """
 
     PRUNE_EVERY_S = 1.0
@@ -85,21 +86,22 @@ class MemoryDirectory(Discovery):
     def __init__(self, clock: Callable[[], float]):
         self.clock = clock
         self.records: dict[tuple[str, str], PeerRecord] = {}
-        self._ordered: dict[str, list[PeerRecord] | None] = {}  # model key -> its records by peer id, or None: stale
+        self._ordered: dict[str, list[PeerRecord]] = {}  # model key -> its records by peer id
         self._next_prune = -math.inf
 
     async def announce(self, record: PeerRecord) -> None:
         key = (record.info.manifest_hash, record.peer_id)
-        ordered = self._ordered.get(key[0])
-        if key in self.records and ordered is not None:  # a refresh: same place in the order
-            ordered[bisect.bisect_left(ordered, record.peer_id, key=_peer_id)] = record
+        ordered = self._ordered.setdefault(key[0], [])
+        at = bisect.bisect_left(ordered, record.peer_id, key=_peer_id)
+        if key in self.records:
+            ordered[at] = record  # a refresh
         else:
-            self._ordered[key[0]] = None
+            ordered.insert(at, record)
         self.records[key] = record
 
     async def withdraw(self, peer_id: str, model_key: str) -> None:
         if self.records.pop((model_key, peer_id), None) is not None:
-            self._ordered[model_key] = None
+            self._remove(model_key, peer_id)
 
     async def lookup(self, model_key: str) -> list[PeerRecord]:
         now = self.clock()
@@ -107,12 +109,12 @@ class MemoryDirectory(Discovery):
             self._next_prune = now + self.PRUNE_EVERY_S
             for key in [key for key, record in self.records.items() if record.expired(now)]:
                 del self.records[key]
-                self._ordered[key[0]] = None
-        ordered = self._ordered.get(model_key)
-        if ordered is None:
-            ordered = self._ordered[model_key] = sorted(
-                (r for (key, _), r in self.records.items() if key == model_key), key=_peer_id)
-        return [r for r in ordered if now < r.expires_at]
+                self._remove(*key)
+        return [r for r in self._ordered.get(model_key, ()) if now < r.expires_at]
+
+    def _remove(self, model_key: str, peer_id: str) -> None:
+        ordered = self._ordered[model_key]
+        del ordered[bisect.bisect_left(ordered, peer_id, key=_peer_id)]
 
 
 def _peer_id(record: PeerRecord) -> str:
