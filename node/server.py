@@ -177,8 +177,8 @@ class InferenceServer:
 
     async def _serve(self, stream: MessageStream, session: ServedSession, first: Message | None = None) -> None:
         """Answer the session's messages until it closes, idles out or is stopped. One cancel scope
-        bounds every wait of the loop (entering a scope per message costs more than the rest of a
-        stand-in step): its deadline is the idle limit while a message is awaited, the I/O timeout
+        bounds every wait of the loop (a scope per message is a measurable share of a simulated
+        swarm's time): its deadline is the idle limit while a message is awaited, the I/O timeout
         while an answer is written, and none while the step computes."""
         idle, io = self.manager.limits.idle_timeout_s, stream.io_timeout
         waiting_for = ""  # what the deadline bounds now: "message", "answer", or nothing

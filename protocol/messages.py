@@ -50,7 +50,7 @@ def _str(owner: object, name: str, value: object, *, max_chars: int, empty: bool
 
 
 def _int(owner: object, name: str, value: object, lo: int, hi: int) -> None:
-    if (type(value) is not int and (not isinstance(value, int) or isinstance(value, bool))) or not lo <= value <= hi:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise InvalidMessage(
             f"{type(owner).__name__}.{name} must be an int in [{lo}, {hi}], got {_show(value)}"
         )

@@ -28,7 +28,8 @@ from shard.config import ModelConfig
 from shard.errors import CacheFull, InvalidInput
 from simulations.scenario import DeviceProfile, ModelShape
 
-LIVE = 1  # channels of the stand-in activations that carry information (the simulator's own cost: keep it small)
+LIVE = 1  # channels of the stand-in activations that carry information (kept small: it is the simulator's own
+# cost); `StandInWeights.blocks_one_position` is unrolled for it
 PRIME = 65521  # values stay below 2**16; products below 2**36: exact in float64 (and in float32 on the wire)
 PYTHON_MAX_TOKENS = 256  # up to this many positions, plain Python beats an array per block
 MODEL_DIR_NAME = "sim-model"  # the client's model id comes from the directory name: keep it fixed

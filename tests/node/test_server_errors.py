@@ -12,11 +12,11 @@ from mesh.memory_transport import MemoryNetwork, MemoryTransport
 from mesh.transport import INFERENCE_PROTOCOL, ByteStream, MessageStream
 from node.node import Node
 from node.sessions import SessionLimits
-from protocol.framing import encode
 from protocol import (
     Codec, CloseSession, Error, ErrorCode, Hello, OpenSession, Ping, Pong, Role, SessionOpened, Step, StepResult,
     encode_tensor,
 )
+from protocol.framing import encode
 from shard.manifest import model_digest
 from shard.sampling import SamplingParams
 from shard.span import load_span
