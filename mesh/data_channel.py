@@ -164,7 +164,16 @@ class DataChannels:
 
     @property
     def address(self) -> str:
-        host = f"[{self.advertise_host}]" if ":" in self.advertise_host else self.advertise_host
+        return self.address_for(None)
+
+    def address_for(self, reached_on: str | None) -> str:
+        """The address to offer a peer that reached this node on `reached_on` (the local IP of its
+        libp2p connection): that IP when the listener binds every interface, so a host on two
+        networks offers each peer the one it can reach; else the advertised host."""
+        host = self.advertise_host
+        if reached_on and self.host in ("0.0.0.0", "::") and (":" in reached_on) == (self.host == "::"):
+            host = reached_on
+        host = f"[{host}]" if ":" in host else host
         return f"{host}:{self.port}"
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -173,12 +182,13 @@ class DataChannels:
         task_status.started()
         await trio.serve_listeners(self._handshake, listeners)
 
-    def offer(self, peer_id: str) -> tuple[Offer, trio.MemoryReceiveChannel]:
-        """A new token and key for one session of `peer_id`; its channel arrives on the receiver."""
+    def offer(self, peer_id: str, reached_on: str | None = None) -> tuple[Offer, trio.MemoryReceiveChannel]:
+        """A new token and key for one session of `peer_id`, which reached us on local IP `reached_on`
+        (if known); its channel arrives on the receiver."""
         token, key = secrets.token_bytes(TOKEN_BYTES), secrets.token_bytes(KEY_BYTES)
         send, receive = trio.open_memory_channel(1)
         self._offers[token] = (key, peer_id, send)
-        return Offer(self.address, token, key), receive
+        return Offer(self.address_for(reached_on), token, key), receive
 
     def withdraw(self, offer: Offer) -> None:
         self._offers.pop(offer.token, None)

@@ -43,8 +43,8 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
-from libp2p.utils.address_validation import expand_wildcard_address
 
+from mesh import libp2p_addressing
 from mesh.errors import DialError, StreamClosed, TransportError
 from mesh.identity import load_or_create_identity
 from mesh.peer_cache import PeerCache
@@ -82,6 +82,12 @@ class Libp2pByteStream(ByteStream):
 
     def __init__(self, stream: INetStream, peer_id: str):
         self._stream, self.peer_id = stream, peer_id
+
+    @property
+    def local_host(self) -> str | None:
+        """Our IP address on this stream's connection (the one the peer reached us on)."""
+        ip = libp2p_addressing.local_ip(getattr(self._stream, "muxed_conn", None))
+        return None if ip is None else str(ip)
 
     async def send_all(self, data: bytes) -> None:
         try:
@@ -151,7 +157,9 @@ class Libp2pTransport(Transport):
             connection_config=connection_config or household_connection_config(),
             listen_addrs=self.listen,
             enable_mDNS=enable_mdns,
+            addrs_factory=libp2p_addressing.addrs_factory(),  # concrete addresses, the peer's own first
         )
+        libp2p_addressing.install(self.host)  # and a dial that tries every address, not the first one
         # One quick retry: a refused dial should fail over fast, not back off for ~0.7 s.
         self.host.get_network().retry_config = RetryConfig(max_retries=1, initial_delay=0.1)
         self.peer_id = str(self.host.get_id())
@@ -196,15 +204,18 @@ class Libp2pTransport(Transport):
 
     @property
     def addrs(self) -> list[str]:
-        """Full multiaddrs of the bound ports, ending in /p2p/<id>; wildcards become interfaces."""
-        p2p = multiaddr.Multiaddr(f"/p2p/{self.peer_id}")
-        result: list[str] = []
-        for addr in self.host.get_transport_addrs():
-            for concrete in _expand_wildcard(addr):
-                text = str(concrete.encapsulate(p2p))
-                if text not in result:
-                    result.append(text)
-        return result
+        """What this host announces to everyone, ending in /p2p/<id>: wildcards become the interfaces
+        that are up now, routable first; loopback only when there is nothing else
+        (`mesh.libp2p_addressing`)."""
+        return list(dict.fromkeys(str(addr) for addr in self.host.get_addrs()))
+
+    async def push_addrs(self) -> None:
+        """Tell connected peers our addresses changed (libp2p's identify push); best effort, bounded."""
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
+            try:
+                await self.host._push_identify_to_all_peers()  # public API in later py-libp2p releases
+            except Exception as err:
+                log.debug("identify push failed: %r", err)
 
     async def dial(self, addr: str, *, timeout: float) -> str:
         peer, transport_addr = _parse_peer_addr(addr)
@@ -373,13 +384,6 @@ def _peerstore_addrs(host: IHost, peer: ID) -> list[multiaddr.Multiaddr]:
         return list(host.get_peerstore().addrs(peer))
     except Exception:  # PeerStoreError: unknown or expired peer
         return []
-
-
-def _expand_wildcard(addr: multiaddr.Multiaddr) -> list[multiaddr.Multiaddr]:
-    text = str(addr)
-    if not (text.startswith("/ip4/0.0.0.0/") or text.startswith("/ip6/::/")):
-        return [addr]
-    return list(expand_wildcard_address(addr)) or [addr]
 
 
 def _describe(err: BaseException | None) -> str:

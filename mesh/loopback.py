@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from mesh.memory_transport import MemoryNetwork, MemoryTransport
+from mesh.memory_transport import LOOPBACK, MemoryNetwork, MemoryTransport
 from mesh.transport import ByteStream, StreamHandler, Transport
 
 
@@ -27,7 +27,8 @@ class LoopbackTransport(Transport):
     @asynccontextmanager
     async def wrap(cls, inner: Transport) -> AsyncIterator[LoopbackTransport]:
         """`async with LoopbackTransport.wrap(transport) as transport:`; loopback streams end with it."""
-        async with MemoryTransport.open(MemoryNetwork(), inner.peer_id) as local:
+        async with MemoryTransport.open(MemoryNetwork(), inner.peer_id, listen=(LOOPBACK,)) as local:
+            local.add_peer_addrs(local.peer_id, local.addrs)  # its own loopback address: reachable from itself
             yield cls(inner, local)
 
     @property

@@ -26,6 +26,7 @@ class ByteStream(abc.ABC):
     """An ordered, reliable byte pipe to one peer. Implementations raise `StreamClosed` on a reset."""
 
     peer_id: str
+    local_host: str | None = None  # our IP address on the connection this stream runs over, if it has one
 
     @abc.abstractmethod
     async def send_all(self, data: bytes) -> None: ...

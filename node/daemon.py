@@ -32,6 +32,7 @@ from mesh.balance import choose_span, max_blocks_for
 from mesh.client import Client
 from mesh.data_channel import DataChannels
 from mesh.join import joined
+from mesh.libp2p_transport import Libp2pTransport
 from mesh.loopback import LoopbackTransport
 from node.api import ApiServer, ApiSettings, check_model_dir
 from node.node import Node, measure_token_seconds
@@ -44,6 +45,8 @@ from shard.quant import QUANT_MODES
 from shard.span import block_bytes, load_span
 
 log = logging.getLogger("hearth.node")
+
+ADDRESS_POLL_S = 2.0  # how often the daemon looks for changed host addresses
 
 
 @dataclass(frozen=True)
@@ -247,8 +250,8 @@ async def serve(settings: NodeSettings) -> None:
     rng = random.Random()  # span choice ties and rebalancing times: spread nodes, never in step
     async with joined(bootstrap=settings.bootstrap, listen=settings.listen, identity_path=settings.identity,
                       peer_cache_path=settings.peer_cache, enable_mdns=settings.mdns,
-                      wall_clock=time.time) as (transport, discovery), \
-            (LoopbackTransport.wrap(transport) if settings.api else nullcontext(transport)) as transport:
+                      wall_clock=time.time) as (host, discovery), \
+            (LoopbackTransport.wrap(host) if settings.api else nullcontext(host)) as transport:
         start, end, balance = settings.start, settings.end, None
         if settings.auto_span:
             max_blocks = span_capacity(settings, n_blocks)
@@ -270,13 +273,37 @@ async def serve(settings: NodeSettings) -> None:
                 api = await start_api(nursery, settings, transport, discovery) if settings.api else None
                 for addr in transport.addrs:
                     say(f"listening on {addr}")
+                watch = trio.CancelScope()
+                nursery.start_soon(follow_addresses, host, node, watch)
                 async for signum in signals:
                     say(f"{signal.Signals(signum).name}: draining")
+                    watch.cancel()
                     if api is not None:
                         api.stop()
                     node.stop()
                     break
     say("stopped")
+
+
+async def follow_addresses(transport: Libp2pTransport, node: Node, scope: trio.CancelScope,
+                           poll_s: float = ADDRESS_POLL_S) -> None:
+    """Until `scope` is cancelled, re-announce at once when the host's addresses change (a laptop
+    moving between networks, a DHCP renewal): print the new `listening on` lines, tell connected
+    peers (identify push) and publish the record with the new addresses instead of waiting for
+    the next refresh."""
+    announced = transport.addrs
+    with scope:
+        while True:
+            await trio.sleep(poll_s)
+            addrs = transport.addrs
+            if addrs == announced:
+                continue
+            announced = addrs
+            say(f"addresses changed: {len(addrs)} now")
+            for addr in addrs:
+                say(f"listening on {addr}")
+            await transport.push_addrs()
+            await node.announce_now()
 
 
 async def start_api(nursery: trio.Nursery, settings: NodeSettings, transport, discovery) -> ApiServer:

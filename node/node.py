@@ -127,6 +127,10 @@ class Node:
         for session in on_old():
             self.manager.end(session, reason)
 
+    async def announce_now(self) -> None:
+        """Publish the record now (the host's addresses changed, say), not at the next refresh."""
+        await self._announce()
+
     async def _refresh_loop(self) -> None:
         while True:
             await virtual_time.sleep(self.refresh_every_s)  # trio.sleep, or a simulator's cheaper timers

@@ -121,7 +121,7 @@ class InferenceServer:
         session.codec = message.codec
         offer, arrival = None, None
         if wants_channel and self.data_channels is not None:
-            offer, arrival = self.data_channels.offer(stream.peer_id)
+            offer, arrival = self.data_channels.offer(stream.peer_id, reached_on=stream.raw.local_host)
             await stream.send(SessionOpened(session_id=message.session_id, data_address=offer.address,
                                             data_token=offer.token, data_key=offer.key))
         else:

@@ -8,6 +8,10 @@ downlink, whichever is slower, scaled by `bandwidth_scale` so that the simulator
 activations take as long as the real ones would. Partitions cut every pair of hosts between two
 regions; a clogged host's links all stop (both as `MemoryNetwork.cut` does: streams stall and
 only timeouts notice). Randomness comes from the `random.Random` passed in.
+
+Every host and user is on one segment, `PUBLIC` (the internet: regions set latency, not
+reachability), and listens on it by wildcard, so a record carries the host's public and loopback
+addresses and a client reaches a host only through the public one, as `MemoryNetwork` enforces.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from mesh.memory_transport import Link, MemoryNetwork
 from simulations.scenario import DeviceProfile, NetworkSpec
 
 MIN_RETRANSMIT_S = 0.2
+PUBLIC = "internet"  # the segment every host and user is on
 
 
 class VirtualNetwork(MemoryNetwork):
@@ -36,6 +41,7 @@ class VirtualNetwork(MemoryNetwork):
     def place(self, peer_id: str, region: str, device: DeviceProfile) -> None:
         """Say where `peer_id` lives and what its access link is (before it opens its transport)."""
         self.hosts[peer_id] = (region, device)
+        self.attach(peer_id, (PUBLIC,))
 
     def region(self, peer_id: str) -> str:
         return self.hosts[peer_id][0]

@@ -8,7 +8,7 @@ import pytest
 
 from mesh.identity import load_or_create_identity, peer_id_of
 from mesh.libp2p_transport import Libp2pTransport
-from mesh.memory_transport import MemoryNetwork, MemoryTransport
+from mesh.memory_transport import DEFAULT_SEGMENT, MemoryNetwork, MemoryTransport, memory_addr
 from tests.mesh.echo_peer import ECHO, IO_TIMEOUT, echo_hop
 
 __all__ = ["ECHO", "IO_TIMEOUT", "LOOPBACK", "Libp2pKit", "MemoryKit", "echo_hop"]
@@ -30,7 +30,8 @@ class MemoryKit:
         return MemoryTransport.open(self.network, f"peer{self._count}")
 
     def unreachable_addr(self) -> str:
-        return "/memory/ghost/p2p/ghost"
+        """A well-formed address on the peers' segment where nobody listens."""
+        return memory_addr(DEFAULT_SEGMENT, "ghost", "ghost")
 
 
 class Libp2pKit:

@@ -10,7 +10,7 @@ import trio
 from mesh.client import Client, ClientOptions
 from mesh.data_channel import DataChannels, SealedStream
 from mesh.discovery import MemoryDirectory
-from mesh.memory_transport import MemoryNetwork, MemoryTransport
+from mesh.memory_transport import LOOPBACK, WILDCARD, MemoryNetwork, MemoryTransport, memory_addr
 from mesh.routing import NoRouteError
 from node.node import Node
 from node.sessions import SessionLimits
@@ -35,16 +35,18 @@ class Swarm:
         self.nodes: dict[str, Node] = {}
 
     async def add_node(self, name: str, start: int, end: int, token_seconds: float = 0.001,
-                       data_channels: DataChannels | None = None, **limits) -> Node:
-        transport = await self.nursery.start(self._transport, name)
+                       data_channels: DataChannels | None = None, *, listen=(WILDCARD,),
+                       transport_class=MemoryTransport, **limits) -> Node:
+        transport = await self.nursery.start(self._transport, name, listen, transport_class)
         node = Node(load_span(self.model_dir, start, end), "tiny", self.digest, limits=SessionLimits(**limits),
                     wall_clock=trio.current_time, token_seconds=token_seconds, data_channels=data_channels)
         await self.nursery.start(node.run, transport, self.directory)
         self.nodes[name] = node
         return node
 
-    async def _transport(self, name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with MemoryTransport.open(self.network, name) as transport:
+    async def _transport(self, name: str, listen=(WILDCARD,), transport_class=MemoryTransport, *,
+                         task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with transport_class.open(self.network, name, listen=listen) as transport:
             task_status.started(transport)
             await trio.sleep_forever()
 
@@ -191,6 +193,50 @@ async def test_a_stale_record_on_the_planned_route_is_routed_around(swarm):
     assert report.token_ids == local_tokens(swarm.model_dir, 5) and "fast" not in [h.peer_id for h in report.hops]
 
 
+class AnnouncesItsWildcard(MemoryTransport):
+    """The LAN bug: a node announcing the address it listens on (0.0.0.0), not its host's addresses."""
+
+    @property
+    def addrs(self) -> list[str]:
+        return [memory_addr(WILDCARD, self.network.attachment(self.peer_id).host, self.peer_id)]
+
+
+@pytest.mark.parametrize("announces", ["wildcard", "loopback-only", "another-lan"])
+async def test_a_node_the_client_cannot_reach_is_not_used(swarm, autojump_clock, announces):
+    """b's record covers blocks [3, 6), but no address in it leads to b from the client's host: the
+    client fails naming those blocks, and uses c once c serves them, though b is faster."""
+    fast = dict(token_seconds=1e-5, compute_in_thread=False)
+    await swarm.add_node("a", 0, 3, compute_in_thread=False)
+    if announces == "wildcard":
+        await swarm.add_node("b", 3, 6, transport_class=AnnouncesItsWildcard, **fast)
+    elif announces == "loopback-only":
+        await swarm.add_node("b", 3, 6, listen=(LOOPBACK,), **fast)
+    else:
+        swarm.network.attach("b", ["another-lan"])
+        await swarm.add_node("b", 3, 6, **fast)
+    client = await swarm.client("user", request_timeout_s=5.0)
+    with pytest.raises(NoRouteError) as err:
+        await client.generate_text(prompt_ids=PROMPT)
+    assert err.value.missing == [(3, 6)]
+    await swarm.add_node("c", 3, 6, compute_in_thread=False)
+    report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=5))
+    assert report.token_ids == local_tokens(swarm.model_dir, 5)
+    assert [hop["peer_id"] for hop in report.route] == ["a", "c"]
+
+
+async def test_a_host_on_two_lans_serves_a_client_on_one_of_them(swarm, autojump_clock):
+    """The bridge announces an address on each LAN; the client, on LAN b only, reaches it through the
+    second, and cannot use the faster node on LAN a."""
+    for peer, segments in (("lan-a-node", ["lan-a"]), ("bridge", ["lan-a", "lan-b"]), ("user", ["lan-b"])):
+        swarm.network.attach(peer, segments)
+    await swarm.add_node("lan-a-node", 0, 6, token_seconds=1e-5, compute_in_thread=False)
+    await swarm.add_node("bridge", 0, 6, compute_in_thread=False)
+    client = await swarm.client("user")
+    report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=5))
+    assert report.token_ids == local_tokens(swarm.model_dir, 5)
+    assert [hop["peer_id"] for hop in report.route] == ["bridge"]
+
+
 def stream_kinds(client: Client, monkeypatch) -> list[str]:
     """Records the byte stream each hop steps over."""
     from mesh.session import HopSession
@@ -223,7 +269,7 @@ async def test_without_a_reachable_data_channel_steps_stay_on_the_transport(swar
     channels = DataChannels("127.0.0.1")
     if why == "unreachable":
         channels.advertise_host = "127.0.0.1"
-        monkeypatch.setattr(DataChannels, "address", property(lambda self: "127.0.0.1:9"))  # nothing listens there
+        monkeypatch.setattr(DataChannels, "address_for", lambda self, reached_on: "127.0.0.1:9")  # nothing listens there
     await swarm.add_node("a", 0, 6, data_channels=channels)
     client = await swarm.client("user", data_channel=why != "client-declines")
     kinds = stream_kinds(client, monkeypatch)

@@ -145,6 +145,7 @@ async def open_pair(network: MemoryNetwork, nursery, handler):
     a = await nursery.start(hold_transport, network, "a")
     b = await nursery.start(hold_transport, network, "b")
     b.set_handler("/t", handler)
+    a.add_peer_addrs("b", b.addrs)
     return await a.open_stream("b", "/t", timeout=5)
 
 

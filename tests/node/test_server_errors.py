@@ -38,6 +38,8 @@ async def served(checkpoint_factory):
         async with MemoryTransport.open(network, "node") as node_transport, \
                 MemoryTransport.open(network, "peer") as peer, MemoryTransport.open(network, "stranger") as stranger:
             await nursery.start(node.run, node_transport, directory)
+            for transport in (peer, stranger):  # where the node's record says it is, as a client learns it
+                transport.add_peer_addrs("node", node_transport.addrs)
             yield {"node": node, "peer": peer, "stranger": stranger, "digest": digest, "model_dir": model_dir,
                    "network": network, "directory": directory}
             nursery.cancel_scope.cancel()

@@ -7,8 +7,8 @@ import random
 import pytest
 import trio
 
-from mesh.memory_transport import MemoryTransport
-from simulations.network import MIN_RETRANSMIT_S, VirtualNetwork
+from mesh.memory_transport import LOOPBACK, MemoryTransport, memory_addr
+from simulations.network import MIN_RETRANSMIT_S, PUBLIC, VirtualNetwork
 from simulations.scenario import DeviceProfile, NetworkSpec
 
 HOME = DeviceProfile("home", uplink_mbps=8.0, downlink_mbps=80.0, access_ms=5.0)
@@ -69,8 +69,19 @@ async def test_a_megabyte_over_a_home_uplink_takes_a_second(autojump_clock):
 
     async with MemoryTransport.open(net, "a") as a, MemoryTransport.open(net, "b") as b:
         b.set_handler("/sink", sink)
+        a.add_peer_addrs("b", b.addrs)
         stream = await a.open_stream("b", "/sink", timeout=5)
         started = trio.current_time()
         await stream.send_all(b"x" * 1_000_000)
         await received.wait()
         assert trio.current_time() - started == pytest.approx(1.0 + 0.02, rel=0.01)  # 8 Mbit/s + one way
+
+
+async def test_hosts_and_users_are_reached_through_their_public_address_only(autojump_clock):
+    net = network()
+    async with MemoryTransport.open(net, "a") as a, MemoryTransport.open(net, "c") as c:
+        assert c.addrs == [memory_addr(PUBLIC, "c", "c"), memory_addr(LOOPBACK, "c", "c")]
+        public, loopback = c.addrs
+        assert net.why_unreachable("a", public) is None  # across regions: the internet is one segment
+        assert "own host" in net.why_unreachable("a", loopback)
+        assert await a.dial(public, timeout=5) == "c"
