@@ -136,11 +136,18 @@ class DhtDiscovery(Discovery):
     async def __aenter__(self) -> DhtDiscovery:
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(background_trio_service(self.dht))
-            with trio.move_on_after(self.timeout):  # adding may ping a peer when a bucket is full
-                for peer in self.transport.host.get_connected_peers():
-                    await self.dht.add_peer(peer)
+            await self._add_connected_peers(self.timeout)
             self._stack = stack.pop_all()
         return self
+
+    async def _add_connected_peers(self, timeout: float) -> None:
+        """Put the peers we are connected to (bootstrap hosts, LAN peers found by mDNS since) in
+        the routing table; adding may ping a peer when a bucket is full, hence the bound."""
+        table = self.dht.routing_table
+        with trio.move_on_after(timeout):
+            for peer in self.transport.host.get_connected_peers():
+                if not table.peer_in_table(peer):
+                    await self.dht.add_peer(peer)
 
     async def __aexit__(self, *exc_info) -> bool | None:
         stack, self._stack = self._stack, None
@@ -171,6 +178,7 @@ class DhtDiscovery(Discovery):
         """Unexpired records with addresses; what arrived in time if the lookup times out."""
         found: dict[str, PeerRecord] = {}
         started = trio.current_time()
+        await self._add_connected_peers(self.warm_timeout)
         seen = {peer: r for peer, r in self._seen.get(model_key, {}).items() if not r.expired(self.clock())}
         timeout = self.warm_timeout if seen else self.timeout
         with trio.move_on_after(timeout) as scope:

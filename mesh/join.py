@@ -96,13 +96,20 @@ async def _joined(bootstrap, listen, identity_path, cache, enable_mdns, wall_clo
 
 
 @asynccontextmanager
-async def connect(*, bootstrap: Sequence[str], model: str | Path, options: ClientOptions = ClientOptions(),
-                  wall_clock: Callable[[], float] | None = None, listen: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
-                  peer_cache_path: os.PathLike | str | None = None) -> AsyncIterator[Client]:
-    """`async with mesh.connect(bootstrap=[...], model=DIR) as client:` then `client.generate(...)`."""
+async def connect(*, bootstrap: Sequence[str] = (), model: str | Path, options: ClientOptions = ClientOptions(),
+                  wall_clock: Callable[[], float] | None = None, listen: Sequence[str] | None = None,
+                  peer_cache_path: os.PathLike | str | None = None, mdns: bool = False) -> AsyncIterator[Client]:
+    """`async with mesh.connect(bootstrap=[...], model=DIR) as client:` then `client.generate(...)`.
+
+    With `mdns` the client also finds the nodes of its LAN (then `bootstrap` may be empty: the
+    request waits for them until its deadline) and listens on every interface, else on loopback.
+    """
     import time
 
-    async with joined(bootstrap=bootstrap, listen=listen, peer_cache_path=peer_cache_path,
-                      wall_clock=wall_clock or time.time, require_peers=True) as (transport, discovery):
+    if not bootstrap and not mdns:
+        raise ValueError("give bootstrap addresses, or mdns=True to find the LAN's nodes")
+    listen = listen or (("/ip4/0.0.0.0/tcp/0",) if mdns else ("/ip4/127.0.0.1/tcp/0",))
+    async with joined(bootstrap=bootstrap, listen=listen, peer_cache_path=peer_cache_path, enable_mdns=mdns,
+                      wall_clock=wall_clock or time.time, require_peers=bool(bootstrap)) as (transport, discovery):
         client = await trio.to_thread.run_sync(lambda: Client(transport, discovery, model, options=options))
         yield client

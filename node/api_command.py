@@ -18,13 +18,14 @@ import trio
 from mesh.client import ClientOptions
 from mesh.join import connect
 from node.api import DEFAULT_MAX_TOKENS, ApiServer, ApiSettings, check_model_dir
-from node.generate_remote import CODECS
+from node.generate_remote import CODECS, check_peer_sources
 from shard.errors import InvalidInput
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bootstrap", action="append", required=True, metavar="MULTIADDR",
-                        help="a peer of the swarm (with /p2p/ id); repeatable")
+    parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                        help="a peer of the swarm (with /p2p/ id); repeatable; needed unless --mdns")
+    parser.add_argument("--mdns", action="store_true", help="find the nodes on this LAN (no --bootstrap needed)")
     parser.add_argument("--model", required=True, type=Path, metavar="DIR",
                         help="the model directory (embeddings, LM head, tokenizer and chat template run here)")
     parser.add_argument("--port", type=int, default=8000, metavar="PORT", help="default 8000; 0 picks a free port")
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_peer_sources(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = ApiSettings(host=args.host, port=args.port, api_key=args.api_key,
@@ -49,12 +51,14 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--timeout must be positive, got {args.timeout}")
     check_model_dir(args.model)
     options = ClientOptions(codec=CODECS[args.codec], request_timeout_s=args.timeout, routing=args.routing)
-    trio.run(serve, args.bootstrap, args.model, settings, options)
+    trio.run(serve, args.bootstrap, args.model, settings, options, args.mdns)
     return 0
 
 
-async def serve(bootstrap: list[str], model_dir: Path, settings: ApiSettings, options: ClientOptions) -> None:
-    async with connect(bootstrap=bootstrap, model=model_dir, options=options, wall_clock=time.time) as client:
+async def serve(bootstrap: list[str], model_dir: Path, settings: ApiSettings, options: ClientOptions,
+                mdns: bool = False) -> None:
+    async with connect(bootstrap=bootstrap, model=model_dir, options=options, wall_clock=time.time,
+                       mdns=mdns) as client:
         api = ApiServer(client, settings, wall_clock=time.time)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:

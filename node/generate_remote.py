@@ -14,13 +14,15 @@ from mesh.client import ClientOptions, GenerationReport
 from mesh.join import connect
 from node.run_local import add_prompt_and_sampling_arguments, prompt_arguments, sampling_params
 from protocol import Codec
+from shard.errors import InvalidInput
 
 CODECS = {codec.name.lower(): codec for codec in Codec}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bootstrap", action="append", required=True, metavar="MULTIADDR",
-                        help="a peer of the swarm (with /p2p/ id); repeatable")
+    parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                        help="a peer of the swarm (with /p2p/ id); repeatable; needed unless --mdns")
+    parser.add_argument("--mdns", action="store_true", help="find the nodes on this LAN (no --bootstrap needed)")
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="the model directory (embeddings, LM head and tokenizer run here)")
     add_prompt_and_sampling_arguments(parser)
@@ -32,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_peer_sources(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return trio.run(_generate, args)
@@ -40,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 async def _generate(args: argparse.Namespace) -> int:
     options = ClientOptions(codec=CODECS[args.codec], request_timeout_s=args.timeout, routing=args.routing)
     params = sampling_params(args)
-    async with connect(bootstrap=args.bootstrap, model=args.model, options=options, wall_clock=time.time) as client:
+    async with connect(bootstrap=args.bootstrap, model=args.model, options=options, wall_clock=time.time,
+                       mdns=args.mdns) as client:
         report = GenerationReport([])
         async for emitted in client.generate(report=report, params=params, **prompt_arguments(args)):
             if not args.json:
@@ -53,6 +57,11 @@ async def _generate(args: argparse.Namespace) -> int:
               f"route {' -> '.join(f'{h.peer_id[-6:]}[{h.start}:{h.end}]' for h in report.hops)}; "
               f"{len(report.recoveries)} recoveries]", file=sys.stderr)
     return 0
+
+
+def check_peer_sources(args: argparse.Namespace) -> None:
+    if not args.bootstrap and not args.mdns:
+        raise InvalidInput("give --bootstrap MULTIADDR (a node of the swarm), or --mdns to find the nodes on this LAN")
 
 
 def report_json(report: GenerationReport) -> dict:

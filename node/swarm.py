@@ -14,26 +14,40 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from shard.config import load_config
 from shard.pipeline import split_points
 
 READY_PREFIX = "listening on "
+HOST_LISTEN = "/ip4/0.0.0.0/tcp/4001"  # the README's form, for nodes on hosts of their own
 
 
 class NodeStartError(RuntimeError):
     """A node process exited or stayed silent before it was ready; carries its output."""
 
 
+class Host(Protocol):
+    """Where a node process runs: this machine, or a host of a test bed (`tools/netbed.py`)."""
+
+    def command(self, argv: list[str]) -> list[str]:
+        """`argv` as run on this host (the process id stays argv's own)."""
+
+    def env(self) -> dict[str, str]:
+        """The environment of processes on this host."""
+
+
 class NodeProcess:
-    def __init__(self, name: str, args: list[str], *, env: dict[str, str] | None = None):
-        self.name, self.args = name, args
+    def __init__(self, name: str, args: list[str], *, env: dict[str, str] | None = None, host: Host | None = None):
+        self.name, self.args, self.host = name, args, host
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
+        argv = [sys.executable, "-m", "node.cli", "node", *args]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "node", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1, start_new_session=True, env=env)
+            host.command(argv) if host else argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, bufsize=1, start_new_session=True, env=env if env is not None or host is None else host.env())
         self._reader = threading.Thread(target=self._read, name=f"{name}-stdout", daemon=True)
         self._reader.start()
         self.addr: str | None = None
@@ -93,13 +107,16 @@ class NodeProcess:
 
 
 class LocalSwarm:
-    """N nodes on loopback splitting a model's blocks; the first is everyone's bootstrap peer."""
+    """N nodes splitting a model's blocks; the first is everyone's bootstrap peer. On loopback, or
+    with `hosts`, node i on host i (round robin) listening on every interface at port 4001, the way
+    the README starts a household's nodes."""
 
     def __init__(self, model_dir: str | Path, *, quant: str = "none", extra_args: list[str] | None = None,
-                 work_dir: str | Path | None = None):
+                 work_dir: str | Path | None = None, hosts: Sequence[Host] = ()):
         self.model_dir, self.quant = Path(model_dir), quant
         self.extra_args = extra_args or []
         self.work_dir = Path(work_dir) if work_dir else None
+        self.hosts = list(hosts)
         self.nodes: list[NodeProcess] = []
 
     @property
@@ -131,7 +148,10 @@ class LocalSwarm:
             args += ["--bootstrap", addr]
         if self.work_dir is not None:
             args += ["--identity", str(self.work_dir / f"{name}.key"), "--peer-cache", str(self.work_dir / f"{name}.peers.json")]
-        node = NodeProcess(name, args)
+        host = self.hosts[len(self.nodes) % len(self.hosts)] if self.hosts else None
+        if host is not None:
+            args += ["--listen", HOST_LISTEN]
+        node = NodeProcess(name, args, host=host)
         self.nodes.append(node)
         return node
 

@@ -57,6 +57,10 @@ class Host:
         env["HOME"] = str(self.home)
         return env
 
+    def command(self, argv: list[str]) -> list[str]:
+        """`argv` as run inside this host (`ip netns exec` execs it: the process id is argv's own)."""
+        return ["ip", "netns", "exec", self.name, *argv]
+
 
 @dataclass
 class Lan:
@@ -169,21 +173,17 @@ class NetBed:
         subprocess.run(["ip", "netns", "exec", namespace, "sysctl", "-q", "-w", setting],
                        capture_output=True, timeout=30)
 
-    def command(self, host: Host, argv: list[str]) -> list[str]:
-        """`argv` as run inside `host` (`ip netns exec` execs it: the process id is argv's own)."""
-        return ["ip", "netns", "exec", host.name, *argv]
-
     def popen(self, host: Host, argv: list[str], **kwargs) -> subprocess.Popen:
         """Start `argv` inside `host` with its HOME; killed at `down()` if still running."""
         kwargs.setdefault("env", host.env())
-        process = subprocess.Popen(self.command(host, argv), **kwargs)
+        process = subprocess.Popen(host.command(argv), **kwargs)
         self._processes.append(process)
         return process
 
     def run(self, host: Host, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         kwargs.setdefault("env", host.env())
         kwargs.setdefault("timeout", 120)
-        return subprocess.run(self.command(host, argv), **kwargs)
+        return subprocess.run(host.command(argv), **kwargs)
 
     def down(self) -> None:
         """Kill every process in the test bed's namespaces, delete them (and so every interface)."""

@@ -37,3 +37,45 @@ def chat_model_dir(tmp_path_factory):
     path = write_model(tmp_path_factory.mktemp("chat") / "tiny-chat", backend, {
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": PLAIN_TEMPLATE})
     return save_tiny_checkpoint(path, "llama", vocab_size=backend.get_vocab_size(), eos_token_id=2)
+
+
+@pytest.fixture
+def netbed():
+    """`netbed(hosts, lans=None)` builds a LAN of distinct hosts in network namespaces
+    (tools/netbed.py); every process in them is killed and every namespace deleted at teardown,
+    whatever the test did."""
+    from tools.netbed import NetBed
+
+    reason = NetBed.unavailable()
+    if reason:
+        pytest.skip(f"no test bed of network namespaces on this machine: {reason}")
+    beds = []
+
+    def make(hosts: int, lans: list[list[int]] | None = None) -> NetBed:
+        bed = NetBed(hosts, lans=lans).up()
+        beds.append(bed)
+        return bed
+
+    try:
+        yield make
+    finally:
+        for bed in beds:
+            bed.down()
+
+
+@pytest.fixture
+def hosts_swarm_factory(netbed, tmp_path):
+    """`factory(model_dir, bed)`: a LocalSwarm whose node i runs on host i of `bed`, listening on
+    every interface at port 4001; its nodes are stopped before the test bed goes down."""
+    swarms = []
+
+    def make(model_dir, bed, n_hosts: int | None = None) -> LocalSwarm:
+        swarm = LocalSwarm(model_dir, extra_args=NODE_ARGS, work_dir=tmp_path, hosts=bed.hosts[:n_hosts])
+        swarms.append(swarm)
+        return swarm
+
+    try:
+        yield make
+    finally:
+        for swarm in swarms:
+            swarm.stop()
