@@ -9,12 +9,17 @@ per token (means beside them). Per hop it prints the node's own compute per deco
 span run in this process, and the round trip; and a plain trio TCP round trip between two
 processes with a message of one hop's size, so the swarm's per-hop overhead can be read against it.
 
-    python benchmarks/bench_swarm.py [--quant int8] [--tokens 32] [--rounds 3] [--libp2p-only] [--layers 16] [--hidden 2048] [--threads N]
+With --hosts (root: network namespaces) a third arm runs the same three nodes on distinct hosts of a
+test bed (tools/netbed.py), listening on every interface as the README starts them, with this
+process on the same LAN; all arms alternate within each round.
+
+    python benchmarks/bench_swarm.py [--quant int8] [--tokens 32] [--rounds 3] [--libp2p-only] [--hosts] [--layers 16] [--hidden 2048] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -143,6 +148,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="alternating single-process and swarm runs")
     parser.add_argument("--libp2p-only", action="store_true", help="steps over libp2p streams, not the data channels")
+    parser.add_argument("--hosts", action="store_true",
+                        help="also a swarm whose nodes run on distinct hosts of a test bed (tools/netbed.py; root), "
+                             "listening on every interface, measured in the same rounds")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -150,49 +158,79 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle node processes must not spin on the cores
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         model_dir = model_or_build(args, tmp)
         pipeline = LocalPipeline.load(model_dir, quant=args.quant)
         generate_local(pipeline, prompt_ids()[:8], SamplingParams(max_new_tokens=4))  # warm-up, as the swarm gets
-        local, swarm_times, hop_rounds = [], [], []
-        with LocalSwarm(model_dir, quant=args.quant, work_dir=tmp, extra_args=["--threads", str(args.threads)]) as swarm:
+        node_args = ["--threads", str(args.threads)]
+        swarms = {"loopback": stack.enter_context(LocalSwarm(model_dir, quant=args.quant, work_dir=tmp,
+                                                             extra_args=node_args))}
+        if args.hosts:
+            bed = stack.enter_context(test_bed())
+            swarms["hosts"] = stack.enter_context(LocalSwarm(model_dir, quant=args.quant, extra_args=node_args,
+                                                             hosts=bed.hosts))
+        for swarm in swarms.values():
             swarm.start(swarm.spans(3), timeout=600)
-            for round_ in range(args.rounds):  # interleaved, so that the shared machine's drift hits both alike
-                local += single_process(pipeline, args.tokens)
-                times, hops = trio.run(swarm_decode, swarm.bootstrap[0], model_dir, args.tokens, not args.libp2p_only)
-                swarm_times += times
-                hop_rounds.append(hops)
-                print(f"round {round_ + 1}: single process {1 / statistics.median(local):.2f} tok/s, "
-                      f"swarm {1 / statistics.median(swarm_times):.2f} tok/s", flush=True)
+        local, times, hop_rounds = [], {name: [] for name in swarms}, {name: [] for name in swarms}
+        for round_ in range(args.rounds):  # interleaved, so that the shared machine's drift hits all alike
+            local += single_process(pipeline, args.tokens)
+            for name, swarm in swarms.items():
+                step_times, hops = trio.run(swarm_decode, swarm.bootstrap[0], model_dir, args.tokens,
+                                            not args.libp2p_only)
+                times[name] += step_times
+                hop_rounds[name].append(hops)
+            print(f"round {round_ + 1}: single process {1 / statistics.median(local):.2f} tok/s, " + ", ".join(
+                f"swarm on {name} {1 / statistics.median(t):.2f} tok/s" for name, t in times.items()), flush=True)
+        stack.close()
         del pipeline
-        hops = [HopDecode(h.peer_id, h.start, h.end, statistics.fmean(r[i].compute_s for r in hop_rounds),
-                          statistics.fmean(r[i].round_trip_s for r in hop_rounds)) for i, h in enumerate(hop_rounds[0])]
-        swarm = swarm_times
-        spans = span_decode_seconds(model_dir, args.quant, [(hop.start, hop.end) for hop in hops], args.tokens)
+        hops = {name: mean_hops(rounds) for name, rounds in hop_rounds.items()}
+        spans = span_decode_seconds(model_dir, args.quant, [(h.start, h.end) for h in hops["loopback"]], args.tokens)
         hidden = load_config(model_dir).hidden_size
         tcp_s = trio.run(tcp_round_trip, hidden * 2 + 200)  # one fp16 decode step plus framing
-    report(local, swarm, hops, spans, tcp_s, args)
+    report(local, times, hops, spans, tcp_s, args)
 
 
-def report(local: list[float], swarm: list[float], hops: list[HopDecode], spans: list[float], tcp_s: float,
-           args) -> None:
-    """Median and mean seconds per token of both; the ratio is of medians (the mean is shown beside it)."""
-    local_s, swarm_s = statistics.median(local), statistics.median(swarm)
-    overhead = (swarm_s - local_s) / len(hops)
+@contextlib.contextmanager
+def test_bed():
+    """Three hosts for the nodes; this process joins their LAN as a fourth (tools/netbed.py)."""
+    from tools.netbed import NetBed
+
+    reason = NetBed.unavailable()
+    if reason:
+        raise SystemExit(f"--hosts needs network namespaces: {reason}")
+    with NetBed(3, join_here=True) as bed:
+        print(f"test bed: nodes on {', '.join(h.addr for h in bed.hosts)}; this client on {bed.here_addr}", flush=True)
+        yield bed
+
+
+def mean_hops(rounds: list[list[HopDecode]]) -> list[HopDecode]:
+    return [HopDecode(h.peer_id, h.start, h.end, statistics.fmean(r[i].compute_s for r in rounds),
+                      statistics.fmean(r[i].round_trip_s for r in rounds)) for i, h in enumerate(rounds[0])]
+
+
+def report(local: list[float], swarms: dict[str, list[float]], hops: dict[str, list[HopDecode]],
+           spans: list[float], tcp_s: float, args) -> None:
+    """Median and mean seconds per token of each; the ratio is of medians (the mean is shown beside it)."""
+    local_s = statistics.median(local)
     print(f"\nquant {args.quant}, batch 1, {PROMPT_TOKENS}-token prompt, {args.rounds} x {args.tokens} tokens; "
           f"threads {torch.get_num_threads()}")
-    print(f"{'':<28}{'ms/token':>10}{'mean ms':>9}{'tok/s':>9}{'ratio':>8}{'ratio of means':>16}")
-    swarm_name = "3-node swarm (libp2p only)" if args.libp2p_only else "3-node swarm (data channel)"
-    for name, values in (("single process", local), (swarm_name, swarm)):
+    print(f"{'':<46}{'ms/token':>10}{'mean ms':>9}{'tok/s':>9}{'ratio':>8}{'ratio of means':>16}")
+    channel = "libp2p only" if args.libp2p_only else "data channel"
+    rows = [("single process", local)] + [(f"3-node swarm, {'127.0.0.1' if name == 'loopback' else 'distinct hosts'} "
+                                           f"({channel})", values) for name, values in swarms.items()]
+    for name, values in rows:
         median, mean = statistics.median(values), statistics.fmean(values)
-        print(f"{name:<28}{median * 1e3:>10.1f}{mean * 1e3:>9.1f}{1 / median:>9.2f}{local_s / median:>8.2f}"
+        print(f"{name:<46}{median * 1e3:>10.1f}{mean * 1e3:>9.1f}{1 / median:>9.2f}{local_s / median:>8.2f}"
               f"{statistics.fmean(local) / mean:>16.2f}")
-    print(f"per-hop overhead {overhead * 1e3:.2f} ms vs plain trio TCP round trip {tcp_s * 1e3:.3f} ms "
-          f"({overhead / tcp_s:.1f}x)")
-    print("per decode step (means):        node compute   same span here   round trip   wire (round trip - compute)")
-    for hop, here in zip(hops, spans):
-        print(f"  hop {hop.peer_id[-8:]} [{hop.start:>2}, {hop.end:>2}):   {hop.compute_s * 1e3:>9.1f} ms   "
-              f"{here * 1e3:>11.1f} ms   {hop.round_trip_s * 1e3:>7.1f} ms   {(hop.round_trip_s - hop.compute_s) * 1e3:>8.1f} ms")
+    for name, values in swarms.items():
+        overhead = (statistics.median(values) - local_s) / len(hops[name])
+        print(f"{name}: per-hop overhead {overhead * 1e3:.2f} ms vs plain trio TCP round trip on loopback "
+              f"{tcp_s * 1e3:.3f} ms ({overhead / tcp_s:.1f}x)")
+        print("  per decode step (means):        node compute   same span here   round trip   wire (round trip - compute)")
+        for hop, here in zip(hops[name], spans):
+            print(f"    hop {hop.peer_id[-8:]} [{hop.start:>2}, {hop.end:>2}):   {hop.compute_s * 1e3:>9.1f} ms   "
+                  f"{here * 1e3:>11.1f} ms   {hop.round_trip_s * 1e3:>7.1f} ms   "
+                  f"{(hop.round_trip_s - hop.compute_s) * 1e3:>8.1f} ms")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ class NetBed:
     Host i's address on LAN k is 10.77+k.0.(i+1).
     """
 
-    def __init__(self, hosts: int, *, lans: list[list[int]] | None = None, tag: str | None = None):
+    def __init__(self, hosts: int, *, lans: list[list[int]] | None = None, tag: str | None = None,
+                 join_here: bool = False):
         if hosts < 1:
             raise ValueError(f"a test bed needs at least one host, got {hosts}")
         self.tag = tag or f"{os.getpid()}x{next(_counter)}"
@@ -110,6 +111,9 @@ class NetBed:
         self.hosts: list[Host] = []
         self._processes: list[subprocess.Popen] = []
         self._namespaces: list[str] = []
+        self.join_here = join_here  # this machine's own network joins LAN 0 as a host too (.254)
+        self.here_addr: str | None = None
+        self._here_link = f"hb{self.tag}"[:15]
         self._root: Path | None = None
 
     @staticmethod
@@ -157,10 +161,23 @@ class NetBed:
                 home = self._root / f"h{i + 1}"
                 home.mkdir()
                 self.hosts.append(Host(name, addrs, home))
+            if self.join_here:
+                self._join_here()
         except BaseException:
             self.down()
             raise
         return self
+
+    def _join_here(self) -> None:
+        """A veth from this machine's own network namespace to LAN 0's bridge, at .254: processes
+        here (a benchmark's client) reach the hosts directly, like one more machine on the LAN."""
+        switch = self._ns("s0")
+        _ip("link", "add", self._here_link, "type", "veth", "peer", "name", "here", "netns", switch)
+        _ip("-n", switch, "link", "set", "here", "master", "br0")
+        _ip("-n", switch, "link", "set", "here", "up")
+        self.here_addr = f"{self.lans[0].subnet}.254"
+        _ip("addr", "add", f"{self.here_addr}/24", "dev", self._here_link)
+        _ip("link", "set", self._here_link, "up")
 
     def _add_namespace(self, suffix: str) -> str:
         name = self._ns(suffix)
@@ -195,6 +212,9 @@ class NetBed:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+        if self.here_addr is not None:
+            _ip("link", "del", self._here_link, check=False)  # also goes with LAN 0's namespace
+            self.here_addr = None
         for name in reversed(self._namespaces):
             _kill_namespace(name)
         self._namespaces.clear()
