@@ -55,7 +55,7 @@ class NodeSettings:
     start: int | None  # None: choose the span from what the swarm serves
     end: int | None
     quant: str = "none"
-    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
     bootstrap: tuple[str, ...] = ()
     identity: Path | None = None
     peer_cache: Path | None = None
@@ -85,7 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how often a node that chose its span re-evaluates it (randomised +-50%%)")
     parser.add_argument("--quant", choices=QUANT_MODES, default="none")
     parser.add_argument("--listen", action="append", metavar="MULTIADDR",
-                        help="address to listen on (default /ip4/127.0.0.1/tcp/0); repeatable")
+                        help="address to listen on (default /ip4/0.0.0.0/tcp/0: every interface, a free port; "
+                             "give a port, e.g. /ip4/0.0.0.0/tcp/4001, for an address that outlives restarts); "
+                             "repeatable")
     parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                         help="a peer to join through (with /p2p/ id); repeatable")
     parser.add_argument("--identity", type=Path, metavar="PATH", help="ed25519 key file (created if missing)")
@@ -121,7 +123,7 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
                            max_length=args.max_length, idle_timeout_s=args.idle_timeout)
     return NodeSettings(
         model_dir=Path(args.model), start=start, end=end, quant=args.quant,
-        listen=tuple(args.listen or ("/ip4/127.0.0.1/tcp/0",)), bootstrap=tuple(args.bootstrap),
+        listen=tuple(args.listen or NodeSettings.listen), bootstrap=tuple(args.bootstrap),
         identity=args.identity, peer_cache=args.peer_cache, mdns=args.mdns, limits=limits,
         allowed_peers=read_allow_list(args.allow_peers) if args.allow_peers else None,
         api=api_settings_from_args(args), data_channel=not args.no_data_channel, memory_bytes=args.memory,

@@ -254,6 +254,9 @@ def remove_stale(*, everything: bool = False) -> list[str]:
         if everything or (owner.isdigit() and not _pid_alive(int(owner))):
             _kill_namespace(name)
             removed.append(name)
+    for tag in {name[len(PREFIX):].rsplit("-", 1)[0] for name in removed}:  # and the hosts' HOMEs
+        for home in Path(tempfile.gettempdir()).glob(f"{PREFIX}{tag}-*"):
+            shutil.rmtree(home, ignore_errors=True)
     return removed
 
 

@@ -123,3 +123,14 @@ async def test_connecting_to_nothing_is_a_dial_error():
         port = sock.getsockname()[1]
     with pytest.raises(DialError):
         await data_channel.connect(Offer(f"127.0.0.1:{port}", bytes(16), bytes(32)), "n", timeout=5)
+
+
+async def test_a_wildcard_listener_offers_each_client_the_address_it_reached_the_node_on():
+    channels = DataChannels("0.0.0.0", advertise_host="10.77.0.1")
+    channels.port = 5555
+    assert channels.offer("p", reached_on="10.78.0.1")[0].address == "10.78.0.1:5555"  # a host on two LANs
+    assert channels.offer("p")[0].address == "10.77.0.1:5555"  # not known: the advertised one
+    assert channels.offer("p", reached_on="fd00::1")[0].address == "10.77.0.1:5555"  # another family
+    specific = DataChannels("10.77.0.1")
+    specific.port = 5555
+    assert specific.offer("p", reached_on="127.0.0.1")[0].address == "10.77.0.1:5555"  # it binds only that one

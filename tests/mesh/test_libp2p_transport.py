@@ -205,3 +205,38 @@ async def test_open_stream_to_unknown_peer_is_a_dial_error():
             await client.open_stream("QmNotAPeer", ECHO, timeout=2)
         with pytest.raises(DialError, match="/p2p/"):
             await client.dial("/ip4/127.0.0.1/tcp/1", timeout=2)
+
+
+def _lan_ip() -> str | None:
+    from mesh.addresses import local_interfaces
+
+    return next((str(i.ip) for i in local_interfaces() if i.ip.version == 4 and not i.ip.is_loopback), None)
+
+
+@pytest.mark.skipif(_lan_ip() is None, reason="needs a non-loopback IPv4 interface")
+async def test_a_wildcard_listener_tells_each_peer_its_own_interface_first_and_loopback_only_over_loopback():
+    """What identify hands on (and the DHT passes to others): never 0.0.0.0; to a peer that came
+    over loopback, loopback too; to a peer that came over the LAN, no loopback at all. (The order
+    is mesh.addresses.offered's, tested in test_addresses.py; the peerstore does not keep it.)"""
+    lan = _lan_ip()
+    async with Libp2pTransport(listen=["/ip4/0.0.0.0/tcp/0"]) as node, \
+            Libp2pTransport(listen=LOOPBACK) as near, Libp2pTransport(listen=LOOPBACK) as far:
+        port = multiaddr.Multiaddr(node.addrs[0]).value_for_protocol("tcp")
+        assert node.addrs == [f"/ip4/{lan}/tcp/{port}/p2p/{node.peer_id}"] + [
+            a for a in node.addrs[1:] if "/ip4/127." not in a]  # the LAN first; loopback not announced
+        await near.dial(f"/ip4/127.0.0.1/tcp/{port}/p2p/{node.peer_id}", timeout=5)
+        await far.dial(node.addrs[0], timeout=5)
+        from libp2p.peer.id import ID
+
+        def told(peer: Libp2pTransport) -> list[str]:
+            protocols_known = peer.host.get_peerstore().get_protocols(ID.from_base58(node.peer_id))
+            addrs = [str(a) for a in peer.host.get_peerstore().addrs(ID.from_base58(node.peer_id))]
+            return addrs if protocols_known else []
+
+        with trio.fail_after(10):  # identify runs in the background after the connection
+            while not (told(near) and told(far)):
+                await trio.sleep(0.05)
+        assert not any("0.0.0.0" in a for a in told(near) + told(far))
+        assert any(a.startswith("/ip4/127.0.0.1/") for a in told(near))
+        assert any(a.startswith(f"/ip4/{lan}/tcp/{port}") for a in told(near))
+        assert not any(a.startswith("/ip4/127.") for a in told(far))

@@ -74,3 +74,12 @@ def test_manifest_command_then_a_tampered_file_is_refused(checkpoint_factory, tm
     (model_dir / "config.json").write_text((model_dir / "config.json").read_text() + " ")
     done = hearth("run", "--model", str(model_dir), "--prompt-ids", "1")
     assert done.returncode == 2 and "config.json" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "api"])
+def test_a_client_given_no_way_to_find_peers_says_so(checkpoint_factory, command):
+    args = ["--prompt-ids", "1,2"] if command == "generate" else []
+    done = hearth(command, "--model", str(checkpoint_factory("llama")), *args)
+    assert done.returncode == 2
+    assert "--bootstrap" in done.stderr and "--mdns" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
