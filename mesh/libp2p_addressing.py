@@ -116,12 +116,21 @@ async def _dial_peer(network, peer_id: ID, interfaces: Sequence[Interface],
     addrs = dial_order(known, interfaces)[:MAX_DIAL_ADDRS]
     if not addrs:
         raise SwarmException(f"no dialable address for peer {peer_id} (known: {', '.join(map(str, known)) or 'none'})")
+    failed_lately = getattr(network, "_negative_peer_cache", None)  # libp2p's: a peer that failed waits 60 s
+    if failed_lately is not None and failed_lately.is_blocked(str(peer_id)):  # (our own dials clear it first)
+        raise SwarmException(f"peer {peer_id} recently failed all addresses")
     done = dialing[peer_id] = trio.Event()
     try:
         conn = await _first_connection(network, peer_id, addrs)
+    except SwarmException:
+        if failed_lately is not None:
+            failed_lately.mark_failed(str(peer_id))
+        raise
     finally:
         dialing.pop(peer_id, None)
         done.set()
+    if failed_lately is not None:
+        failed_lately.evict(str(peer_id))
     return [conn]
 
 

@@ -240,3 +240,26 @@ async def test_a_wildcard_listener_tells_each_peer_its_own_interface_first_and_l
         assert any(a.startswith("/ip4/127.0.0.1/") for a in told(near))
         assert any(a.startswith(f"/ip4/{lan}/tcp/{port}") for a in told(near))
         assert not any(a.startswith("/ip4/127.") for a in told(far))
+
+
+async def test_a_dial_tries_every_address_of_a_peer_not_just_the_first():
+    """py-libp2p alone dials one TCP address per peer (and drops loopback when another exists): a
+    peer known at an address that never answers and at one that works was unreachable."""
+    async with Libp2pTransport(listen=LOOPBACK) as node, Libp2pTransport(listen=LOOPBACK) as client:
+        port = multiaddr.Multiaddr(node.addrs[0]).value_for_protocol("tcp")
+        silent = f"/ip4/198.51.100.7/tcp/{port}/p2p/{node.peer_id}"  # TEST-NET-2: no host answers there
+        client.add_peer_addrs(node.peer_id, [silent, node.addrs[0]])
+        node.set_handler(ECHO, echo_hop)
+        started = trio.current_time()
+        stream = MessageStream(await client.open_stream(node.peer_id, ECHO, timeout=5), Role.CLIENT, io_timeout=IO_TIMEOUT)
+        await stream.send(Ping(nonce=7))
+        assert await stream.receive(timeout=IO_TIMEOUT) == Pong(nonce=7)
+        assert trio.current_time() - started < 3.0  # the second address started 0.25 s after the first
+
+
+async def test_a_peer_known_only_at_a_wildcard_is_not_dialled_there():
+    async with Libp2pTransport(listen=LOOPBACK) as client:
+        stranger = peer_id_of(create_new_key_pair())
+        client.add_peer_addrs(stranger, [f"/ip4/0.0.0.0/tcp/4001/p2p/{stranger}"])
+        with pytest.raises(DialError, match="no dialable address"):
+            await client.open_stream(stranger, ECHO, timeout=5)
