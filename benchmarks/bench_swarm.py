@@ -46,7 +46,6 @@ from shard.sampling import SamplingParams  # noqa: E402
 from shard.span import load_span  # noqa: E402
 
 PROMPT_TOKENS = 128
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"  # the first arm's nodes: this machine's loopback only
 
 ECHO_SERVER = textwrap.dedent("""
     import sys, trio
@@ -165,7 +164,7 @@ def main() -> None:
         generate_local(pipeline, prompt_ids()[:8], SamplingParams(max_new_tokens=4))  # warm-up, as the swarm gets
         node_args = ["--threads", str(args.threads)]
         swarms = {"loopback": stack.enter_context(LocalSwarm(model_dir, quant=args.quant, work_dir=tmp,
-                                                             extra_args=[*node_args, "--listen", LOOPBACK]))}
+                                                             extra_args=node_args))}
         if args.hosts:
             bed = stack.enter_context(test_bed())
             swarms["hosts"] = stack.enter_context(LocalSwarm(model_dir, quant=args.quant, extra_args=node_args,

@@ -23,6 +23,7 @@ from shard.pipeline import split_points
 
 READY_PREFIX = "listening on "
 HOST_LISTEN = "/ip4/0.0.0.0/tcp/4001"  # the README's form, for nodes on hosts of their own
+LOOPBACK_LISTEN = "/ip4/127.0.0.1/tcp/0"  # nodes sharing this machine (demo, tests): nothing beyond it
 
 
 class NodeStartError(RuntimeError):
@@ -107,9 +108,9 @@ class NodeProcess:
 
 
 class LocalSwarm:
-    """N nodes splitting a model's blocks; the first is everyone's bootstrap peer. On loopback, or
-    with `hosts`, node i on host i (round robin) listening on every interface at port 4001, the way
-    the README starts a household's nodes."""
+    """N nodes splitting a model's blocks; the first is everyone's bootstrap peer. On this machine's
+    loopback, or with `hosts`, node i on host i (round robin) listening on every interface at port
+    4001, the way the README starts a household's nodes; a `--listen` in the extra arguments wins."""
 
     def __init__(self, model_dir: str | Path, *, quant: str = "none", extra_args: list[str] | None = None,
                  work_dir: str | Path | None = None, hosts: Sequence[Host] = ()):
@@ -149,8 +150,8 @@ class LocalSwarm:
         if self.work_dir is not None:
             args += ["--identity", str(self.work_dir / f"{name}.key"), "--peer-cache", str(self.work_dir / f"{name}.peers.json")]
         host = self.hosts[len(self.nodes) % len(self.hosts)] if self.hosts else None
-        if host is not None:
-            args += ["--listen", HOST_LISTEN]
+        if "--listen" not in args:
+            args += ["--listen", HOST_LISTEN if host is not None else LOOPBACK_LISTEN]
         node = NodeProcess(name, args, host=host)
         self.nodes.append(node)
         return node
