@@ -64,8 +64,11 @@ def install(host: IHost, interfaces: Callable[[], Sequence[Interface]] = local_i
     identify = host.get_mux().handlers.get(IDENTIFY_PROTOCOL)
     if identify is not None:
         async def identify_for_this_peer(stream) -> None:
-            reached_on.set(local_ip(stream.muxed_conn))  # this handler's task only
-            await identify(stream)
+            token = reached_on.set(local_ip(stream.muxed_conn))
+            try:
+                await identify(stream)
+            finally:
+                reached_on.reset(token)
 
         host.set_stream_handler(IDENTIFY_PROTOCOL, identify_for_this_peer)
 
