@@ -48,6 +48,7 @@ _DEQUANT_CHUNK_ELEMS = 1 << 20
 _MIN_SCALE = 1e-20
 
 _INT8_MM = "_weight_int8pack_mm"
+_INT8_INT8_MM = "_int_mm"  # int8 x int8 -> int32
 _INT4_MM = "_weight_int4pack_mm_for_cpu"
 _INT4_CONVERT = "_convert_weight_to_int4pack_for_cpu"
 # innerKTiles of the int4 packing: the CPU op gives the same bytes for 1, 2, 4 and 8.
@@ -126,8 +127,24 @@ def int8_dequant_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     return torch.cat(parts, dim=-1) * scales.float()
 
 
+def int8_w8a8_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """x [M, in] fp32 @ (int8 weight [out, in] x per-channel scales)^T, with each row of x quantized
+    to int8 by its own absmax (llama.cpp's Q8_0 does so per 32 values) and an exact int32 product.
+    Rows never mix, so a batch gives each row exactly what it gets alone, at any row count.
+
+    Measured (benchmarks/bench_int8_paths.py): 1.4x the decode and 5.8x the prefill speed of the
+    packed weight-only kernel; demo-model perplexity +0.05% vs fp32 (+0.02% weight-only)."""
+    step = x.abs().amax(dim=1, keepdim=True).clamp_min(_MIN_SCALE) / 127.0  # [M, 1]
+    codes = torch.round(x / step).to(torch.int8)  # [M, in], |codes| <= 127
+    return torch._int_mm(codes, weight.t()).float() * step * scales.float()  # [M, out]
+
+
 class Int8Linear(nn.Module):
-    """Linear layer with int8 weights, symmetric per output channel; fp32 in, fp32 out."""
+    """Linear layer with int8 weights, symmetric per output channel; fp32 in, fp32 out.
+
+    Runs int8 x int8 with per-row activation scales where torch has `_int_mm` (every current
+    x86/ARM CPU build); else torch's packed weight-only kernel for up to INT8_KERNEL_MAX_ROWS rows
+    and a dequantizing GEMM beyond."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
         super().__init__()
@@ -161,10 +178,16 @@ class Int8Linear(nn.Module):
             and _has_aten_op(_INT8_MM)
         )
 
+    def uses_int8_activations(self) -> bool:
+        """Whether forwards run int8 x int8 (`int8_w8a8_matmul`): any row count, where torch has it."""
+        return self.in_features % 8 == 0 and _has_aten_op(_INT8_INT8_MM)
+
     def forward(self, x: Tensor) -> Tensor:
         # x: [..., in] -> [..., out]
         x2 = x.reshape(-1, self.in_features).float()  # [M, in]
-        if self.uses_kernel(x2.shape[0]):
+        if self.uses_int8_activations():
+            y = int8_w8a8_matmul(x2, self.weight, self.scales)  # [M, out]
+        elif self.uses_kernel(x2.shape[0]):
             mm = getattr(torch.ops.aten, _INT8_MM)
             y = mm(x2.to(torch.bfloat16), self.weight, self.scales).float()  # [M, out]
         else:
