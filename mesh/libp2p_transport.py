@@ -14,6 +14,8 @@
   that stream, never the host; a stream whose handler returns is closed (the peer reads EOF).
 - libp2p's own cleanup, cancelled on exit, leaves the listener accepting: the host is closed
   explicitly. A listen address that cannot be bound raises `ListenError` (libp2p only logs it).
+- The host announces concrete addresses (never the bound 0.0.0.0) and dials every address a
+  peer has, not only the first: `mesh.libp2p_addressing`.
 
 libp2p's own warnings and errors are re-emitted under `mesh.libp2p.*`, demoted (they are mostly a
 peer going away, which our typed errors already report): its errors show at INFO, its warnings at
@@ -213,7 +215,7 @@ class Libp2pTransport(Transport):
         """Tell connected peers our addresses changed (libp2p's identify push); best effort, bounded."""
         with trio.move_on_after(CLOSE_TIMEOUT_S):
             try:
-                await self.host._push_identify_to_all_peers()  # public API in later py-libp2p releases
+                await self.host._push_identify_to_all_peers()  # 0.8.1 has no public name for it
             except Exception as err:
                 log.debug("identify push failed: %r", err)
 
