@@ -1,0 +1,238 @@
+"""Hearth against llama.cpp on the same model, same machine, same run (issue 16's yardstick).
+
+Builds the random 0.92B Llama of issue 16 (hidden 2048, 16 layers, 32 heads / 8 KV heads, MLP
+5632, vocab 49152, untied head) as a Hugging Face directory (or takes --model DIR), writes it as
+GGUF (F16, with the `gguf` package; q/k rows permuted as llama.cpp's converter does), quantizes it
+to Q8_0 and Q4_0 with llama.cpp's own quantizer (through llama-cpp-python), then, alternating the
+engines round by round at each thread count, measures:
+
+- decode tokens/s at batch 1 after a 128-token prompt (median per token), and
+- prefill tokens/s of that 128-token prompt,
+
+Hearth int8 against Q8_0 and Hearth int4 (g32) against Q4_0, with the ratio and each side's
+weight bytes read per decoded token against the read bandwidth measured in the same run.
+
+Needs the optional `bench` extra (`pip install -e '.[bench]'`: llama-cpp-python compiles
+llama.cpp, about 10 minutes on 2 cores, and gguf). The test suite never needs it.
+
+    python benchmarks/bench_vs_llamacpp.py [--threads 1 2] [--rounds 2] [--tokens 32] [--model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shard.generate import generate_local  # noqa: E402
+from shard.pipeline import LocalPipeline  # noqa: E402
+from shard.sampling import SamplingParams  # noqa: E402
+
+PROMPT_TOKENS = 128
+PAIRS = (("int8", "Q8_0"), ("int4", "Q4_0"))
+FTYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+
+
+def build_model(path: Path) -> Path:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, 0.02)
+    model.save_pretrained(path)
+    return path
+
+
+def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """HF's rotate-half q/k rows into llama.cpp's interleaved order (its converter's `permute`)."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_gguf(model_dir: Path, out: Path) -> Path:
+    """The checkpoint as an F16 GGUF llama.cpp loads (a placeholder SentencePiece vocabulary: the
+    benchmark feeds token ids, never text)."""
+    import json
+
+    import gguf
+    from safetensors import safe_open
+
+    config = json.loads((model_dir / "config.json").read_text())
+    heads, kv_heads, vocab = config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_name("hearth-bench")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_file_type(FTYPES["F16"])
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"\u2581t{i}" for i in range(vocab - len(tokens))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (vocab - 259)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    block = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(file, "np") as tensors:
+            for name in tensors.keys():
+                array = tensors.get_tensor(name)
+                if name.startswith("model.layers."):
+                    index, rest = name[len("model.layers."):].split(".", 1)
+                    part = rest.rsplit(".", 1)[0]
+                    if part == "self_attn.q_proj":
+                        array = _permute(array, heads)
+                    elif part == "self_attn.k_proj":
+                        array = _permute(array, kv_heads)
+                    target = f"blk.{index}.{block[part]}.weight"
+                else:
+                    target = names[name]
+                writer.add_tensor(target, array.astype(np.float32 if array.ndim == 1 else np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def quantize(f16: Path, kind: str) -> Path:
+    import llama_cpp
+
+    out = f16.with_name(f"model-{kind}.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[kind]
+    status = llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params))
+    if status != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {f16} to {kind} (status {status})")
+    return out
+
+
+def prompt_ids(vocab: int) -> list[int]:
+    return torch.randint(259, vocab, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def llamacpp_run(model: Path, threads: int, tokens: int, prompt: list[int]) -> tuple[float, list[float]]:
+    """(prefill seconds of the prompt, seconds per decoded token) through llama-cpp-python."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(model), n_threads=threads, n_threads_batch=threads, n_ctx=512,
+                          n_batch=PROMPT_TOKENS, verbose=False)
+    try:
+        llm.eval(prompt[:8])  # warm-up, as Hearth gets
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(prompt)
+        prefill = time.perf_counter() - started
+        steps = []
+        for i in range(tokens):  # a decode step costs the same whatever the token: feed the prompt's again
+            started = time.perf_counter()
+            llm.eval([prompt[i % len(prompt)]])
+            steps.append(time.perf_counter() - started)
+        return prefill, steps
+    finally:
+        llm.close()
+
+
+def hearth_run(pipeline: LocalPipeline, tokens: int, prompt: list[int]) -> tuple[float, list[float]]:
+    generate_local(pipeline, prompt[:8], SamplingParams(max_new_tokens=2))  # warm-up
+    result = generate_local(pipeline, prompt, SamplingParams(max_new_tokens=tokens + 1))
+    return result.timings[0], result.timings[1:]
+
+
+def read_bandwidth() -> float:
+    """GB/s of a sum over 1 GiB (the read-only pattern of weights)."""
+    data = torch.ones(1 << 28)
+    data.sum()
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - started)
+    return data.numel() * 4 / min(times) / 1e9
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes read per decoded token: every tensor but the embedding table."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
+
+
+def hearth_bytes(pipeline: LocalPipeline) -> int:
+    spans = sum(sum(b.numel() * b.element_size() for b in span.buffers()) +
+                sum(p.numel() * p.element_size() for p in span.parameters()) for span in pipeline.spans)
+    head = pipeline.head
+    lm = sum(b.numel() * b.element_size() for n, b in head.named_buffers() if "embed" not in n)
+    lm += sum(p.numel() * p.element_size() for n, p in head.named_parameters() if "embed" not in n)
+    return spans + lm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="a Llama Hugging Face directory (default: build issue 16's model)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=32)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or build_model(Path(tmp) / "model")
+        f16 = write_gguf(model_dir, Path(tmp) / "model-F16.gguf")
+        ggufs = {kind: quantize(f16, kind) for _, kind in PAIRS}
+        import json
+
+        prompt = prompt_ids(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+        bandwidth = read_bandwidth()
+        print(f"read bandwidth {bandwidth:.1f} GB/s; batch 1, {PROMPT_TOKENS}-token prompt, "
+              f"{args.rounds} rounds x {args.tokens} tokens, engines alternating")
+        print(f"{'threads':>7} {'pair':<14}{'decode tok/s':>24}{'ratio':>7}{'prefill tok/s':>24}{'ratio':>7}"
+              f"{'GB/s read (ours / theirs)':>28}")
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for quant, kind in PAIRS:
+                pipeline = LocalPipeline.load(model_dir, quant=quant, head_quant=quant)
+                ours_bytes, theirs_bytes = hearth_bytes(pipeline), weight_bytes(ggufs[kind])
+                decode, prefill = {"ours": [], "theirs": []}, {"ours": [], "theirs": []}
+                for _ in range(args.rounds):
+                    for side in ("theirs", "ours"):
+                        pre, steps = (llamacpp_run(ggufs[kind], threads, args.tokens, prompt) if side == "theirs"
+                                      else hearth_run(pipeline, args.tokens, prompt))
+                        prefill[side].append(pre)
+                        decode[side] += steps
+                del pipeline
+                d = {s: 1 / statistics.median(v) for s, v in decode.items()}
+                p = {s: PROMPT_TOKENS / statistics.median(v) for s, v in prefill.items()}
+                print(f"{threads:>7} {quant + ' vs ' + kind:<14}{d['ours']:>11.1f} / {d['theirs']:<10.1f}"
+                      f"{d['ours'] / d['theirs']:>7.2f}{p['ours']:>11.1f} / {p['theirs']:<10.1f}"
+                      f"{p['ours'] / p['theirs']:>7.2f}{ours_bytes * d['ours'] / 1e9:>15.1f} / "
+                      f"{theirs_bytes * d['theirs'] / 1e9:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
