@@ -9,7 +9,8 @@ listening on /ip4/0.0.0.0 was announced, and dialled, at the wildcard itself:
 - Loopback is offered only to a peer that reached us over loopback, or when the host has nothing
   else (every process on one machine). Announcements for everyone (DHT records) leave it out.
 - To a peer that reached us on one of our addresses, that address comes first.
-- Dialling, a peer's addresses go: on a subnet of one of our interfaces first, then other
+- Dialling, a peer's addresses go: those we were given for it (bootstrap, its record) first, then
+  what other peers said of it; within each, on a subnet of one of our interfaces first, then other
   routable ones, loopback last; wildcards, multicast and malformed addresses are dropped.
 """
 
@@ -110,15 +111,21 @@ def offered(addrs: Sequence[multiaddr.Multiaddr], reached_on: IpAddress | None =
     return chosen
 
 
-def dial_order(addrs: Iterable[multiaddr.Multiaddr], interfaces: Sequence[Interface]) -> list[multiaddr.Multiaddr]:
-    """A peer's addresses worth dialling, best first (see the module docstring); duplicates dropped."""
-    ranked: list[tuple[int, int, multiaddr.Multiaddr]] = []
+def dial_order(addrs: Iterable[multiaddr.Multiaddr], interfaces: Sequence[Interface],
+               given: Iterable[multiaddr.Multiaddr] = ()) -> list[multiaddr.Multiaddr]:
+    """A peer's addresses worth dialling, best first (see the module docstring); duplicates dropped.
+
+    Addresses in `given` (what the user or the peer's own record said) come before the rest (what
+    other peers said of it, which any of them can make up), so a hostile DHT peer cannot push them
+    past a dialler's cap with invented ones."""
+    trusted = {_without_peer(a) for a in given}
+    ranked: list[tuple[bool, int, int, multiaddr.Multiaddr]] = []
     seen: set[str] = set()
-    for index, addr in enumerate(addrs):
-        ip = ip_of(addr)
-        if ip is None or str(addr) in seen:
+    for index, addr in enumerate([*given, *addrs]):
+        ip, key = ip_of(addr), _without_peer(addr)
+        if ip is None or key in seen:
             continue
-        seen.add(str(addr))
+        seen.add(key)
         if ip.is_unspecified or ip.is_multicast or (ip.version == 6 and ip.is_link_local):
             log.debug("not dialling %s: not an address of a host", addr)
             continue
@@ -128,8 +135,12 @@ def dial_order(addrs: Iterable[multiaddr.Multiaddr], interfaces: Sequence[Interf
             rank = 0
         else:
             rank = 1
-        ranked.append((rank, index, addr))
-    return [addr for _, _, addr in sorted(ranked, key=lambda r: (r[0], r[1]))]
+        ranked.append((key not in trusted, rank, index, addr))
+    return [addr for *_, addr in sorted(ranked, key=lambda r: r[:3])]
+
+
+def _without_peer(addr: multiaddr.Multiaddr) -> str:
+    return str(addr).split("/p2p/", 1)[0]
 
 
 def _loopback(addr: multiaddr.Multiaddr) -> bool:

@@ -37,7 +37,7 @@ from mesh.addresses import Interface, IpAddress, concrete, dial_order, local_int
 log = logging.getLogger(__name__)
 
 STAGGER_S = 0.25  # go-libp2p's and py-libp2p's happy-eyeballs delay between addresses
-MAX_DIAL_ADDRS = 8  # a peer's addresses tried per dial (peers may list junk)
+MAX_DIAL_ADDRS = 8  # a peer's addresses tried per dial: what a hostile peer's list can make us dial
 
 # The local IP of the connection whose identify answer is being built (None: no particular peer).
 reached_on: contextvars.ContextVar[IpAddress | None] = contextvars.ContextVar("reached_on", default=None)
@@ -49,13 +49,15 @@ def addrs_factory(interfaces: Callable[[], Sequence[Interface]] = local_interfac
     return lambda candidates: offered(concrete(candidates, interfaces()), reached_on.get())
 
 
-def install(host: IHost, interfaces: Callable[[], Sequence[Interface]] = local_interfaces) -> None:
-    """Give `host` (made with `addrs_factory`) per-peer identify answers and a dial that tries every address."""
+def install(host: IHost, given: Callable[[ID], Sequence[multiaddr.Multiaddr]],
+            interfaces: Callable[[], Sequence[Interface]] = local_interfaces) -> None:
+    """Give `host` (made with `addrs_factory`) per-peer identify answers and a dial that tries every
+    address, those `given(peer)` returns (what we were told by the user or the peer's record) first."""
     network = host.get_network()
     dialing: dict[ID, trio.Event] = {}
 
     async def dial_peer(peer_id: ID) -> list[INetConn]:
-        return await _dial_peer(network, peer_id, interfaces(), dialing)
+        return await _dial_peer(network, peer_id, interfaces(), given(peer_id), dialing)
 
     network.dial_peer = dial_peer
     broadcaster = getattr(getattr(host, "mDNS", None), "broadcaster", None)
@@ -102,7 +104,7 @@ def local_ip(conn) -> IpAddress | None:
     return None
 
 
-async def _dial_peer(network, peer_id: ID, interfaces: Sequence[Interface],
+async def _dial_peer(network, peer_id: ID, interfaces: Sequence[Interface], given: Sequence[multiaddr.Multiaddr],
                      dialing: dict[ID, trio.Event]) -> list[INetConn]:
     """Swarm.dial_peer over every dialable address: an open connection, else the first that comes up."""
     for _ in range(2):
@@ -115,8 +117,10 @@ async def _dial_peer(network, peer_id: ID, interfaces: Sequence[Interface],
     try:
         known = network.peerstore.addrs(peer_id)
     except Exception as err:  # PeerStoreError: never heard of it, or its addresses expired
-        raise SwarmException(f"no known address for peer {peer_id}") from err
-    addrs = dial_order(known, interfaces)[:MAX_DIAL_ADDRS]
+        if not given:
+            raise SwarmException(f"no known address for peer {peer_id}") from err
+        known = []
+    addrs = dial_order(known, interfaces, given)[:MAX_DIAL_ADDRS]
     if not addrs:
         raise SwarmException(f"no dialable address for peer {peer_id} (known: {', '.join(map(str, known)) or 'none'})")
     failed_lately = getattr(network, "_negative_peer_cache", None)  # libp2p's: a peer that failed waits 60 s

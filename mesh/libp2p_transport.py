@@ -161,11 +161,12 @@ class Libp2pTransport(Transport):
             enable_mDNS=enable_mdns,
             addrs_factory=libp2p_addressing.addrs_factory(),  # concrete addresses, the peer's own first
         )
-        libp2p_addressing.install(self.host)  # and a dial that tries every address, not the first one
+        self._known: dict[str, list[multiaddr.Multiaddr]] = {}  # addresses we were given, per peer
+        # and a dial that tries every address, not the first one, those we were given first
+        libp2p_addressing.install(self.host, given=lambda peer: self._known.get(str(peer), []))
         # One quick retry: a refused dial should fail over fast, not back off for ~0.7 s.
         self.host.get_network().retry_config = RetryConfig(max_retries=1, initial_delay=0.1)
         self.peer_id = str(self.host.get_id())
-        self._known: dict[str, list[multiaddr.Multiaddr]] = {}  # addresses we were given, per peer
         self._nursery: trio.Nursery | None = None
         self._stack: contextlib.AsyncExitStack | None = None
 
@@ -290,8 +291,10 @@ class Libp2pTransport(Transport):
         return any(not conn.is_closed for conn in self.host.get_network().get_connections(peer))
 
     def _remember(self, peer_id: str, addrs: list[multiaddr.Multiaddr]) -> None:
-        known = self._known.setdefault(peer_id, [])
-        known.extend(a for a in addrs if a not in known)
+        """The newest addresses first (a peer that moved is dialled where it is now), at most
+        MAX_DIAL_ADDRS of them per peer."""
+        older = [a for a in self._known.get(peer_id, []) if a not in addrs]
+        known = self._known[peer_id] = list(dict.fromkeys([*addrs, *older]))[:libp2p_addressing.MAX_DIAL_ADDRS]
         self.host.get_peerstore().add_addrs(ID.from_base58(peer_id), known, PERMANENT_ADDR_TTL)
 
     async def _hand_over(self, handler: StreamHandler, protocol_id: str, stream: INetStream) -> None:
