@@ -9,13 +9,16 @@ engines round by round at each thread count, measures:
 - decode tokens/s at batch 1 after a 128-token prompt (median per token), and
 - prefill tokens/s of that 128-token prompt,
 
-Hearth int8 against Q8_0 and Hearth int4 (g32) against Q4_0, with the ratio and each side's
-weight bytes read per decoded token against the read bandwidth measured in the same run.
+at matching bits per weight: Hearth int8 against Q8_0, int4 in groups of 64 against Q4_0 (both 4.5
+bits) and int4 in groups of 32 against Q4_1 (both 5.0 bits), with the ratio and each side's weight
+bytes read per decoded token against the read bandwidth measured in the same run.
 
 Needs the optional `bench` extra (`pip install -e '.[bench]'`: llama-cpp-python compiles
 llama.cpp, about 10 minutes on 2 cores, and gguf). The test suite never needs it.
 
     python benchmarks/bench_vs_llamacpp.py [--threads 1 2] [--rounds 2] [--tokens 32] [--model DIR]
+                                           [--work DIR]  (keeps the GGUF files for the next run)
+    python benchmarks/bench_vs_llamacpp.py --quality   (the demo model's perplexity at int8 and int4)
 """
 
 from __future__ import annotations
@@ -38,8 +41,11 @@ from shard.pipeline import LocalPipeline  # noqa: E402
 from shard.sampling import SamplingParams  # noqa: E402
 
 PROMPT_TOKENS = 128
-PAIRS = (("int8", "Q8_0"), ("int4", "Q4_0"))
-FTYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+# (Hearth quantization, int4 group size, llama.cpp type) at matching bits per weight: int8 and Q8_0
+# 8 + 16/32 (one scale per 32 weights in Q8_0, per row in int8); int4 g64 and Q4_0 4.5 (one fp16
+# scale per 32 in Q4_0; a bf16 scale and zero per 64 in ours); int4 g32 and Q4_1 5.0 (scale and min).
+PAIRS = (("int8", 32, "Q8_0"), ("int4", 64, "Q4_0"), ("int4", 32, "Q4_1"))
+FTYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 
 
 def build_model(path: Path) -> Path:
@@ -194,29 +200,89 @@ def hearth_bytes(pipeline: LocalPipeline) -> int:
     return spans + lm
 
 
+def demo_quality() -> None:
+    """Held-out perplexity of the bundled demo model (trained, so its tokens mean something) at
+    int8 and int4 as `hearth run` quantizes it (blocks and LM head, the kernels this machine runs),
+    against fp32 (issue 16's bounds: +0.5% and +3%), and the share of positions whose top-1 token
+    equals fp32's. Windows of 512 every 256 tokens, as tools/eval_demo_model.py scores them."""
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "tools"))
+    import eval_demo_model as demo
+
+    from shard import qkernels
+
+    model_dir = repo / "node" / "demo_model"
+    stream, fp32, tops = demo.held_out_stream(model_dir), LocalPipeline.load(model_dir), []
+
+    def fp32_logits(ids: torch.Tensor) -> torch.Tensor:
+        logits = demo.pipeline_logits(fp32, ids)
+        tops.append(logits.argmax(-1))
+        return logits
+
+    base = demo.score("fp32", fp32_logits, stream, 512, 256).perplexity
+    print(f"demo model, held-out perplexity ({len(stream):,} tokens): fp32 {base:.3f}; kernels: "
+          f"{qkernels.describe()}")
+    for quant, group in (("int8", 32), ("int4", 64), ("int4", 32)):
+        pipeline = LocalPipeline.load(model_dir, quant=quant, head_quant=quant, group_size=group)
+        expected, label = iter(tops), quant if quant == "int8" else f"{quant} g{group}"
+        agree = total = 0
+
+        def logits_of(ids: torch.Tensor) -> torch.Tensor:
+            nonlocal agree, total
+            logits, top = demo.pipeline_logits(pipeline, ids), next(expected)
+            agree, total = agree + int((logits.argmax(-1) == top).sum()), total + top.numel()
+            return logits
+
+        ppl = demo.score(quant, logits_of, stream, 512, 256).perplexity
+        print(f"  {label}: perplexity {ppl:.3f} ({100 * (ppl / base - 1):+.2f}% vs fp32), top-1 token "
+              f"equal to fp32's at {100 * agree / total:.2f}% of positions", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="a Llama Hugging Face directory (default: build issue 16's model)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--quality", action="store_true", help="only the demo model's perplexity and "
+                        "top-1 agreement at int8 and int4 against fp32 (seconds; needs no llama.cpp)")
+    parser.add_argument("--work", type=Path, help="keep the model and its GGUF files here and reuse "
+                        "them on later runs (default: a temporary directory)")
     args = parser.parse_args()
+    if args.quality:
+        demo_quality()
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or build_model(Path(tmp) / "model")
-        f16 = write_gguf(model_dir, Path(tmp) / "model-F16.gguf")
-        ggufs = {kind: quantize(f16, kind) for _, kind in PAIRS}
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        model_dir = args.model or work / "model"
+        if not (model_dir / "config.json").exists():
+            build_model(model_dir)
+        source, stamp = work / "gguf-source.txt", f"{model_dir.resolve()} {(model_dir / 'config.json').stat().st_mtime_ns}"
+        if not source.exists() or source.read_text() != stamp:  # GGUF files of another model: redo
+            for old in work.glob("model-*.gguf"):
+                old.unlink()
+        f16 = work / "model-F16.gguf"
+        if not f16.exists():
+            write_gguf(model_dir, f16)
+        ggufs = {kind: work / f"model-{kind}.gguf" for _, _, kind in PAIRS}
+        for kind, path in ggufs.items():
+            if not path.exists():
+                quantize(f16, kind)
+        source.write_text(stamp)
         import json
 
         prompt = prompt_ids(json.loads((model_dir / "config.json").read_text())["vocab_size"])
         bandwidth = read_bandwidth()
         print(f"read bandwidth {bandwidth:.1f} GB/s; batch 1, {PROMPT_TOKENS}-token prompt, "
               f"{args.rounds} rounds x {args.tokens} tokens, engines alternating")
-        print(f"{'threads':>7} {'pair':<14}{'decode tok/s':>24}{'ratio':>7}{'prefill tok/s':>24}{'ratio':>7}"
+        print(f"{'threads':>7} {'pair':<18}{'decode tok/s':>24}{'ratio':>7}{'prefill tok/s':>24}{'ratio':>7}"
               f"{'GB/s read (ours / theirs)':>28}")
         for threads in args.threads:
             torch.set_num_threads(threads)
-            for quant, kind in PAIRS:
-                pipeline = LocalPipeline.load(model_dir, quant=quant, head_quant=quant)
+            for quant, group, kind in PAIRS:
+                pipeline = LocalPipeline.load(model_dir, quant=quant, head_quant=quant, group_size=group)
+                label = quant if quant == "int8" else f"{quant} g{group}"
                 ours_bytes, theirs_bytes = hearth_bytes(pipeline), weight_bytes(ggufs[kind])
                 decode, prefill = {"ours": [], "theirs": []}, {"ours": [], "theirs": []}
                 for _ in range(args.rounds):
@@ -228,7 +294,7 @@ def main() -> None:
                 del pipeline
                 d = {s: 1 / statistics.median(v) for s, v in decode.items()}
                 p = {s: PROMPT_TOKENS / statistics.median(v) for s, v in prefill.items()}
-                print(f"{threads:>7} {quant + ' vs ' + kind:<14}{d['ours']:>11.1f} / {d['theirs']:<10.1f}"
+                print(f"{threads:>7} {label + ' vs ' + kind:<18}{d['ours']:>11.1f} / {d['theirs']:<10.1f}"
                       f"{d['ours'] / d['theirs']:>7.2f}{p['ours']:>11.1f} / {p['theirs']:<10.1f}"
                       f"{p['ours'] / p['theirs']:>7.2f}{ours_bytes * d['ours'] / 1e9:>15.1f} / "
                       f"{theirs_bytes * d['theirs'] / 1e9:.1f}", flush=True)

@@ -19,6 +19,8 @@ from mesh.client import ClientOptions
 from mesh.join import connect
 from node.api import DEFAULT_MAX_TOKENS, ApiServer, ApiSettings, check_model_dir
 from node.generate_remote import CODECS, check_peer_sources
+from node.run_local import add_threads_argument
+from shard.compute import use_threads
 from shard.errors import InvalidInput
 
 
@@ -38,11 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, metavar="S", help="deadline for each request")
     parser.add_argument("--routing", choices=("latency", "throughput"), default="latency",
                         help="route for the lowest latency (chat) or around busy nodes (batch jobs)")
+    add_threads_argument(parser, what=" for the embeddings and LM head")
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     check_peer_sources(args)
+    use_threads(args.threads)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = ApiSettings(host=args.host, port=args.port, api_key=args.api_key,

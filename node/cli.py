@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--model", required=True, metavar="DIR")
     swarm.add_argument("--nodes", type=int, default=3, metavar="N")
     swarm.add_argument("--quant", choices=("none", "int8", "int4"), default="none")
+    run_local.add_threads_argument(swarm, what=" per node")
     manifest = commands.add_parser("manifest", help="write hearth-manifest.json for a model directory")
     manifest.add_argument("model_dir", metavar="DIR")
     return parser
@@ -98,7 +99,10 @@ def run_swarm(args: argparse.Namespace) -> int:
 
     from node.swarm import LocalSwarm
 
-    with LocalSwarm(args.model, quant=args.quant) as swarm:
+    from shard.compute import use_threads
+
+    use_threads(args.threads)  # checks it; the nodes get it
+    with LocalSwarm(args.model, quant=args.quant, extra_args=["--threads", str(args.threads)]) as swarm:
         swarm.start(swarm.spans(args.nodes))
         for node in swarm.nodes:
             print(f"{node.name} pid {node.pid} blocks {node.args[node.args.index('--blocks') + 1]}: {node.addr}", flush=True)

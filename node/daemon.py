@@ -25,7 +25,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import trio
 
 from mesh.balance import choose_span, max_blocks_for
@@ -37,7 +36,9 @@ from mesh.loopback import LoopbackTransport
 from node.api import ApiServer, ApiSettings, check_model_dir
 from node.node import Node, measure_token_seconds
 from node.rebalance import BalanceSettings, served_from
+from node.run_local import add_threads_argument
 from node.sessions import SessionLimits
+from shard.compute import describe, use_threads
 from shard.config import load_config
 from shard.errors import InvalidInput
 from shard.manifest import model_digest
@@ -98,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=4096, metavar="N", help="positions per session")
     parser.add_argument("--idle-timeout", type=float, default=300.0, metavar="S")
     parser.add_argument("--allow-peers", type=Path, metavar="FILE", help="only these peer ids (one per line) may open sessions")
-    parser.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument("--api-port", type=int, metavar="PORT",
                         help="also serve the OpenAI-compatible API on this port (0: any free port)")
     parser.add_argument("--api-host", default="127.0.0.1", metavar="HOST",
@@ -213,8 +214,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = settings_from_args(args)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     config = load_config(settings.model_dir)  # bad config or span: a clear error before any network
     if settings.auto_span:
         span_capacity(settings, config.num_layers)
@@ -231,7 +231,7 @@ def say(text: str) -> None:
 
 
 async def load(settings: NodeSettings, start: int, end: int):
-    say(f"loading blocks {start}:{end} of {settings.model_dir} ({settings.quant})")
+    say(f"loading blocks {start}:{end} of {settings.model_dir} ({settings.quant}; {describe()})")
     return await trio.to_thread.run_sync(lambda: load_span(settings.model_dir, start, end, quant=settings.quant))
 
 

@@ -20,7 +20,9 @@ import trio
 
 from mesh.client import ClientOptions, GenerationReport
 from mesh.join import connect
+from node.run_local import add_threads_argument
 from node.swarm import LocalSwarm
+from shard.compute import use_threads
 from shard.quant import QUANT_MODES
 from shard.sampling import SamplingParams
 
@@ -38,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.2, metavar="R",
                         help="discourages the small demo model's loops (1 = off); output stays greedy")
     parser.add_argument("--kill-one", action="store_true", help="kill a node on the route mid-answer")
+    add_threads_argument(parser, default=1, what=" per node")
 
 
 def say(text: str) -> None:
@@ -47,9 +50,10 @@ def say(text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise ValueError(f"--nodes must be at least 1, got {args.nodes}")
+    use_threads(args.threads)  # checks it; the nodes get it too
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle nodes must not spin on the cores
     with tempfile.TemporaryDirectory(prefix="hearth-demo-") as work_dir, \
-            LocalSwarm(args.model, quant=args.quant, work_dir=work_dir, extra_args=["--threads", "1"]) as swarm:
+            LocalSwarm(args.model, quant=args.quant, work_dir=work_dir, extra_args=["--threads", str(args.threads)]) as swarm:
         spans = swarm.spans(args.nodes)
         standby = spans[len(spans) // 2] if args.kill_one else None
         started = time.monotonic()

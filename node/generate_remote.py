@@ -12,8 +12,9 @@ import trio
 
 from mesh.client import ClientOptions, GenerationReport
 from mesh.join import connect
-from node.run_local import add_prompt_and_sampling_arguments, prompt_arguments, sampling_params
+from node.run_local import add_prompt_and_sampling_arguments, add_threads_argument, prompt_arguments, sampling_params
 from protocol import Codec
+from shard.compute import use_threads
 from shard.errors import InvalidInput
 
 CODECS = {codec.name.lower(): codec for codec in Codec}
@@ -30,11 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, metavar="S", help="deadline for the whole request")
     parser.add_argument("--routing", choices=("latency", "throughput"), default="latency",
                         help="route for the lowest latency (chat) or around busy nodes (batch jobs)")
+    add_threads_argument(parser, what=" for the embeddings and LM head")
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     check_peer_sources(args)
+    use_threads(args.threads)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return trio.run(_generate, args)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from shard.compute import describe, use_threads
 from shard.errors import InvalidInput
 from shard.generate import Emitted, generate_local
 from shard.pipeline import LocalPipeline
@@ -19,7 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
     parser.add_argument("--quant", choices=QUANT_MODES, default="none", help="weight quantization of the blocks")
     parser.add_argument("--split", type=int, default=1, metavar="K", help="run the blocks as K spans")
+    add_threads_argument(parser)
     add_prompt_and_sampling_arguments(parser)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser, default: int = 0, what: str = "") -> None:
+    parser.add_argument("--threads", type=int, default=default, metavar="N",
+                        help=f"compute threads{what} (0: one per core; default {default})")
 
 
 def add_prompt_and_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +64,7 @@ def parse_ids(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    use_threads(args.threads)
     params = sampling_params(args)
     tokenizer = Tokenizer.from_dir(args.model) if (Path(args.model) / TOKENIZER_FILE).exists() else None
     prompt_ids = _prompt_ids(args, tokenizer)
@@ -67,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text,
                           "finish_reason": result.finish_reason, "tokens_per_s": round(result.tokens_per_s, 2)}))
     else:
-        print(f"\n[{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s, {result.finish_reason}]",
+        print(f"\n[{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s, {result.finish_reason}; {describe()}]",
               file=sys.stderr)
     return 0
 

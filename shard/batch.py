@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from shard.blocks import Attention, DecoderBlock, attention_mask
 from shard.errors import InvalidInput, SpanOutOfRange
 from shard.kv_cache import KVCache
 from shard.quant import INT8_KERNEL_MAX_ROWS
-from shard.rope import apply_rotary, rotary_tables
+from shard.rope import rotary_tables
 from shard.span import SpanModel
 
 
@@ -134,19 +133,9 @@ def _block_forward(span: SpanModel, block: DecoderBlock, x: torch.Tensor, steps:
 
 
 def _attend(attn: Attention, qkv: torch.Tensor, step: _Step, layer: int) -> torch.Tensor:
-    # qkv: [B * T, q + 2 kv], one session's rows -> [B * T, H * hd]; as in `Attention.forward`
-    B, T, cache = step.batch, step.tokens, step.item.cache
-    q, k, v = qkv.view(B, T, -1).split(attn.split, dim=-1)
-    q = q.view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, T, hd]
-    k = k.view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2)  # [B, KV, T, hd]
-    v = v.view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-    q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
-    keys, values = cache.update(layer, k.to(cache.keys.dtype), v.to(cache.values.dtype))  # [B, KV, L, hd]
-    keys, values = keys.to(q.dtype), values.to(q.dtype)
-    out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=step.mask, enable_gqa=attn.num_kv_heads != attn.num_heads
-    )  # [B, H, T, hd]
-    return out.transpose(1, 2).reshape(B * T, attn.num_heads * attn.head_dim)
+    # qkv: [B * T, q + 2 kv], one session's rows -> [B * T, H * hd]; the code `Attention.forward` runs
+    out = attn.attend(qkv.view(step.batch, step.tokens, -1), step.cos, step.sin, step.item.cache, layer, step.mask)
+    return out.view(step.batch * step.tokens, -1)
 
 
 def _row_groups(sizes: list[int], quant: str) -> list[tuple[int, int]]:

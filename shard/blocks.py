@@ -39,17 +39,37 @@ class Attention(nn.Module):
                 cache: KVCache, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
         # x: [B, T, D]
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.o_proj(self.attend(self.qkv_proj(x).view(B, T, -1), cos, sin, cache, layer, mask))
+
+    def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache: KVCache, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """qkv [B, T, q + 2 kv] -> attention output [B, T, H * hd], this step's keys and values
+        written to `cache`. The one attention code a span and a batched pass (shard.batch) run."""
+        B, T, _ = qkv.shape
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        rotated = (heads + kv_heads) * head_dim  # q and k, rotated at once: [B, T, H + KV, hd]
+        qk = apply_rotary(qkv[..., :rotated].view(B, T, heads + kv_heads, head_dim),
+                          cos.unsqueeze(-2), sin.unsqueeze(-2))
+        q = qk[:, :, :heads].transpose(1, 2)  # [B, H, T, hd]
+        k = qk[:, :, heads:].transpose(1, 2)  # [B, KV, T, hd]
+        v = qkv[..., rotated:].view(B, T, kv_heads, head_dim).transpose(1, 2)
         keys, values = cache.update(layer, k.to(cache.keys.dtype), v.to(cache.values.dtype))  # [B, KV, L, hd]
-        keys, values = keys.to(q.dtype), values.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # [B, H, T, hd]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        out = _attention(q, keys.to(q.dtype), values.to(q.dtype), mask)  # [B, H, T, hd]
+        return out.transpose(1, 2).reshape(B, T, heads * head_dim)
+
+
+def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention with grouped kv heads: q [B, H, T, hd], keys and values
+    [B, KV, L, hd] -> [B, H, T, hd]. A decode step (one query, no mask) runs as two batched
+    matmuls and a softmax: torch's fused kernel costs several times more for a single query."""
+    B, H, T, hd = q.shape
+    kv_heads = keys.shape[1]
+    if T == 1 and mask is None:
+        grouped = q.reshape(B, kv_heads, H // kv_heads, hd)  # the query heads that share a kv head
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(hd**-0.5)  # [B, KV, H/KV, L]
+        return torch.matmul(scores.softmax(dim=-1), values).view(B, H, 1, hd)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=kv_heads != H)
 
 
 class MLP(nn.Module):

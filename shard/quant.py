@@ -1,8 +1,9 @@
-"""Weight-only quantization of linear layers: int8 per output channel, int4 in groups.
+"""Quantized linear layers: int8 per output channel, int4 in groups; the one seam every
+quantized matmul goes through.
 
 Owns the quantized linear modules (`Int8Linear`, `Int4Linear`), their portable saved format,
-the choice between torch's packed CPU kernels and a pure-torch dequantize fallback, and the
-in-place swap of `nn.Linear` layers (`quantize_linears_`, `empty_quantized_linears_`).
+the choice of the path that runs them, and the in-place swap of `nn.Linear` layers
+(`quantize_linears_`, `empty_quantized_linears_`).
 
 Portable format (what `state_dict()` holds, so a span saved with safetensors on one machine
 loads on any other; no kernel-specific layout is ever saved):
@@ -11,23 +12,23 @@ loads on any other; no kernel-specific layout is ever saved):
 - int4: `qweight` uint8 [out, in/2] (column 2j in the low nibble, 2j+1 in the high one),
   `scales` and `zeros` bf16 [out, in/group]; w ~= (code - 8) * scale + zero per group.
   Asymmetric (min/max) per group: on random and heavy-tailed weights it gives 16-30% lower
-  output error than symmetric int4, and the CPU kernel reads a float zero per group anyway,
-  so it costs nothing at run time.
+  output error than symmetric int4.
 - `bias` fp32 [out] when the layer has one.
-Scales and zeros are stored in bf16 because the kernels consume bf16: the kernel path and the
-dequantize path then use bit-identical quantization parameters.
 
-Kernel choice (measured with benchmarks/bench_quant_kernels.py, 2 threads; see
-benchmarks/RESULTS.md): the packed kernels only pay off with bf16 activations (with fp32 ones
-they are 6-15x slower than fp32 `F.linear`), so activations are cast to bf16 and the output
-back to fp32. Their time grows with the row count M (tokens x sequences) faster than a GEMM's:
-- int8: kernel for 1 <= M <= INT8_KERNEL_MAX_ROWS (48), else fp32 `F.linear` on chunks of
-  dequantized rows, scaled per channel afterwards (at 4096x4096: M=1 0.75 ms vs fp32 2.3 ms;
-  M=48 kernel 9.4 ms vs dequantize 12.4; M=64 12.5 vs 12.1; M=128 24.7 vs 19.0).
-- int4: kernel at every M. Dequantizing int4 to fp32 only wins from M ~ 200 (2048x5632, M=256:
-  30 vs 35 ms) and would need the portable weights, not kept in memory next to the kernel's.
-The fallback also serves where this torch lacks an op or the shape does not fit the kernel
-(int8: in % 16 != 0; int4: out % 16 != 0).
+Paths, fastest first (`path()` says which a layer runs; benchmarks/RESULTS.md has the figures):
+- int8: "compiled" (shard/csrc/qmatmul.c through shard.qkernels: activations quantized to int8
+  per row, exact int32 products) up to INT8_COMPILED_MAX_ROWS rows; "int_mm" (the same numbers
+  through torch's `_int_mm`, faster for more rows); where torch lacks `_int_mm`, "packed" (torch's
+  weight-only kernel, bf16 activations) up to INT8_KERNEL_MAX_ROWS rows and "dequant" (fp32
+  `F.linear` on chunks of dequantized rows) beyond.
+- int4: "compiled" (int4 x int8 on the portable tensors, activations quantized to int8 per block
+  of 32) at every row count; else "packed" (torch's `_weight_int4pack_mm_for_cpu`, bf16
+  activations; the weights then live only in its layout and `state_dict()` rebuilds the portable
+  ones); else "dequant".
+Every path treats rows independently, and a row's result does not depend on the row count
+except across int8's packed/dequant switch at INT8_KERNEL_MAX_ROWS (where torch lacks `_int_mm`;
+shard.batch groups rows around it). Batching and failover replay rely on this
+(tests/shard/test_quant.py checks each path).
 """
 
 from __future__ import annotations
@@ -36,12 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shard import qkernels
 from shard.errors import QuantizationError
 
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
 # Largest number of rows (tokens x sequences) for which int8 uses the packed bf16 kernel.
 INT8_KERNEL_MAX_ROWS = 48
+# Largest number of rows for which int8 x int8 runs the compiled kernel rather than torch's
+# `_int_mm` (same int32 products either way; see benchmarks/RESULTS.md for the crossover).
+INT8_COMPILED_MAX_ROWS = 8
 # Weights dequantized at a time by the fallback path (4 MiB of fp32).
 _DEQUANT_CHUNK_ELEMS = 1 << 20
 # Smallest scale, so that a constant row or group does not divide by zero.
@@ -58,6 +63,11 @@ _INT4_INNER_K_TILES = 2
 def _has_aten_op(name: str) -> bool:
     """Whether this torch has `torch.ops.aten.<name>` (tests patch this to force the fallback)."""
     return hasattr(torch.ops.aten, name)
+
+
+def _has_compiled() -> bool:
+    """Whether shard/_qkernels loaded (tests patch this to force torch's paths)."""
+    return qkernels.available()
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -178,16 +188,37 @@ class Int8Linear(nn.Module):
             and _has_aten_op(_INT8_MM)
         )
 
+    def compiled(self) -> qkernels.Int8Weights | None:
+        """The compiled kernel's view of this layer's weights, or None where it does not run."""
+        if not (_has_compiled() and qkernels.i8_fits(self.in_features)):
+            return None
+        cached = getattr(self, "_compiled", None)
+        if cached is None or cached.weight is not self.weight or cached.scales is not self.scales:
+            cached = self._compiled = qkernels.Int8Weights(self.weight, self.scales)
+        return cached
+
     def uses_int8_activations(self) -> bool:
         """Whether forwards run int8 x int8 (`int8_w8a8_matmul`): any row count, where torch has it."""
         return self.in_features % 8 == 0 and _has_aten_op(_INT8_INT8_MM)
 
+    def path(self, rows: int) -> str:
+        """Which path a forward over `rows` rows runs: "compiled" (shard/csrc), "int_mm" (torch's
+        int8 x int8: the same numbers), "packed" (torch's weight-only kernel) or "dequant"."""
+        if rows <= INT8_COMPILED_MAX_ROWS and self.compiled() is not None:
+            return "compiled"
+        if self.uses_int8_activations():
+            return "int_mm"
+        return "packed" if self.uses_kernel(rows) else "dequant"
+
     def forward(self, x: Tensor) -> Tensor:
         # x: [..., in] -> [..., out]
         x2 = x.reshape(-1, self.in_features).float()  # [M, in]
-        if self.uses_int8_activations():
+        path = self.path(x2.shape[0])
+        if path == "compiled":  # the same numbers as int8_w8a8_matmul, in one call
+            y = self.compiled().linear(x2)  # [M, out]
+        elif path == "int_mm":
             y = int8_w8a8_matmul(x2, self.weight, self.scales)  # [M, out]
-        elif self.uses_kernel(x2.shape[0]):
+        elif path == "packed":
             mm = getattr(torch.ops.aten, _INT8_MM)
             y = mm(x2.to(torch.bfloat16), self.weight, self.scales).float()  # [M, out]
         else:
@@ -343,17 +374,34 @@ class Int4Linear(nn.Module):
             layer.bias = bias.detach().float().clone()
         return layer
 
+    def uses_compiled(self) -> bool:
+        """Whether forwards run the compiled int4 x int8 kernel (on the portable tensors)."""
+        return _has_compiled() and qkernels.i4_fits(self.in_features, self.group_size)
+
+    def compiled(self) -> qkernels.Int4Weights | None:
+        """The compiled kernel's view of the portable tensors, or None where it does not run."""
+        if self.qweight is None or not self.uses_compiled():
+            return None
+        cached = getattr(self, "_compiled", None)
+        if (cached is None or cached.qweight is not self.qweight
+                or cached.scales is not self.scales or cached.zeros is not self.zeros):
+            cached = self._compiled = qkernels.Int4Weights(
+                self.qweight, self.scales, self.zeros, self.group_size)
+        return cached
+
     def kernel_fits(self) -> bool:
         """Whether this torch has the CPU int4 kernel and this layer's shape suits it."""
         return (
-            self.out_features % 16 == 0
+            not self.uses_compiled()
+            and self.out_features % 16 == 0
             and _has_aten_op(_INT4_MM)
             and _has_aten_op(_INT4_CONVERT)
         )
 
     def _adopt(self, qweight: Tensor, scales: Tensor, zeros: Tensor) -> None:
         """Take portable tensors; derive the kernel layout when the kernel fits."""
-        self.qweight, self.scales, self.zeros = qweight, scales, zeros
+        self.qweight, self.scales, self.zeros = (
+            qweight.contiguous(), scales.contiguous(), zeros.contiguous())
         self.kernel_weight = self.kernel_scale_zeros = None
         if not self.kernel_fits():
             return
@@ -377,10 +425,20 @@ class Int4Linear(nn.Module):
             scale_zeros[..., 1].t().contiguous(),
         )
 
+    def path(self, rows: int = 1) -> str:
+        """Which path forwards run (at any row count): "compiled" (shard/csrc, int4 x int8),
+        "packed" (torch's int4 kernel, bf16 activations) or "dequant"."""
+        if self.compiled() is not None:
+            return "compiled"
+        return "packed" if self.kernel_weight is not None else "dequant"
+
     def forward(self, x: Tensor) -> Tensor:
         # x: [..., in] -> [..., out]
         x2 = x.reshape(-1, self.in_features).float()  # [M, in]
-        if self.kernel_weight is not None:
+        compiled = self.compiled()
+        if compiled is not None:
+            y = compiled.linear(x2)  # [M, out]
+        elif self.kernel_weight is not None:
             mm = getattr(torch.ops.aten, _INT4_MM)
             y = mm(x2.to(torch.bfloat16), self.kernel_weight, self.group_size,
                    self.kernel_scale_zeros).float()  # [M, out]

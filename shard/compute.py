@@ -1,0 +1,29 @@
+"""This process's compute: torch's thread count and which quantized kernels run.
+
+Every command that computes (`hearth run`, `node`, `generate`, `api`, `demo`, `swarm`) takes
+`--threads N` and calls `use_threads`; nodes print `describe()` when they start.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shard import qkernels
+from shard.errors import InvalidInput
+
+MAX_THREADS = 1024
+
+
+def use_threads(threads: int) -> None:
+    """Run torch's intra-op work and the compiled kernels on `threads` threads (0: torch's choice,
+    one per core)."""
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= MAX_THREADS:
+        raise InvalidInput(f"--threads must be 0 (one per core) to {MAX_THREADS}, got {threads!r}")
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def describe() -> str:
+    """One line: threads and quantized kernels, e.g. '2 threads, quantized matmuls compiled (avx2+avx512vnni)'."""
+    count = torch.get_num_threads()
+    return f"{count} thread{'s' if count != 1 else ''}, quantized matmuls {qkernels.describe()}"

@@ -1,0 +1,185 @@
+"""The compiled quantized matmuls (shard/csrc/qmatmul.c), loaded with ctypes.
+
+setup.py builds `shard/_qkernels*.so` for the installing CPU; when it is missing or does not load,
+`available()` is False, `why_unavailable()` says why, and shard/quant.py runs pure torch.
+Every call checks shapes, dtypes, contiguity and bounds here, so no bad pointer reaches C.
+Threads: torch's intra-op count (`torch.get_num_threads()`), on the OpenMP pool torch loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from shard.errors import QuantizationError
+
+ABI = 1
+BLOCK = 32  # activation values per scale, as in the C file
+# Largest K for which the int8 path's int32 sums cannot overflow (255 * 128 * K < 2**31: the
+# VNNI path sums (a + 128) * w before taking 128 * sum(w) off).
+MAX_INT8_K = (2**31 - 1) // (255 * 128)
+_DISABLE_ENV = "HEARTH_NO_KERNELS"  # set to run pure torch (comparisons, debugging)
+
+_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+
+def _find() -> Path | None:
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = here / f"_qkernels{suffix}"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get(_DISABLE_ENV):
+        return None, f"disabled by {_DISABLE_ENV}"
+    path = _find()
+    if path is None:
+        return None, "shard/_qkernels was not built (reinstall with a C compiler: pip install -e .)"
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:
+        return None, f"cannot load {path.name}: {err}"
+    lib.hq_abi.restype = _int
+    if lib.hq_abi() != ABI:
+        return None, f"{path.name} is ABI {lib.hq_abi()}, expected {ABI} (rebuild: pip install -e .)"
+    lib.hq_isa.restype = ctypes.c_char_p
+    lib.hq_i8_mm.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
+    lib.hq_i8_mm.restype = _int
+    lib.hq_i8_quantize.argtypes = [_ptr, _ptr, _ptr, _i64, _i64]
+    lib.hq_i8_quantize.restype = None
+    lib.hq_i8_linear.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
+    lib.hq_i8_linear.restype = _int
+    lib.hq_i4_mm.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]
+    lib.hq_i4_mm.restype = _int
+    return lib, ""
+
+
+_LIB, _WHY = _load()
+
+
+def available() -> bool:
+    return _LIB is not None
+
+
+def why_unavailable() -> str:
+    return _WHY
+
+
+def describe() -> str:
+    """One line for logs: which kernels run."""
+    if _LIB is None:
+        return f"pure torch ({_WHY})"
+    return f"compiled ({_LIB.hq_isa().decode()})"
+
+
+def _need(tensor: Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        raise QuantizationError(
+            f"{name} is {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape}"
+        )
+    if not tensor.is_contiguous() or tensor.device.type != "cpu":
+        raise QuantizationError(f"{name} must be a contiguous CPU tensor")
+
+
+def i8_fits(in_features: int) -> bool:
+    return _LIB is not None and in_features % BLOCK == 0 and in_features <= MAX_INT8_K
+
+
+def i4_fits(in_features: int, group_size: int) -> bool:
+    return _LIB is not None and group_size % BLOCK == 0 and in_features % group_size == 0
+
+
+def _activations(x: Tensor, k: int) -> Tensor:
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+        raise QuantizationError(
+            f"activations are {x.dtype} {tuple(x.shape)}, expected float32 [rows, {k}]"
+        )
+    return x.contiguous()
+
+
+def i8_mm(codes: Tensor, weight: Tensor) -> Tensor:
+    """codes int8 [M, K] @ weight int8 [N, K]^T -> exact int32 [M, N] (what torch._int_mm gives)."""
+    rows, k = codes.shape
+    n = weight.shape[0]
+    if not i8_fits(k):
+        raise QuantizationError(f"no compiled int8 kernel for in_features {k}")
+    _need(codes, "activation codes", torch.int8, (rows, k))
+    _need(weight, "int8 weight", torch.int8, (n, k))
+    out = torch.empty(rows, n, dtype=torch.int32)
+    if _LIB.hq_i8_mm(codes.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, n, k,
+                     torch.get_num_threads()):
+        raise MemoryError("int8 kernel: no memory for its scratch buffer")
+    return out
+
+
+def i8_quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row int8 activations, bit for bit what shard.quant's torch code computes:
+    (codes int8 [M, K], steps fp32 [M, 1])."""
+    if _LIB is None:
+        raise QuantizationError(f"no compiled kernels: {_WHY}")
+    x = _activations(x, x.shape[-1] if x.dim() == 2 else -1)
+    rows, k = x.shape
+    codes = torch.empty(rows, k, dtype=torch.int8)
+    steps = torch.empty(rows, 1, dtype=torch.float32)
+    _LIB.hq_i8_quantize(x.data_ptr(), codes.data_ptr(), steps.data_ptr(), rows, k)
+    return codes, steps
+
+
+class Int8Weights:
+    """An int8 weight [N, K] and its bf16 per-channel scales [N], checked once, for
+    `linear(x) = (per-row int8 x) @ W^T` in one compiled call."""
+
+    def __init__(self, weight: Tensor, scales: Tensor):
+        n, k = weight.shape
+        if not i8_fits(k):
+            raise QuantizationError(f"no compiled int8 kernel for in_features {k}")
+        _need(weight, "int8 weight", torch.int8, (n, k))
+        _need(scales, "int8 scales", torch.bfloat16, (n,))
+        self.weight, self.scales, self.n, self.k = weight, scales, n, k
+
+    def linear(self, x: Tensor) -> Tensor:
+        x = _activations(x, self.k)
+        out = torch.empty(x.shape[0], self.n, dtype=torch.float32)
+        if _LIB.hq_i8_linear(x.data_ptr(), self.weight.data_ptr(), self.scales.data_ptr(),
+                             out.data_ptr(), x.shape[0], self.n, self.k, torch.get_num_threads()):
+            raise MemoryError("int8 kernel: no memory for its scratch buffers")
+        return out
+
+
+class Int4Weights:
+    """Portable int4 weights (qweight uint8 [N, K/2], bf16 scales and zeros [N, K/group]), checked
+    once, for `linear(x)`: x quantized to int8 per block of 32 values, int4 x int8 products
+    (shard/csrc/qmatmul.c says how, and why each row is exact alone)."""
+
+    def __init__(self, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int):
+        n, k = qweight.shape[0], qweight.shape[1] * 2
+        if not i4_fits(k, group_size):
+            raise QuantizationError(
+                f"no compiled int4 kernel for in_features {k}, group {group_size}")
+        _need(qweight, "int4 qweight", torch.uint8, (n, k // 2))
+        _need(scales, "int4 scales", torch.bfloat16, (n, k // group_size))
+        _need(zeros, "int4 zeros", torch.bfloat16, (n, k // group_size))
+        self.qweight, self.scales, self.zeros = qweight, scales, zeros
+        self.n, self.k, self.group_size = n, k, group_size
+
+    def linear(self, x: Tensor) -> Tensor:
+        x = _activations(x, self.k)
+        out = torch.empty(x.shape[0], self.n, dtype=torch.float32)
+        if _LIB.hq_i4_mm(x.data_ptr(), self.qweight.data_ptr(), self.scales.data_ptr(),
+                         self.zeros.data_ptr(), out.data_ptr(), x.shape[0], self.n, self.k,
+                         self.group_size, torch.get_num_threads()):
+            raise MemoryError("int4 kernel: no memory for its scratch buffers")
+        return out
+
+
+def i4_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """x fp32 [M, K] @ portable int4 weight^T -> fp32 [M, N] (see `Int4Weights`)."""
+    return Int4Weights(qweight, scales, zeros, group_size).linear(x)
