@@ -8,6 +8,8 @@ client in this process (steps over the nodes' data channels, as by default). The
 per token (means beside them). Per hop it prints the node's own compute per decode step, the same
 span run in this process, and the round trip; and a plain trio TCP round trip between two
 processes with a message of one hop's size, so the swarm's per-hop overhead can be read against it.
+Per node it prints the peak resident memory against its span's weight bytes (issue 16: within
+1.15x of the weights plus the KV budget).
 
 With --hosts (root: network namespaces) a third arm runs the same three nodes on distinct hosts of a
 test bed (tools/netbed.py), listening on every interface as the README starts them, with this
@@ -100,6 +102,25 @@ class HopDecode:
     round_trip_s: float
 
 
+def peak_resident(pids: list[int]) -> list[int]:
+    """Each process's peak resident bytes so far (VmHWM; Linux)."""
+    peaks = []
+    for pid in pids:
+        status = Path(f"/proc/{pid}/status").read_text()
+        peaks.append(next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")))
+    return peaks
+
+
+def span_weight_bytes(model_dir: Path, quant: str, bounds: list[tuple[int, int]]) -> list[int]:
+    """Bytes of every tensor a node holds for each span (weights, scales, norms)."""
+    result = []
+    for start, end in bounds:
+        span = load_span(model_dir, start, end, quant=quant)
+        result.append(sum(t.numel() * t.element_size() for t in (*span.parameters(), *span.buffers())))
+        del span
+    return result
+
+
 def span_decode_seconds(model_dir: Path, quant: str, bounds: list[tuple[int, int]], tokens: int) -> list[float]:
     """Median seconds per decode step of each span run in this process, as a node runs it."""
     result = []
@@ -181,13 +202,18 @@ def main() -> None:
                 hop_rounds[name].append(hops)
             print(f"round {round_ + 1}: single process {1 / statistics.median(local):.2f} tok/s, " + ", ".join(
                 f"swarm on {name} {1 / statistics.median(t):.2f} tok/s" for name, t in times.items()), flush=True)
+        loopback = swarms["loopback"].nodes
+        peaks = peak_resident([node.pid for node in loopback])
+        bounds = [tuple(int(b) for b in node.args[node.args.index("--blocks") + 1].split(":")) for node in loopback]
         stack.close()
         del pipeline
+        weights = span_weight_bytes(model_dir, args.quant, bounds)
         hops = {name: mean_hops(rounds) for name, rounds in hop_rounds.items()}
         spans = span_decode_seconds(model_dir, args.quant, [(h.start, h.end) for h in hops["loopback"]], args.tokens)
         hidden = load_config(model_dir).hidden_size
         tcp_s = trio.run(tcp_round_trip, hidden * 2 + 200)  # one fp16 decode step plus framing
     report(local, times, hops, spans, tcp_s, args)
+    memory_report(bounds, weights, peaks)
 
 
 @contextlib.contextmanager
@@ -231,6 +257,16 @@ def report(local: list[float], swarms: dict[str, list[float]], hops: dict[str, l
             print(f"    hop {hop.peer_id[-8:]} [{hop.start:>2}, {hop.end:>2}):   {hop.compute_s * 1e3:>9.1f} ms   "
                   f"{here * 1e3:>11.1f} ms   {hop.round_trip_s * 1e3:>7.1f} ms   "
                   f"{(hop.round_trip_s - hop.compute_s) * 1e3:>8.1f} ms")
+
+
+def memory_report(bounds: list[tuple[int, int]], weights: list[int], peaks: list[int]) -> None:
+    """Peak resident memory of each loopback node against its span's tensors. The KV budget
+    (--kv-cache-bytes, 1 GiB by default) is a ceiling a node only reaches with many long sessions;
+    this run's sessions hold a few MB of cache, so the rest is the runtime (Python, torch, libp2p)."""
+    print("\nnode memory (loopback swarm): blocks   span tensors   peak resident   ratio   resident - tensors")
+    for (start, end), weight, peak in zip(bounds, weights, peaks):
+        print(f"  [{start:>2}, {end:>2}){'':<26}{weight / 2**20:>9.0f} MiB{peak / 2**20:>12.0f} MiB"
+              f"{peak / weight:>8.2f}{(peak - weight) / 2**20:>14.0f} MiB")
 
 
 if __name__ == "__main__":

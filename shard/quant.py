@@ -189,13 +189,18 @@ class Int8Linear(nn.Module):
         )
 
     def compiled(self) -> qkernels.Int8Weights | None:
-        """The compiled kernel's view of this layer's weights, or None where it does not run."""
-        if not (_has_compiled() and qkernels.i8_fits(self.in_features)):
+        """The compiled kernel's view of this layer's weights, or None where it does not run
+        (checked once per pair of tensors; see Int4Linear.compiled)."""
+        if not _has_compiled():
             return None
-        cached = getattr(self, "_compiled", None)
-        if cached is None or cached.weight is not self.weight or cached.scales is not self.scales:
-            cached = self._compiled = qkernels.Int8Weights(self.weight, self.scales)
-        return cached
+        weight, scales = self._buffers["weight"], self._buffers["scales"]
+        cached = self.__dict__.get("_compiled")
+        if cached is not None and cached.weight is weight and cached.scales is scales:
+            return cached
+        if not qkernels.i8_fits(self.in_features):
+            return None
+        self._compiled = qkernels.Int8Weights(weight, scales)
+        return self._compiled
 
     def uses_int8_activations(self) -> bool:
         """Whether forwards run int8 x int8 (`int8_w8a8_matmul`): any row count, where torch has it."""
@@ -223,8 +228,9 @@ class Int8Linear(nn.Module):
             y = mm(x2.to(torch.bfloat16), self.weight, self.scales).float()  # [M, out]
         else:
             y = int8_dequant_matmul(x2, self.weight, self.scales)  # [M, out]
-        if self.bias is not None:
-            y = y + self.bias
+        bias = self._buffers["bias"]
+        if bias is not None:
+            y = y + bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -379,15 +385,20 @@ class Int4Linear(nn.Module):
         return _has_compiled() and qkernels.i4_fits(self.in_features, self.group_size)
 
     def compiled(self) -> qkernels.Int4Weights | None:
-        """The compiled kernel's view of the portable tensors, or None where it does not run."""
-        if self.qweight is None or not self.uses_compiled():
+        """The compiled kernel's view of the portable tensors, or None where it does not run.
+        Checked once per set of tensors (this runs at every forward: buffers read from
+        `_buffers`, not through nn.Module's slower attribute lookup)."""
+        if not _has_compiled():
             return None
-        cached = getattr(self, "_compiled", None)
-        if (cached is None or cached.qweight is not self.qweight
-                or cached.scales is not self.scales or cached.zeros is not self.zeros):
-            cached = self._compiled = qkernels.Int4Weights(
-                self.qweight, self.scales, self.zeros, self.group_size)
-        return cached
+        buffers = self._buffers
+        qweight, scales, zeros = buffers["qweight"], buffers["scales"], buffers["zeros"]
+        cached = self.__dict__.get("_compiled")
+        if cached is not None and cached.qweight is qweight and cached.scales is scales and cached.zeros is zeros:
+            return cached
+        if qweight is None or not qkernels.i4_fits(self.in_features, self.group_size):
+            return None
+        self._compiled = qkernels.Int4Weights(qweight, scales, zeros, self.group_size)
+        return self._compiled
 
     def kernel_fits(self) -> bool:
         """Whether this torch has the CPU int4 kernel and this layer's shape suits it."""
@@ -444,8 +455,9 @@ class Int4Linear(nn.Module):
                    self.kernel_scale_zeros).float()  # [M, out]
         else:
             y = int4_dequant_matmul(x2, *self.portable(), self.group_size)  # [M, out]
-        if self.bias is not None:
-            y = y + self.bias
+        bias = self._buffers["bias"]
+        if bias is not None:
+            y = y + bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _saved_layout(self) -> dict[str, tuple]:

@@ -264,6 +264,22 @@ static inline __m256 pair_scale(const uint16_t *s, int64_t pair, int64_t per_gro
 #define COLS 4
 
 #ifdef HQ_SIMD
+/* The weight scales pairs p..p+3 use (groups of 32: eight, of 64: four, of 128: two), as floats
+ * in the low lanes; loads never reach past the row's last scale. */
+static inline __m256 scales_of_four_pairs(const uint16_t *s, int64_t p, int64_t per_group) {
+    __m128i raw;
+    if (per_group == 1) {
+        raw = _mm_loadu_si128((const __m128i *)(s + 2 * p));
+    } else if (per_group == 2) {
+        raw = _mm_loadl_epi64((const __m128i *)(s + p));
+    } else {
+        int32_t two;
+        memcpy(&two, s + p / 2, sizeof two);
+        raw = _mm_cvtsi32_si128(two);
+    }
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
 /* One pair (64 columns) of one weight row against R activation rows: acc[r][j] += the pair's
  * int32 dot products, as floats, times sp * d (sp: the pair's weight scales, d: the activations'). */
 static inline __attribute__((always_inline)) void pair_step(
@@ -298,32 +314,22 @@ static inline __attribute__((always_inline)) void i4_tile(
     __m256 acc[ROWS][COLS];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < C; j++) acc[r][j] = _mm256_setzero_ps();
+    /* Four pairs at a time: their weight scales come from one small load, spread to each pair as
+     * [s(first block) x4, s(second block) x4] by a permute with a fixed index per pair. */
+    __m256i spread[4];
+    for (int i = 0; i < 4; i++)
+        spread[i] = per_group == 1 ? _mm256_setr_epi32(2 * i, 2 * i, 2 * i, 2 * i, 2 * i + 1, 2 * i + 1, 2 * i + 1, 2 * i + 1)
+                                   : _mm256_set1_epi32(per_group == 2 ? i : i / 2);
     int64_t p = 0;
-    if (per_group == 1) { /* eight scales per load, spread to four pairs by permutes */
-        for (; p + 4 <= pairs; p += 4) {
-            __m256 eight[COLS];
-            for (int j = 0; j < C; j++) eight[j] = bf16x8_to_f32(s + j * groups + p * 2);
-            for (int i = 0; i < 4; i++) {
-                const __m256i spread = _mm256_setr_epi32(2 * i, 2 * i, 2 * i, 2 * i,
-                                                         2 * i + 1, 2 * i + 1, 2 * i + 1, 2 * i + 1);
-                for (int j = 0; j < C; j++)
-                    pair_step(q, dv, K, dstride, wq + j * wstride, p + i,
-                              _mm256_permutevar8x32_ps(eight[j], spread), R, acc, j);
-            }
-        }
+    for (; p + 4 <= pairs; p += 4) {
+        __m256 four[COLS];
+        for (int j = 0; j < C; j++) four[j] = scales_of_four_pairs(s + j * groups, p, per_group);
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < C; j++)
+                pair_step(q, dv, K, dstride, wq + j * wstride, p + i,
+                          _mm256_permutevar8x32_ps(four[j], spread[i]), R, acc, j);
     }
-    if (per_group > 1) { /* groups of 64 or 128: both blocks of a pair share one scale */
-        const int64_t pairs_per_group = per_group / 2;
-        for (int64_t g = 0; g < groups; g++) {
-            __m256 sg[COLS];
-            for (int j = 0; j < C; j++) sg[j] = _mm256_set1_ps(bf16_to_f32(s[j * groups + g]));
-            for (int64_t i = 0; i < pairs_per_group; i++, p++) {
-                for (int j = 0; j < C; j++)
-                    pair_step(q, dv, K, dstride, wq + j * wstride, p, sg[j], R, acc, j);
-            }
-        }
-    }
-    for (; p < pairs; p++) { /* group 32: the pairs after the last four */
+    for (; p < pairs; p++) { /* the last pairs, fewer than four */
         for (int j = 0; j < C; j++)
             pair_step(q, dv, K, dstride, wq + j * wstride, p, pair_scale(s + j * groups, p, per_group), R, acc, j);
     }
