@@ -102,13 +102,13 @@ class HopDecode:
     round_trip_s: float
 
 
-def peak_resident(pids: list[int]) -> list[int]:
-    """Each process's peak resident bytes so far (VmHWM; Linux)."""
-    peaks = []
+def resident(pids: list[int]) -> list[tuple[int, int]]:
+    """Each process's (resident bytes now, peak resident bytes so far): VmRSS and VmHWM (Linux)."""
+    result = []
     for pid in pids:
-        status = Path(f"/proc/{pid}/status").read_text()
-        peaks.append(next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")))
-    return peaks
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        result.append(tuple(int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM")))
+    return result
 
 
 def span_weight_bytes(model_dir: Path, quant: str, bounds: list[tuple[int, int]]) -> list[int]:
@@ -203,7 +203,7 @@ def main() -> None:
             print(f"round {round_ + 1}: single process {1 / statistics.median(local):.2f} tok/s, " + ", ".join(
                 f"swarm on {name} {1 / statistics.median(t):.2f} tok/s" for name, t in times.items()), flush=True)
         loopback = swarms["loopback"].nodes
-        peaks = peak_resident([node.pid for node in loopback])
+        memory = resident([node.pid for node in loopback])
         bounds = [tuple(int(b) for b in node.args[node.args.index("--blocks") + 1].split(":")) for node in loopback]
         stack.close()
         del pipeline
@@ -213,7 +213,7 @@ def main() -> None:
         hidden = load_config(model_dir).hidden_size
         tcp_s = trio.run(tcp_round_trip, hidden * 2 + 200)  # one fp16 decode step plus framing
     report(local, times, hops, spans, tcp_s, args)
-    memory_report(bounds, weights, peaks)
+    memory_report(bounds, weights, memory)
 
 
 @contextlib.contextmanager
@@ -259,14 +259,15 @@ def report(local: list[float], swarms: dict[str, list[float]], hops: dict[str, l
                   f"{(hop.round_trip_s - hop.compute_s) * 1e3:>8.1f} ms")
 
 
-def memory_report(bounds: list[tuple[int, int]], weights: list[int], peaks: list[int]) -> None:
-    """Peak resident memory of each loopback node against its span's tensors. The KV budget
-    (--kv-cache-bytes, 1 GiB by default) is a ceiling a node only reaches with many long sessions;
-    this run's sessions hold a few MB of cache, so the rest is the runtime (Python, torch, libp2p)."""
-    print("\nnode memory (loopback swarm): blocks   span tensors   peak resident   ratio   resident - tensors")
-    for (start, end), weight, peak in zip(bounds, weights, peaks):
-        print(f"  [{start:>2}, {end:>2}){'':<26}{weight / 2**20:>9.0f} MiB{peak / 2**20:>12.0f} MiB"
-              f"{peak / weight:>8.2f}{(peak - weight) / 2**20:>14.0f} MiB")
+def memory_report(bounds: list[tuple[int, int]], weights: list[int], memory: list[tuple[int, int]]) -> None:
+    """Resident memory of each loopback node after the rounds, and its peak, against its span's
+    tensors. The KV budget (--kv-cache-bytes, 1 GiB by default) is a ceiling a node only reaches
+    with many long sessions; this run's sessions hold a few MB of cache, so the rest is the runtime
+    (Python, torch, libp2p) and what loading left behind."""
+    print("\nnode memory (loopback swarm): blocks   span tensors   resident (ratio)   peak resident (ratio)")
+    for (start, end), weight, (now, peak) in zip(bounds, weights, memory):
+        print(f"  [{start:>2}, {end:>2}){'':<26}{weight / 2**20:>9.0f} MiB{now / 2**20:>10.0f} MiB ({now / weight:.2f})"
+              f"{peak / 2**20:>12.0f} MiB ({peak / weight:.2f})")
 
 
 if __name__ == "__main__":

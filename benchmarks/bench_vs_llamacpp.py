@@ -19,6 +19,7 @@ llama.cpp, about 10 minutes on 2 cores, and gguf). The test suite never needs it
     python benchmarks/bench_vs_llamacpp.py [--threads 1 2] [--rounds 2] [--tokens 32] [--model DIR]
                                            [--work DIR]  (keeps the GGUF files for the next run)
     python benchmarks/bench_vs_llamacpp.py --quality   (the demo model's perplexity at int8 and int4)
+    python benchmarks/bench_vs_llamacpp.py --breakdown --model DIR   (Hearth's decode time: matmuls / rest)
 """
 
 from __future__ import annotations
@@ -238,12 +239,55 @@ def demo_quality() -> None:
               f"equal to fp32's at {100 * agree / total:.2f}% of positions", flush=True)
 
 
+def breakdown(model_dir: Path, threads: list[int], tokens: int) -> None:
+    """Where a Hearth decode step goes (no llama.cpp): per token, the time inside the compiled
+    quantized matmuls (timed around each call) and the rest (attention, norms, Python and torch
+    dispatch), for each pair's quantization."""
+    from shard import qkernels
+
+    spent = [0.0, 0]
+    for cls in (qkernels.Int4Weights, qkernels.Int8Weights):
+        def timed(self, x, _linear=cls.linear):
+            started = time.perf_counter()
+            try:
+                return _linear(self, x)
+            finally:
+                spent[0] += time.perf_counter() - started
+                spent[1] += 1
+        cls.linear = timed
+    import json
+
+    prompt = prompt_ids(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+    for count in threads:
+        torch.set_num_threads(count)
+        for quant, group, _ in PAIRS:
+            pipeline = LocalPipeline.load(model_dir, quant=quant, head_quant=quant, group_size=group)
+            pipeline.start(1, PROMPT_TOKENS + tokens + 8)
+            with torch.inference_mode():
+                pipeline.forward(torch.tensor([prompt]))
+                for i in range(4):  # warm-up
+                    pipeline.forward(torch.tensor([[prompt[i]]]))
+                spent[:], steps = [0.0, 0], []
+                for i in range(tokens):  # one decode step each: the blocks and the LM head
+                    started = time.perf_counter()
+                    pipeline.forward(torch.tensor([[prompt[i]]]))
+                    steps.append(time.perf_counter() - started)
+            mean, matmuls = statistics.fmean(steps), spent[0] / tokens
+            label = quant if quant == "int8" else f"{quant} g{group}"
+            print(f"threads {count} {label:<9} decode {statistics.median(steps) * 1e3:6.1f} ms/token median, "
+                  f"{mean * 1e3:6.1f} mean: quantized matmuls {matmuls * 1e3:5.1f} ms ({spent[1] // tokens} "
+                  f"calls), the rest {(mean - matmuls) * 1e3:5.1f} ms", flush=True)
+            del pipeline
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="a Llama Hugging Face directory (default: build issue 16's model)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--breakdown", action="store_true", help="only Hearth: time per decoded token in "
+                        "the quantized matmuls and in the rest (needs --model; no llama.cpp)")
     parser.add_argument("--quality", action="store_true", help="only the demo model's perplexity and "
                         "top-1 agreement at int8 and int4 against fp32 (seconds; needs no llama.cpp)")
     parser.add_argument("--work", type=Path, help="keep the model and its GGUF files here and reuse "
@@ -251,6 +295,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.quality:
         demo_quality()
+        return
+    if args.breakdown:
+        if args.model is None:
+            parser.error("--breakdown needs --model DIR")
+        breakdown(args.model, args.threads, args.tokens)
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)

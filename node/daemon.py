@@ -42,7 +42,7 @@ from shard.compute import describe, use_threads
 from shard.config import load_config
 from shard.errors import InvalidInput
 from shard.manifest import model_digest
-from shard.quant import QUANT_MODES
+from shard.quant import INT4_GROUP_SIZES, QUANT_MODES
 from shard.span import block_bytes, load_span
 
 log = logging.getLogger("hearth.node")
@@ -56,6 +56,7 @@ class NodeSettings:
     start: int | None  # None: choose the span from what the swarm serves
     end: int | None
     quant: str = "none"
+    group_size: int = 32  # int4 only
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
     bootstrap: tuple[str, ...] = ()
     identity: Path | None = None
@@ -85,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rebalance-every", type=float, default=120.0, metavar="S",
                         help="how often a node that chose its span re-evaluates it (randomised +-50%%)")
     parser.add_argument("--quant", choices=QUANT_MODES, default="none")
+    parser.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES, default=32, metavar="N",
+                        help="int4 weights in groups of N (64: 4.5 bits per weight, as llama.cpp's Q4_0; 32: 5 bits, as Q4_1)")
     parser.add_argument("--listen", action="append", metavar="MULTIADDR",
                         help="address to listen on (default /ip4/0.0.0.0/tcp/0: every interface, a free port; "
                              "give a port, e.g. /ip4/0.0.0.0/tcp/4001, for an address that outlives restarts); "
@@ -123,7 +126,7 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
     limits = SessionLimits(max_sessions=args.max_sessions, kv_cache_bytes=args.kv_cache_bytes,
                            max_length=args.max_length, idle_timeout_s=args.idle_timeout)
     return NodeSettings(
-        model_dir=Path(args.model), start=start, end=end, quant=args.quant,
+        model_dir=Path(args.model), start=start, end=end, quant=args.quant, group_size=args.group_size,
         listen=tuple(args.listen or NodeSettings.listen), bootstrap=tuple(args.bootstrap),
         identity=args.identity, peer_cache=args.peer_cache, mdns=args.mdns, limits=limits,
         allowed_peers=read_allow_list(args.allow_peers) if args.allow_peers else None,
@@ -192,7 +195,7 @@ def available_memory() -> int:
 
 def span_capacity(settings: NodeSettings, n_blocks: int) -> int:
     """How many blocks this node's memory holds; InvalidInput when not even one fits."""
-    per_block = block_bytes(load_config(settings.model_dir), settings.quant)
+    per_block = block_bytes(load_config(settings.model_dir), settings.quant, settings.group_size)
     memory = settings.memory_bytes if settings.memory_bytes is not None else available_memory()
     blocks = max_blocks_for(memory, per_block, n_blocks=n_blocks, reserve_bytes=settings.limits.kv_cache_bytes)
     if blocks < 1:
@@ -232,7 +235,8 @@ def say(text: str) -> None:
 
 async def load(settings: NodeSettings, start: int, end: int):
     say(f"loading blocks {start}:{end} of {settings.model_dir} ({settings.quant}; {describe()})")
-    return await trio.to_thread.run_sync(lambda: load_span(settings.model_dir, start, end, quant=settings.quant))
+    return await trio.to_thread.run_sync(lambda: load_span(settings.model_dir, start, end, quant=settings.quant,
+                                                                     group_size=settings.group_size))
 
 
 async def choose_blocks(settings: NodeSettings, discovery, digest: str, n_blocks: int, max_blocks: int,

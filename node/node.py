@@ -27,6 +27,12 @@ from shard.span import SpanModel
 log = logging.getLogger("hearth.node")
 
 
+def quantization_name(span: SpanModel) -> str:
+    """How a span is quantized, as its record says: none, int8, int4 (groups of 32), int4-g64, int4-g128."""
+    group = getattr(span, "group_size", 32)  # the simulator's stand-in spans have none
+    return f"{span.quant}-g{group}" if span.quant == "int4" and group != 32 else span.quant
+
+
 def measure_token_seconds(span: SpanModel, repeats: int = 3) -> float:
     """Seconds one decoded token takes through the whole span (median of a few decode steps)."""
     cache = span.new_cache(batch=1, max_length=repeats + 1)
@@ -73,8 +79,8 @@ class Node:
         if key != self._info_key:
             self._info_key = key
             self._info = SpanInfo(model_id=self.model_id, manifest_hash=self.manifest_hash, start=key[0], end=key[1],
-                                  quantization=key[2], throughput=1.0 / max(key[3], 1e-9), free_cache_tokens=key[4],
-                                  sessions=key[5])
+                                  quantization=quantization_name(span), throughput=1.0 / max(key[3], 1e-9),
+                                  free_cache_tokens=key[4], sessions=key[5])
         return self._info
 
     def record(self) -> PeerRecord:

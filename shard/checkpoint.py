@@ -29,6 +29,7 @@ class Checkpoint:
         self.manifest: Manifest | None = load_manifest(self.model_dir) if verify else None
         self.weight_map = _weight_map(self.model_dir)
         self._handles: dict[str, object] = {}
+        self._checked: set[str] = set()  # files verified against the manifest and the index
 
     @property
     def names(self) -> list[str]:
@@ -52,12 +53,19 @@ class Checkpoint:
             raise CorruptCheckpoint(f"cannot read tensor {name!r} from {filename}: {err}") from err
         return tensor if dtype is None else tensor.to(dtype)
 
+    def release(self) -> None:
+        """Let go of the mapped files: once no tensor read from them is alive, their pages leave
+        this process's resident memory (a loader quantizing block by block calls this after each
+        block, so its peak holds one block of the checkpoint, not the span). Files are not
+        verified again when read next."""
+        self._handles.clear()
+
     def _open(self, filename: str):
         handle = self._handles.get(filename)
         if handle is not None:
             return handle
         path = self.model_dir / filename
-        if self.manifest is not None:
+        if self.manifest is not None and filename not in self._checked:
             self.manifest.verify_file(self.model_dir, filename)
         try:
             handle = safe_open(str(path), framework="pt")
@@ -70,6 +78,7 @@ class Checkpoint:
         if not listed <= names:
             missing = sorted(listed - names)[0]
             raise CorruptCheckpoint(f"{filename} lacks tensor {missing!r} that the index places there")
+        self._checked.add(filename)
         self._handles[filename] = handle
         return handle
 

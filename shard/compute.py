@@ -6,6 +6,9 @@ Every command that computes (`hearth run`, `node`, `generate`, `api`, `demo`, `s
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 import torch
 
 from shard import qkernels
@@ -27,3 +30,13 @@ def describe() -> str:
     """One line: threads and quantized kernels, e.g. '2 threads, quantized matmuls compiled (avx2+avx512vnni)'."""
     count = torch.get_num_threads()
     return f"{count} thread{'s' if count != 1 else ''}, quantized matmuls {qkernels.describe()}"
+
+
+def return_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing):
+    a loader that built large temporaries calls it, so resident memory is what stays in use."""
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass

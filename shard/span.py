@@ -18,6 +18,7 @@ from torch import nn
 
 from shard.blocks import DecoderBlock, attention_mask, checkpoint_names
 from shard.checkpoint import Checkpoint
+from shard.compute import return_free_memory
 from shard.config import ModelConfig, RopeConfig, load_config
 from shard.errors import CorruptCheckpoint, InvalidInput, PromptTooLong, QuantizationError, SpanOutOfRange
 from shard.kv_cache import KVCache
@@ -125,6 +126,12 @@ def load_span(model_dir: str | Path, start: int, end: int, *, quant: str = "none
                  for name, meta in block.state_dict().items()}
         block.load_state_dict(state, assign=True)
         quantize_linears_(block, quant, group_size)
+        if quant != "none":  # own the norms' weights (views of the mapped file until now) and let
+            for param in block.parameters():  # the file go: the next block's pages replace this one's
+                param.data = param.data.clone()
+            checkpoint.release()
+    if quant != "none":
+        return_free_memory()  # the fp32 temporaries of quantizing
     return model
 
 

@@ -32,6 +32,20 @@ def test_run_json_prints_the_greedy_tokens(checkpoint_factory, split):
     assert out["tokens_per_s"] > 0
 
 
+def test_run_int4_in_groups_of_64_gives_the_library_s_tokens(checkpoint_factory):
+    odd = hearth("run", "--model", str(checkpoint_factory("llama")), "--quant", "int4", "--group-size", "64",
+                 "--prompt-ids", "5,6", "--max-new-tokens", "2")  # its MLP is 160 wide
+    assert odd.returncode == 2 and "group_size 64 does not divide in_features 160" in odd.stderr
+    model_dir = checkpoint_factory("llama", intermediate_size=192)
+    done = hearth("run", "--model", str(model_dir), "--quant", "int4", "--group-size", "64", "--threads", "1",
+                  "--prompt-ids", "5,6,7,8", "--max-new-tokens", "6", "--json")
+    assert done.returncode == 0, done.stderr
+    pipeline = LocalPipeline.load(model_dir, quant="int4", group_size=64)
+    assert pipeline.spans[0].group_size == 64
+    expected = generate_local(pipeline, [5, 6, 7, 8], SamplingParams(max_new_tokens=6))
+    assert json.loads(done.stdout)["token_ids"] == expected.token_ids
+
+
 def test_run_streams_token_ids_without_a_tokenizer(checkpoint_factory):
     done = hearth("run", "--model", str(checkpoint_factory("qwen2")), "--prompt-ids", "9,10",
                   "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "3")
@@ -44,6 +58,7 @@ def test_run_streams_token_ids_without_a_tokenizer(checkpoint_factory):
     (["--quant", "int8", "--prompt-ids", "1,x"], "--prompt-ids"),
     (["--temperature", "-1"], "temperature"),
     (["--prompt-ids", "1,999"], "999"),
+    (["--threads", "-1"], "--threads"),
 ])
 def test_run_bad_input_is_one_line_and_status_2(checkpoint_factory, args, message):
     base = ["run", "--model", str(checkpoint_factory("llama")), "--max-new-tokens", "2"]

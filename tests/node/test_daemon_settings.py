@@ -34,3 +34,21 @@ def test_no_data_channel_flag(tmp_path):
     base = ["--model", str(tmp_path), "--blocks", "0:2"]
     assert settings_from_args(parser.parse_args(base)).data_channel
     assert not settings_from_args(parser.parse_args([*base, "--no-data-channel"])).data_channel
+
+
+def test_int4_group_size_reaches_the_span_and_its_record(tmp_path):
+    from types import SimpleNamespace
+
+    from node.node import quantization_name
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--model", str(tmp_path), "--blocks", "0:2", "--quant", "int4"]
+    assert settings_from_args(parser.parse_args(base)).group_size == 32
+    assert settings_from_args(parser.parse_args([*base, "--group-size", "64"])).group_size == 64
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--group-size", "48"])  # argparse: one line naming the choices
+    names = [quantization_name(SimpleNamespace(quant=quant, group_size=group))
+             for quant, group in (("none", 32), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128))]
+    assert names == ["none", "int8", "int4", "int4-g64", "int4-g128"]
+    assert quantization_name(SimpleNamespace(quant="int8")) == "int8"  # the simulator's stand-in spans
