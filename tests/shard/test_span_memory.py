@@ -11,7 +11,7 @@ from tests.conftest import save_tiny_checkpoint
 
 _CHILD = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import torch
     from shard.span import load_span
 
@@ -19,13 +19,21 @@ _CHILD = textwrap.dedent(
         for line in open("/proc/self/status"):
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    before_anon, before_peak = status("RssAnon"), status("VmHWM")
-    span = load_span(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
-    weights = sum(p.numel() * p.element_size() for p in span.parameters())
-    print(json.dumps({"anon": status("RssAnon") - before_anon, "peak": status("VmHWM") - before_peak,
-                      "weights": weights}))
+    before = {field: status(field) for field in ("RssAnon", "VmRSS", "VmHWM")}
+    span = load_span(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), quant=sys.argv[4])
+    print(json.dumps({"anon": status("RssAnon") - before["RssAnon"], "rss": status("VmRSS") - before["VmRSS"],
+                      "peak": status("VmHWM") - before["VmHWM"],
+                      "weights": sum(p.numel() * p.element_size() for p in span.parameters()),
+                      "tensors": sum(t.numel() * t.element_size() for t in (*span.parameters(), *span.buffers()))}))
     """
 )
+
+
+def load_in_child(model_dir, start: int, end: int, quant: str = "none") -> dict:
+    """Memory of a fresh process loading blocks [start, end): bytes gained, and the span's tensors."""
+    result = subprocess.run([sys.executable, "-c", _CHILD, str(model_dir), str(start), str(end), quant],
+                            capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_loading_a_quarter_of_the_blocks_reads_a_quarter(tmp_path):
@@ -34,9 +42,7 @@ def test_loading_a_quarter_of_the_blocks_reads_a_quarter(tmp_path):
         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, vocab_size=1024,
     )
     total = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    result = subprocess.run([sys.executable, "-c", _CHILD, str(model_dir), "2", "4"],
-                            capture_output=True, text=True, timeout=120, check=True)
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    measured = load_in_child(model_dir, 2, 4)
     quarter = measured["weights"]
     assert 0.2 * total < quarter < 0.3 * total
     # resident anonymous memory after the load: the span's weights, not the model's
@@ -46,39 +52,18 @@ def test_loading_a_quarter_of_the_blocks_reads_a_quarter(tmp_path):
     assert measured["peak"] < 0.6 * total
 
 
-_QUANTIZED_CHILD = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    from shard.span import load_span
-
-    def status(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    before_rss, before_peak = status("VmRSS"), status("VmHWM")
-    span = load_span(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), quant=sys.argv[4])
-    tensors = sum(t.numel() * t.element_size() for t in (*span.parameters(), *span.buffers()))
-    print(json.dumps({"rss": status("VmRSS") - before_rss, "peak": status("VmHWM") - before_peak,
-                      "tensors": tensors}))
-    """
-)
-
-
 def test_a_quantized_span_keeps_no_pages_of_the_checkpoint(tmp_path):
     """After quantizing, resident memory (file pages included) is the quantized tensors: the
     checkpoint's mapped pages leave with each block. Measured on this model: 1.7-2.2x the tensors
-    (fixed costs weigh at this size) where it was 5.9-9.1x; on issue 16's 0.92B model (5 of 16
-    blocks, int8) 1.2x where it was 6.3x (benchmarks/bench_swarm.py prints it per node)."""
+    (fixed costs weigh at this size) where it was 5.9-9.1x (benchmarks/bench_swarm.py prints each
+    node's resident memory against its span's tensors)."""
     model_dir = save_tiny_checkpoint(
         tmp_path / "model", "llama", hidden_size=512, intermediate_size=1536,
         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, vocab_size=1024,
     )
     checkpoint_bytes = 8 * (4 * 512 * 512 + 3 * 512 * 1536) * 4
     for quant in ("int8", "int4"):
-        result = subprocess.run([sys.executable, "-c", _QUANTIZED_CHILD, str(model_dir), "0", "8", quant],
-                                capture_output=True, text=True, timeout=120, check=True)
-        measured = json.loads(result.stdout.strip().splitlines()[-1])
+        measured = load_in_child(model_dir, 0, 8, quant)
         assert measured["rss"] < 2.5 * measured["tensors"] + 16 * 2**20, (quant, measured)
         # the peak never holds the whole checkpoint besides the span (it did: 153-167 MB here)
         assert measured["peak"] < measured["tensors"] + checkpoint_bytes + 24 * 2**20, (quant, measured)
