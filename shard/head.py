@@ -15,7 +15,8 @@ from shard.blocks import RMSNorm
 from shard.checkpoint import Checkpoint
 from shard.config import ModelConfig, load_config
 from shard.errors import CorruptCheckpoint, InvalidInput, QuantizationError
-from shard.quant import QUANT_MODES, Int4Linear, Int8Linear, quantize_linears_
+from shard.quant import QUANT_MODES, Int4Linear, Int8Linear
+from shard.quant_swap import quantize_linears_
 
 
 class ClientHead(nn.Module):

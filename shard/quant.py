@@ -1,9 +1,6 @@
-"""Quantized linear layers: int8 per output channel, int4 in groups; the one seam every
-quantized matmul goes through.
-
-Owns the quantized linear modules (`Int8Linear`, `Int4Linear`), their portable saved format,
-the choice of the path that runs them, and the in-place swap of `nn.Linear` layers
-(`quantize_linears_`, `empty_quantized_linears_`).
+"""Quantized linear layers (`Int8Linear` per output channel, `Int4Linear` in groups): the one seam
+every quantized matmul goes through. Owns their portable saved format and the choice of the path
+that runs them (shard/quant_swap.py puts them in place of `nn.Linear`s).
 
 Portable format (what `state_dict()` holds, so a span saved with safetensors on one machine
 loads on any other; no kernel-specific layout is ever saved):
@@ -42,13 +39,11 @@ from shard.errors import QuantizationError
 
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
-# Largest number of rows (tokens x sequences) for which int8 uses the packed bf16 kernel.
-INT8_KERNEL_MAX_ROWS = 48
+INT8_KERNEL_MAX_ROWS = 48  # most rows (tokens x sequences) for int8's packed bf16 kernel
 # Largest number of rows for which int8 x int8 runs the compiled kernel rather than torch's
 # `_int_mm` (same int32 products either way; see benchmarks/RESULTS.md for the crossover).
 INT8_COMPILED_MAX_ROWS = 8
-# Weights dequantized at a time by the fallback path (4 MiB of fp32).
-_DEQUANT_CHUNK_ELEMS = 1 << 20
+_DEQUANT_CHUNK_ELEMS = 1 << 20  # weights dequantized at a time by the fallback path (4 MiB of fp32)
 # Smallest scale, so that a constant row or group does not divide by zero.
 _MIN_SCALE = 1e-20
 
@@ -502,84 +497,4 @@ class Int4Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, group_size={self.group_size}"
-        )
-
-
-# --- swapping nn.Linear layers --------------------------------------------------------------
-
-
-def quantize_linears_(module: nn.Module, mode: str, group_size: int = 32) -> None:
-    """Replace every `nn.Linear` inside `module` (recursively), in place, by its quantized form.
-
-    `mode` is one of QUANT_MODES ("none" changes nothing); `group_size` is used by int4.
-    Everything is validated before the first layer is replaced.
-    """
-    def quantize(linear: nn.Linear) -> nn.Module:
-        if mode == "int8":
-            return Int8Linear.from_float(linear.weight, linear.bias)
-        return Int4Linear.from_float(linear.weight, linear.bias, group_size)
-
-    _swap_linears(module, mode, group_size, quantize, need_weights=True)
-
-
-def empty_quantized_linears_(module: nn.Module, mode: str, group_size: int = 32) -> None:
-    """Like `quantize_linears_`, but with empty quantized layers for `load_state_dict` to fill.
-
-    The new layers are created on each linear's device (use `load_state_dict(..., assign=True)`
-    for a module built on the meta device).
-    """
-    def empty(linear: nn.Linear) -> nn.Module:
-        has_bias, device = linear.bias is not None, linear.weight.device
-        if mode == "int8":
-            return Int8Linear(linear.in_features, linear.out_features, has_bias, device=device)
-        return Int4Linear(
-            linear.in_features, linear.out_features, has_bias, group_size, device=device
-        )
-
-    _swap_linears(module, mode, group_size, empty, need_weights=False)
-
-
-def _swap_linears(module: nn.Module, mode: str, group_size: int, make, need_weights: bool):
-    if mode not in QUANT_MODES:
-        raise QuantizationError(
-            f"unknown quantization mode {mode!r}; expected one of {QUANT_MODES}"
-        )
-    if mode == "none":
-        return
-    if isinstance(module, nn.Linear):
-        raise QuantizationError(
-            "cannot replace the nn.Linear passed in itself; pass the module that holds it"
-        )
-    targets = _linears(module)
-    for qualified, _, _, linear in targets:
-        _check_swappable(qualified, linear, mode, group_size, need_weights)
-    replaced: dict[int, nn.Module] = {}
-    for _, parent, name, linear in targets:
-        if id(linear) not in replaced:  # a layer shared by two parents stays shared
-            replaced[id(linear)] = make(linear)
-        setattr(parent, name, replaced[id(linear)])
-
-
-def _linears(module: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
-    """(qualified name, parent, attribute, layer) for every nn.Linear strictly inside `module`."""
-    found = []
-    for parent_name, parent in module.named_modules():
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                found.append((f"{parent_name}.{name}".lstrip("."), parent, name, child))
-    return found
-
-
-def _check_swappable(
-    qualified: str, linear: nn.Linear, mode: str, group_size: int, need_weights: bool
-) -> None:
-    if mode == "int4":
-        try:
-            _check_group_size(group_size, linear.in_features)
-        except QuantizationError as err:
-            raise QuantizationError(f"layer {qualified!r}: {err}") from err
-    if need_weights and linear.weight.is_meta:
-        raise QuantizationError(
-            f"layer {qualified!r} has no weights (meta device); load them first, or use "
-            "empty_quantized_linears_ to load an already-quantized span"
         )

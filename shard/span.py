@@ -22,7 +22,8 @@ from shard.compute import return_free_memory
 from shard.config import ModelConfig, RopeConfig, load_config
 from shard.errors import CorruptCheckpoint, InvalidInput, PromptTooLong, QuantizationError, SpanOutOfRange
 from shard.kv_cache import KVCache
-from shard.quant import QUANT_MODES, empty_quantized_linears_, quantize_linears_
+from shard.quant import QUANT_MODES
+from shard.quant_swap import empty_quantized_linears_, quantize_linears_
 from shard.rope import inverse_frequencies, rotary_tables
 
 SAVED_SPAN_FORMAT = "hearth-span/2"  # 2: fused qkv and gate/up projections

@@ -15,9 +15,8 @@ from shard.quant import (
     QUANT_MODES,
     Int4Linear,
     Int8Linear,
-    empty_quantized_linears_,
-    quantize_linears_,
 )
+from shard.quant_swap import empty_quantized_linears_, quantize_linears_
 
 # bf16 activations and outputs in the kernel path: agreement with the fp32 dequantize path.
 BF16_AGREEMENT = 4e-3
