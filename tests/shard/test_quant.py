@@ -460,3 +460,17 @@ def test_compiled_kernel_calls_refuse_bad_tensors_by_name():
         qkernels.i8_mm(torch.zeros(1, 64, dtype=torch.int8), torch.zeros(8, 32, dtype=torch.int8))
     with pytest.raises(QuantizationError, match="in_features 40"):
         qkernels.i8_mm(torch.zeros(1, 40, dtype=torch.int8), torch.zeros(8, 40, dtype=torch.int8))
+
+
+@needs_compiled
+def test_compiled_rms_norm_matches_torch_and_keeps_rows_apart():
+    weight = randn(320, seed=5)
+    x = randn(7, 3, 320, seed=6) * torch.linspace(0.01, 50, 7).view(7, 1, 1)
+    ours = qkernels.rms_norm(x, weight, 1e-6)
+    reference = torch.nn.functional.rms_norm(x, (320,), weight, 1e-6)
+    assert rel_err(ours, reference) < 1e-6
+    assert torch.equal(ours[4:5, 1:2], qkernels.rms_norm(x[4:5, 1:2], weight, 1e-6))
+    with pytest.raises(QuantizationError, match="rms_norm"):
+        qkernels.rms_norm(x.double(), weight, 1e-6)
+    with pytest.raises(QuantizationError, match="norm weight"):
+        qkernels.rms_norm(x, weight.double(), 1e-6)
