@@ -39,11 +39,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks.results import write_section  # noqa: E402
 from protocol import Codec, CodecSpeed, choose_codec, decode_tensor, encode_tensor  # noqa: E402
 from protocol.codecs import ZstdContext  # noqa: E402
 
 SECTION = "## Wire codecs (bench_codecs.py)"
-RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 DEMO_MODEL = pathlib.Path(__file__).resolve().parents[1] / "node" / "demo_model"
 PREFILL = 128
 VOCAB = 32000
@@ -416,20 +416,6 @@ def notes(summaries: dict[int, dict[str, Any]]) -> list[str]:
         "costs tens of microseconds per decode step, so the adaptive choice only takes it on "
         "slow links.",
     ]
-
-
-def write_section(section: str, path: pathlib.Path = RESULTS) -> None:
-    """Replace (or append) this script's section of RESULTS.md, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    heading = section.splitlines()[0]
-    start = text.find(heading + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        rest = "" if end < 0 else text[end + 1 :]
-        text = text[:start] + section + ("\n" + rest if rest else "")
-    path.write_text(text)
 
 
 def main() -> int:

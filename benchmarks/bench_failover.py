@@ -2,7 +2,7 @@
 
 Real `hearth node` processes on 127.0.0.1 (every span served twice) and a client in this process,
 on a random Llama (default hidden 512, 8 layers: the model of the Petals measurements in
-MEASURED.md), fp32 activations so every run's tokens can be compared with the failure-free run.
+docs/measured.md), fp32 activations so every run's tokens can be compared with the failure-free run.
 
 1. Recovery: generate with a history of --history tokens, SIGKILL the node of the last hop, and
    time from the kill to the next token (detection + replanning + replay + the step itself).

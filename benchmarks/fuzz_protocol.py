@@ -21,11 +21,13 @@ import sys
 import time
 import traceback
 
-from protocol.codecs import ZstdContext
-from protocol.fuzzing import FUZZ_MAX_FRAME_BYTES, FUZZ_TENSOR_LIMITS, check_frame, fuzz_frames
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks.results import write_section  # noqa: E402
+from protocol.codecs import ZstdContext  # noqa: E402
+from protocol.fuzzing import FUZZ_MAX_FRAME_BYTES, FUZZ_TENSOR_LIMITS, check_frame, fuzz_frames  # noqa: E402
 
 SECTION = "## Protocol fuzzing"
-RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def run(frames: int, seed: int) -> dict[str, object]:
@@ -77,20 +79,6 @@ def report(result: dict[str, object], command: str) -> str:
         detail = ", ".join(f"{name} {count:,}" for name, count in counts.most_common())
         lines.append(f"| {kind} | {sum(counts.values()):,} | {detail} |")
     return "\n".join(lines) + "\n"
-
-
-def write_section(section: str, path: pathlib.Path = RESULTS) -> None:
-    """Replace (or append) this script's section of RESULTS.md, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    heading = section.splitlines()[0]
-    start = text.find(heading + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        rest = "" if end < 0 else text[end + 1 :]
-        text = text[:start] + section + ("\n" + rest if rest else "")
-    path.write_text(text)
 
 
 def main() -> int:

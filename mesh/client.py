@@ -13,34 +13,36 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 import trio
 
 from mesh.discovery import Discovery, PeerRecord
 from mesh.errors import TransportError
 from mesh.backoff import BanList
+from mesh.batcher import Job, MicroBatcher
 from mesh.pipeline import Recovery, RoutePipeline, StepTiming
 from mesh.routing import DEFAULT_RTT_S, ROUTING_MODES, NoRouteError, Route, ServerSpan, plan_route
-from mesh.session import HopSession, open_hop
-from mesh.transport import INFO_PROTOCOL, MessageStream, Transport
-from protocol import Codec, Hello, ProtocolError, Role, SpanInfo
-from shard.config import load_config
+from mesh.session import CLIENT_SOFTWARE, HopSession, LinkBook, open_hop
+from mesh.transport import MessageStream, Transport
+from protocol import AUTO, INFO_PROTOCOL, Codec, Exchange, Hello, ProtocolError, Role, SpanInfo
 from shard.errors import InvalidInput, PromptTooLong
 from shard.generate import Decoding, Emitted
-from shard.head import ClientHead, load_head
-from shard.manifest import model_digest
+from shard.head import load_head
+from shard.interfaces import Head
+from shard.model_dir import ModelDir, open_model_dir
 from shard.sampling import SamplingParams
 from shard.tokenizer import TOKENIZER_FILE, Tokenizer
 
 log = logging.getLogger("hearth.client")
 
-HEAD_BATCH_ROWS = 32  # the int8 head kernel stays row-exact up to 48 rows
 SPAN_CACHE_MAX = 1 << 14  # peers whose last span info a client keeps (for planning), before it starts over
 
 
 @dataclass(frozen=True)
 class ClientOptions:
-    codec: Codec = Codec.FP16  # activations on the wire; FP32 is exact
+    # activations on the wire: a Codec (FP32 is exact), or AUTO: per hop, fp16 until the client has
+    # measured that hop's link slow enough for a compact codec to pay (protocol.session_codec)
+    codec: Codec | str = AUTO
     open_timeout_s: float = 10.0
     probe_timeout_s: float = 3.0
     probe_all_up_to: int = 32  # swarms with at most this many records are probed whole before each plan
@@ -57,6 +59,8 @@ class ClientOptions:
     head_quant: str = "none"  # the LM head on this device: "int8" reads 4x fewer bytes per token
 
     def __post_init__(self):
+        if self.codec != AUTO and not isinstance(self.codec, Codec):
+            raise InvalidInput(f"codec {self.codec!r} is not a protocol.Codec or {AUTO!r}")
         if self.routing not in ROUTING_MODES:
             raise InvalidInput(f"routing mode {self.routing!r} is not one of {', '.join(ROUTING_MODES)}")
 
@@ -92,23 +96,23 @@ class GenerationReport:
 
 
 class Client:
-    def __init__(self, transport: Transport, discovery: Discovery, model_dir: str | Path, *,
-                 options: ClientOptions = ClientOptions(), head: ClientHead | None = None,
+    def __init__(self, transport: Transport, discovery: Discovery, model_dir: ModelDir | str | Path, *,
+                 options: ClientOptions = ClientOptions(), head: Head | None = None,
                  tokenizer: Tokenizer | None = None):
         self.transport, self.discovery, self.options = transport, discovery, options
-        self.model_dir = Path(model_dir)
-        self.config = load_config(model_dir)
-        self.head = head if head is not None else load_head(model_dir, quant=options.head_quant)
+        opened = open_model_dir(model_dir)
+        self.model_dir, self.config = opened.path, opened.config
+        self.head: Head = head if head is not None else load_head(opened, quant=options.head_quant)
         if tokenizer is None and (self.model_dir / TOKENIZER_FILE).exists():
-            tokenizer = Tokenizer.from_dir(model_dir)
+            tokenizer = Tokenizer.from_dir(self.model_dir)
         self.tokenizer = tokenizer
-        self.manifest_hash = model_digest(model_dir)
-        self.model_id = self.model_dir.name
+        self.manifest_hash = opened.digest
+        self.model_id = opened.name
         self.rtts: dict[str, float] = {}
+        self.links = LinkBook()  # each peer's link, as probes and steps timed it (for the wire codec)
         self.bans = BanList(base_s=options.ban_s)
         self.rng = random.Random(options.seed)
-        self._head_lock = trio.Lock()
-        self._head_queue: list[list] = []  # [hidden [1, 1, D], logits or None] of concurrent generations
+        self._head_batcher = MicroBatcher(self._run_head, eager=False)  # concurrent generations' last hidden states
         self._generating = 0  # generations running now: alone, one has nobody to share the head with
         self._span_cache: dict[str, tuple[SpanInfo, ServerSpan]] = {}  # peer -> its last info seen, as planned on
 
@@ -139,12 +143,14 @@ class Client:
                 raw = await self.transport.open_stream(record.peer_id, INFO_PROTOCOL, timeout=timeout)
                 stream = MessageStream(raw, Role.CLIENT, io_timeout=timeout)
                 try:  # within the probe's one deadline
-                    await stream.send_unbounded(Hello(software="hearth-client/0.1", codecs=tuple(Codec)))
+                    asked = trio.current_time()
+                    await stream.send_unbounded(Hello(software=CLIENT_SOFTWARE, codecs=tuple(Codec)))
                     await stream.receive_unbounded()  # the node's Hello
                     info = await stream.receive_unbounded()
                 finally:
                     await stream.aclose()
             self.rtts[record.peer_id] = trio.current_time() - started
+            self.links.record(record.peer_id, Exchange(stream.bytes_sent + stream.bytes_received, trio.current_time() - asked))
         except (trio.TooSlowError, TransportError, ProtocolError) as err:
             log.info("peer %s does not answer: %s", record.peer_id, err)
             return None
@@ -249,11 +255,11 @@ class Client:
         self._generating += 1
         try:
             await pipeline.open(0, self.config.num_layers)
-            inputs, position = torch.tensor([ids]), 0
+            inputs, position = ids, 0
             while True:
                 started = trio.current_time()
                 logits = await self._forward(pipeline, inputs, position, report)
-                position += inputs.shape[1]
+                position += len(inputs)
                 emitted = decoding.accept(logits)
                 _account(report, trio.current_time() - started, first=position == len(ids))
                 report.token_ids = decoding.token_ids
@@ -262,7 +268,7 @@ class Client:
                 yield emitted
                 if emitted.finish is not None or position >= max_length:
                     break
-                inputs = torch.full((1, 1), emitted.token_id)  # [1, 1]: a third of torch.tensor's cost
+                inputs = [emitted.token_id]
         finally:
             self._generating -= 1
             await pipeline.close()
@@ -277,37 +283,36 @@ class Client:
         async def plan(start: int, end: int, banned: frozenset[str]) -> Route:
             return await self.plan(start, end, banned=banned, need_tokens=max_length)
 
-        async def open_one(peer_id: str, start: int, end: int) -> HopSession:
+        async def open_one(peer_id: str, start: int, end: int, codec: Codec | None) -> HopSession:
             return await open_hop(
                 self.transport, peer_id, start, end, model_id=self.model_id, manifest_hash=self.manifest_hash,
-                max_length=max_length, batch=1, codec=self.options.codec, timeout=self.options.open_timeout_s,
-                io_timeout=self.options.io_timeout_s, data_channel=self.options.data_channel)
+                max_length=max_length, batch=1, codec=self.options.codec if codec is None else codec,
+                timeout=self.options.open_timeout_s, io_timeout=self.options.io_timeout_s,
+                data_channel=self.options.data_channel, hidden_size=self.config.hidden_size, links=self.links)
 
         timing = StepTiming(self.options.step_timeout_s, self.options.step_timeout_per_token_s)
         return RoutePipeline(plan, open_one, deadline=trio.current_time() + self.options.request_timeout_s,
                              rng=self.rng, bans=self.bans, timing=timing)
 
-    async def _forward(self, pipeline: RoutePipeline, ids: torch.Tensor, position: int,
-                       report: GenerationReport) -> torch.Tensor:
-        hidden = self.head.embed(ids).to(torch.float32).numpy()
-        hidden = await pipeline.forward(hidden, position)
+    async def _forward(self, pipeline: RoutePipeline, ids: list[int], position: int,
+                       report: GenerationReport) -> np.ndarray:
+        hidden = await pipeline.forward(self.head.embed_tokens(ids), position)
         report.hops = _hop_reports(pipeline.hops)
-        return await self._logits(torch.from_numpy(hidden[:, -1:]))
+        return await self._logits(hidden[:, -1])
 
-    async def _logits(self, last: torch.Tensor) -> torch.Tensor:
-        """The LM head on one sequence's last hidden state [1, 1, D] -> [V]. Concurrent generations
-        (an API server's users) share one pass when the head computes rows independently (int8,
-        int4): whoever holds the lock next runs every row queued by then, reading the head once."""
-        if not self.head.rows_independent or (self._generating == 1 and not self._head_queue):
-            return self.head.logits(last).reshape(-1)  # nobody to share a pass with; [1, 1, V] -> [V]
-        entry = [last, None]
-        self._head_queue.append(entry)
-        async with self._head_lock:
-            while entry[1] is None:  # not done by an earlier holder: the oldest rows, then ours
-                batch, self._head_queue = self._head_queue[:HEAD_BATCH_ROWS], self._head_queue[HEAD_BATCH_ROWS:]
-                for queued, logits in zip(batch, self.head.logits(torch.cat([e[0] for e in batch]))[:, 0]):
-                    queued[1] = logits
-        return entry[1]
+    async def _logits(self, last: np.ndarray) -> np.ndarray:
+        """The LM head on one sequence's last hidden state [1, D] -> logits [V]. Concurrent
+        generations (an API server's users) share one pass where the head computes rows
+        independently (`Head.batch_rows`): whoever holds the lock next runs every row queued by
+        then (`mesh.batcher`), reading the head once."""
+        rows = self.head.batch_rows
+        if rows <= 1 or (self._generating == 1 and not self._head_batcher.queue):
+            return self.head.next_logits(last)[0]  # nobody to share a pass with
+        return await self._head_batcher.submit(Job(last, key=None, rows=1, max_rows=rows))
+
+    async def _run_head(self, jobs: list[Job]) -> None:
+        for job, logits in zip(jobs, self.head.next_logits(np.concatenate([job.payload for job in jobs]))):
+            job.output = logits
 
 
 def _hop_reports(hops: list[HopSession]) -> list[HopReport]:

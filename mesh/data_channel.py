@@ -5,7 +5,9 @@ py-libp2p's yamux-over-Noise stream costs about 4 ms per decode-step round trip 
 against one process. So a node may offer, in `SessionOpened`, a TCP address, a session token and
 a fresh 32-byte key. The offer travels over the authenticated, encrypted libp2p stream, so only
 the client that opened the session learns the key: the channel is bound to the libp2p identity
-that the allow-list and the session checks saw.
+that the allow-list and the session checks saw. Both sides list the capability
+`protocol.DATA_CHANNEL` in their Hellos for a node to offer one; the token and key sizes are
+`protocol.DATA_TOKEN_BYTES` and `DATA_KEY_BYTES`.
 
 Channel layout: the client connects and sends the 16-byte token in clear, then records. A record
 is a 4-byte big-endian length and a ChaCha20-Poly1305 ciphertext (tag included) of up to
@@ -32,12 +34,10 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from mesh.errors import DialError, StreamClosed, TransportTimeout
 from mesh.transport import ByteStream
+from protocol import DATA_KEY_BYTES as KEY_BYTES, DATA_TOKEN_BYTES as TOKEN_BYTES
 
 log = logging.getLogger("hearth.mesh")
 
-CAPABILITY = "data-channel"  # in a client's Hello: it takes a session's steps to an offered channel
-TOKEN_BYTES = 16
-KEY_BYTES = 32
 TAG_BYTES = 16
 MAX_RECORD_BYTES = 1 << 20  # plaintext per record; larger writes are split
 HANDSHAKE_TIMEOUT_S = 5.0

@@ -17,6 +17,8 @@ from libp2p.crypto.keys import KeyPair, KeyType
 from libp2p.crypto.serialization import deserialize_private_key
 from libp2p.peer.id import ID
 
+from shard.atomic_file import atomic_write
+
 log = logging.getLogger(__name__)
 
 MAX_KEY_FILE_BYTES = 4096
@@ -38,7 +40,8 @@ def load_or_create_identity(path: os.PathLike | str | None) -> KeyPair:
     if path.exists():
         return _load(path)
     key_pair = create_new_key_pair()
-    _write_private(path, key_pair.private_key.serialize())
+    with atomic_write(path, file_mode=0o600, dir_mode=0o700) as file:
+        file.write(key_pair.private_key.serialize())
     log.info("created identity %s at %s", ID.from_pubkey(key_pair.public_key), path)
     return key_pair
 
@@ -63,17 +66,3 @@ def _load(path: Path) -> KeyPair:
     if private_key.get_type() is not KeyType.Ed25519:
         raise IdentityError(path, f"holds a {private_key.get_type().name} key, not ed25519")
     return KeyPair(private_key, private_key.get_public_key())
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

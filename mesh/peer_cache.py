@@ -19,6 +19,7 @@ import trio
 
 from mesh.errors import DialError
 from mesh.transport import Transport
+from shard.atomic_file import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class PeerCache:
         data = {"version": FORMAT_VERSION,
                 "peers": [{"peer_id": p.peer_id, "addrs": p.addrs, "last_seen": p.last_seen} for p in self.peers()]}
         try:
-            _write_atomic(self.path, json.dumps(data, indent=1).encode())
+            with atomic_write(self.path) as file:
+                file.write(json.dumps(data, indent=1).encode())
         except OSError as err:
             log.warning("cannot save the peer cache to %s: %s", self.path, err)
             return
@@ -114,15 +116,3 @@ def _read(path: Path) -> list[CachedPeer]:
         log.warning("ignoring unreadable peer cache %s: %s", path, err)
         return []
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

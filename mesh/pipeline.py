@@ -5,8 +5,11 @@ that says retrying elsewhere can help), the peer is banned for a while, a replac
 for exactly that hop's blocks (possibly several peers with other span boundaries), sessions are
 opened there, and the failed hop's history (every input it was sent, in the original chunks) is
 replayed so the new KV caches hold the same positions: in one message per hop whose node runs the
-chunks one after another (capability `replay-chunks`), else step by step. The step in flight then continues from the
-replacement, so greedy output is identical to a run without failure. Without any route the client
+chunks one after another (capability `replay-chunks`), else step by step. Replacements speak the
+failed hop's codec (whatever the client's codec option would pick for their links), so they are
+sent the same values the failed hop was. The step in flight then continues from the
+replacement, so greedy output is identical to a run without failure. What a node's `Error` means
+(retry elsewhere, busy, fatal) is `protocol.classify`'s reading, carried by `HopFailed.retry`. Without any route the client
 waits for coverage, with backoff, until its deadline, then raises `NoRouteError`.
 """
 
@@ -23,11 +26,12 @@ import trio
 from mesh.backoff import BanList, backoff_delay
 from mesh.routing import NoRouteError, Route
 from mesh.session import HopFailed, HopSession, StepRecord
+from protocol import Codec, Retry
 
 log = logging.getLogger("hearth.client")
 
 Planner = Callable[[int, int, frozenset[str]], Awaitable[Route]]
-Opener = Callable[[str, int, int], Awaitable[HopSession]]
+Opener = Callable[[str, int, int, Codec | None], Awaitable[HopSession]]  # codec None: the client's choice
 
 
 class GenerationFailed(Exception):
@@ -80,7 +84,7 @@ class RoutePipeline:
                 hidden = await hop.step(hidden, position, timeout=self._timeout(hidden.shape[1]))
                 index += 1
             except HopFailed as err:
-                if not err.retry_elsewhere:
+                if err.retry is Retry.FATAL:
                     raise
                 await self._replace(index, err)
         return hidden
@@ -97,26 +101,28 @@ class RoutePipeline:
         log.warning("%s; banned for %.0f s, replaying %d tokens elsewhere", err, length, failed.length)
         with trio.CancelScope(shield=True):
             await failed.close()
-        replacements = await self._cover(failed.start, failed.end, failed.history)
+        replacements = await self._cover(failed.start, failed.end, failed.history, codec=failed.codec)
         self.hops[index : index + 1] = replacements
         self.recoveries.append(Recovery(
             failed.peer_id, failed.start, failed.end, err.reason, [h.peer_id for h in replacements],
             failed.length, trio.current_time() - started, started))
 
-    async def _cover(self, start: int, end: int, history: list[StepRecord]) -> list[HopSession]:
-        """Open sessions covering [start, end) and replay `history` into them, retrying to the deadline."""
+    async def _cover(self, start: int, end: int, history: list[StepRecord], *,
+                     codec: Codec | None = None) -> list[HopSession]:
+        """Open sessions covering [start, end) (speaking `codec`, if given) and replay `history` into
+        them, retrying to the deadline."""
         attempt = 0
         while True:
             try:
                 with trio.fail_at(self.deadline):
                     route = await self.plan(start, end, self.bans.banned(trio.current_time()))
-                    return await self._open_and_replay(route, history)
+                    return await self._open_and_replay(route, history, codec)
             except trio.TooSlowError as err:
                 raise GenerationFailed(f"the request's deadline passed while covering blocks [{start}, {end})") from err
             except NoRouteError as err:
                 failure: Exception = err
             except HopFailed as err:
-                if not err.retry_elsewhere:
+                if err.retry is Retry.FATAL:
                     raise
                 self.bans.ban(err.peer_id, trio.current_time(), busy=err.busy)
                 log.warning("%s while recovering; banned", err)
@@ -130,11 +136,11 @@ class RoutePipeline:
             await trio.sleep(delay)
             attempt += 1
 
-    async def _open_and_replay(self, route: Route, history: list[StepRecord]) -> list[HopSession]:
+    async def _open_and_replay(self, route: Route, history: list[StepRecord], codec: Codec | None) -> list[HopSession]:
         hops: list[HopSession] = []
         try:
             for hop in route.hops:
-                hops.append(await self.open_hop(hop.peer_id, hop.start, hop.end))
+                hops.append(await self.open_hop(hop.peer_id, hop.start, hop.end, codec))
             if history and all(hop.replays_chunks for hop in hops):
                 await self._replay_at_once(hops, history)
             else:

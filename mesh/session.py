@@ -1,12 +1,16 @@
 """The client's side of an inference session: one stream per hop, hidden states sent hop by hop.
 
 A `HopSession` is the session on one node for blocks [start, end); it keeps every input it sent
-(the hop's history) so a replacement can be brought to the same state. A `PipelineSession` chains
-the hops of a route and runs one step through all of them.
+(the hop's history) so a replacement can be brought to the same state. `open_hop` holds the
+client's half of the conversation (`protocol.conversation`): Hello both ways, the codec for the
+session (an explicit one, or with `AUTO` the one `protocol.session_codec` finds cheapest for the
+link that the hop's `LinkBook` entry has measured), then OpenSession. `mesh.pipeline.RoutePipeline`
+chains the hops of a route, runs each step through all of them, and replaces hops that fail.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -14,12 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
-from mesh.data_channel import CAPABILITY as DATA_CHANNEL, Offer, connect as connect_data_channel
+from mesh.data_channel import Offer, connect as connect_data_channel
 from mesh.errors import TransportError
-from mesh.transport import INFERENCE_PROTOCOL, MessageStream, Transport
+from mesh.transport import MessageStream, Transport
 from protocol import (
-    Codec, CloseSession, Error, ErrorCode, Hello, OpenSession, ProtocolError, Role, SessionOpened,
-    Step, StepResult, decode_tensor, encode_tensor,
+    CAPABILITIES, DATA_CHANNEL, INFERENCE_PROTOCOL, REFERENCE_SPEEDS, REPLAY_CHUNKS, CloseSession, Codec, Error,
+    Exchange, Hello, LinkEstimate, OpenSession, ProtocolError, Retry, Role, SessionOpened, Step, StepResult,
+    classify, decode_tensor, encode_tensor, estimate_link, session_codec,
 )
 
 log = logging.getLogger("hearth.client")
@@ -28,18 +33,42 @@ CLIENT_SOFTWARE = "hearth-client/0.1"
 DATA_CHANNEL_TIMEOUT_S = 2.0
 
 
-BUSY = frozenset({ErrorCode.OVERLOADED, ErrorCode.CACHE_FULL})  # refusals of a node that is full, not broken
-
-
 class HopFailed(Exception):
-    """A hop cannot continue: its peer vanished, timed out, refused, or answered nonsense."""
+    """A hop cannot continue: its peer vanished, timed out, refused, or answered nonsense. `retry`
+    (`protocol.Retry`) says whether another peer can help, and whether this one is merely busy."""
 
-    def __init__(self, peer_id: str, start: int, end: int, reason: str, *, retry_elsewhere: bool = True,
-                 busy: bool = False):
+    def __init__(self, peer_id: str, start: int, end: int, reason: str, *, retry: Retry = Retry.ELSEWHERE):
         self.peer_id, self.start, self.end = peer_id, start, end
-        self.reason, self.retry_elsewhere = reason, retry_elsewhere
-        self.busy = busy  # the node is healthy but full (sessions, KV cache): worth asking again soon
+        self.reason, self.retry = reason, retry
         super().__init__(f"hop {peer_id} for blocks [{start}, {end}) failed: {reason}")
+
+    @property
+    def retry_elsewhere(self) -> bool:
+        return self.retry.retry_elsewhere
+
+    @property
+    def busy(self) -> bool:
+        """The node is healthy but full (sessions, KV cache): worth asking again soon."""
+        return self.retry.busy
+
+
+class LinkBook:
+    """The exchanges a client timed with each peer (probes, steps), for `protocol.estimate_link`:
+    per peer and size (a power of two of bytes), the last `per_size` of them."""
+
+    def __init__(self, *, per_size: int = 8, max_peers: int = 1 << 14):
+        self.per_size, self.max_peers = per_size, max_peers
+        self._peers: dict[str, dict[int, collections.deque[Exchange]]] = {}
+
+    def record(self, peer_id: str, exchange: Exchange) -> None:
+        if peer_id not in self._peers and len(self._peers) >= self.max_peers:
+            self._peers.clear()  # a client that met this many peers starts over
+        sizes = self._peers.setdefault(peer_id, {})
+        sizes.setdefault(exchange.wire_bytes.bit_length(), collections.deque(maxlen=self.per_size)).append(exchange)
+
+    def estimate(self, peer_id: str) -> LinkEstimate | None:
+        sizes = self._peers.get(peer_id, {})
+        return estimate_link(exchange for recent in sizes.values() for exchange in recent)
 
 
 @dataclass
@@ -61,6 +90,7 @@ class HopSession:
     compute_seconds: float = 0.0  # the node's compute, as it reports it
     wall_seconds: float = 0.0  # our round trips, compute included
     replays_chunks: bool = False  # the node runs a multi-step replay chunk by chunk (Step.chunks)
+    links: LinkBook | None = None  # where each step's bytes and time are recorded
 
     @property
     def length(self) -> int:
@@ -72,15 +102,15 @@ class HopSession:
         replaying several at once); the hop's output. Raises HopFailed."""
         message = Step(session_id=self.session_id, step=self.step_number, start_position=start_position,
                        hidden=encode_tensor(hidden, self.codec), replay=replay, chunks=chunks)
-        started = trio.current_time()
+        started, wire_before = trio.current_time(), self.stream.bytes_sent + self.stream.bytes_received
         try:
             reply = await self.stream.request(message, timeout=timeout)
         except (TransportError, ProtocolError) as err:
             raise HopFailed(self.peer_id, self.start, self.end, str(err)) from err
+        answered = trio.current_time()  # the link's time: our encoding before `started`, decoding after this
         self.step_number += 1
         if isinstance(reply, Error):
-            raise HopFailed(self.peer_id, self.start, self.end, f"node says: {reply.reason}",
-                            retry_elsewhere=reply.retry_elsewhere, busy=reply.code in BUSY)
+            raise HopFailed(self.peer_id, self.start, self.end, f"node says: {reply.reason}", retry=classify(reply))
         if not isinstance(reply, StepResult):
             raise HopFailed(self.peer_id, self.start, self.end, f"expected step_result, got {reply.TYPE}")
         try:
@@ -98,6 +128,9 @@ class HopSession:
             self.history.extend(StepRecord(start_position + int(a), hidden[:, a:b]) for a, b in zip(offsets, offsets[1:]))
         self.compute_seconds += reply.compute_seconds
         self.wall_seconds += trio.current_time() - started
+        if self.links is not None:
+            wire = self.stream.bytes_sent + self.stream.bytes_received - wire_before
+            self.links.record(self.peer_id, Exchange(wire, answered - started - reply.compute_seconds))
         return output
 
     async def close(self) -> None:
@@ -110,38 +143,44 @@ class HopSession:
 
 
 async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, model_id: str,
-                   manifest_hash: str, max_length: int, batch: int, codec: Codec, timeout: float,
-                   io_timeout: float, data_channel: bool = True) -> HopSession:
+                   manifest_hash: str, max_length: int, batch: int, codec: Codec | str, timeout: float,
+                   io_timeout: float, data_channel: bool = True, hidden_size: int = 0,
+                   links: LinkBook | None = None) -> HopSession:
     """Open a session for blocks [start, end) on `peer_id`; its steps go over the node's data
-    channel when it offers one that this client can reach. Raises HopFailed."""
+    channel when both Hellos list it and the node offers one this client can reach. `codec` is a
+    `Codec` or `protocol.AUTO` (chosen for messages of `batch` x `hidden_size` values on the link
+    `links` has measured to this peer; steps are recorded there). Raises HopFailed."""
     session_id = secrets.token_hex(8)
-    capabilities = (DATA_CHANNEL,) if data_channel else ()
+    hello = Hello(software=CLIENT_SOFTWARE, codecs=tuple(Codec), codec_speeds=REFERENCE_SPEEDS,
+                  capabilities=CAPABILITIES if data_channel else (REPLAY_CHUNKS,))
+    link = links.estimate(peer_id) if links is not None and hidden_size > 0 else None
+    stream = None
     try:
         with trio.fail_after(timeout):
             raw = await transport.open_stream(peer_id, INFERENCE_PROTOCOL, timeout=timeout)
             stream = MessageStream(raw, Role.CLIENT, io_timeout=io_timeout)
-            hello = await stream.request(Hello(software=CLIENT_SOFTWARE, codecs=tuple(Codec),
-                                               capabilities=capabilities), timeout=timeout)
-            if isinstance(hello, Hello) and codec not in hello.codecs:
-                codec = Codec.FP32
-            replays_chunks = isinstance(hello, Hello) and "replay-chunks" in hello.capabilities
-            reply = await stream.request(OpenSession(
-                session_id=session_id, model_id=model_id, manifest_hash=manifest_hash, start=start, end=end,
-                max_length=max_length, batch_size=batch, codec=codec), timeout=timeout)
-    except trio.TooSlowError as err:
-        raise HopFailed(peer_id, start, end, f"no session within {timeout:g} s") from err
-    except (TransportError, ProtocolError) as err:
-        raise HopFailed(peer_id, start, end, str(err)) from err
+            reply = await stream.request(hello, timeout=timeout)  # the machine lets only Hello or Error through
+            if isinstance(reply, Hello):
+                codec = session_codec(stream.agreement, codec, n_values=batch * hidden_size, link=link)
+                reply = await stream.request(OpenSession(
+                    session_id=session_id, model_id=model_id, manifest_hash=manifest_hash, start=start, end=end,
+                    max_length=max_length, batch_size=batch, codec=codec), timeout=timeout)
+    except (trio.TooSlowError, TransportError, ProtocolError) as err:
+        if stream is not None:
+            await stream.aclose()
+        reason = f"no session within {timeout:g} s" if isinstance(err, trio.TooSlowError) else str(err)
+        raise HopFailed(peer_id, start, end, reason) from err
     if isinstance(reply, Error):
         await stream.aclose()
-        raise HopFailed(peer_id, start, end, f"node refused: {reply.reason}", retry_elsewhere=reply.retry_elsewhere,
-                        busy=reply.code in BUSY)
+        raise HopFailed(peer_id, start, end, f"node refused: {reply.reason}", retry=classify(reply))
     if not isinstance(reply, SessionOpened):
         await stream.aclose()
         raise HopFailed(peer_id, start, end, f"expected session_opened, got {reply.TYPE}")
-    if data_channel and reply.data_address:
+    agreement = stream.agreement
+    if reply.data_address and agreement.supports(DATA_CHANNEL):
         stream = await _to_data_channel(stream, reply, timeout=min(timeout, DATA_CHANNEL_TIMEOUT_S))
-    return HopSession(peer_id, start, end, stream, session_id, codec, replays_chunks=replays_chunks)
+    return HopSession(peer_id, start, end, stream, session_id, codec, replays_chunks=agreement.supports(REPLAY_CHUNKS),
+                      links=links)
 
 
 async def _to_data_channel(stream: MessageStream, opened: SessionOpened, *, timeout: float) -> MessageStream:

@@ -3,7 +3,9 @@
 A `Transport` (libp2p in `mesh.libp2p_transport`, in-memory in `mesh.memory_transport`) opens
 `ByteStream`s to peers and hands incoming ones to the handler registered for their protocol.
 Everything above it talks in protocol messages through a `MessageStream`: the sans-IO
-`protocol.Connection` driven over a `ByteStream`, with every read and write bounded in time.
+`protocol.Connection` driven over a `ByteStream`, with every read and write bounded in time. The
+protocol ids streams are opened with (`INFERENCE_PROTOCOL`, `INFO_PROTOCOL`) belong to
+`protocol.conversation`; they are re-exported here for callers that name them with the transport.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from mesh.errors import StreamClosed, TransportError, TransportTimeout
-from protocol import Connection, Message, Role
+from protocol import INFERENCE_PROTOCOL, INFO_PROTOCOL, Agreement, Connection, Message, Role
 
-INFERENCE_PROTOCOL = "/hearth/inference/1"
-INFO_PROTOCOL = "/hearth/info/1"
+__all__ = ["ByteStream", "DEFAULT_IO_TIMEOUT_S", "INFERENCE_PROTOCOL", "INFO_PROTOCOL", "MessageStream",
+           "StreamHandler", "Transport"]
+
 DEFAULT_IO_TIMEOUT_S = 30.0
 READ_CHUNK = 1 << 16
 
@@ -70,7 +73,8 @@ class Transport(abc.ABC):
 
 
 class MessageStream:
-    """Protocol messages over a `ByteStream`; each read and write is bounded by `io_timeout`."""
+    """Protocol messages over a `ByteStream`; each read and write is bounded by `io_timeout`.
+    `bytes_sent` and `bytes_received` count what crossed the stream (a client times its link by them)."""
 
     def __init__(self, raw: ByteStream, role: Role, *, io_timeout: float = DEFAULT_IO_TIMEOUT_S,
                  max_frame_bytes: int | None = None):
@@ -79,6 +83,12 @@ class MessageStream:
         kwargs = {} if max_frame_bytes is None else {"max_frame_bytes": max_frame_bytes}
         self.connection = Connection(role, **kwargs)
         self.io_timeout = io_timeout
+        self.bytes_sent = self.bytes_received = 0
+
+    @property
+    def agreement(self) -> Agreement | None:
+        """What the Hellos on this stream agreed on, once both have passed."""
+        return self.connection.agreement
 
     async def send(self, message: Message, *, timeout: float | None = None) -> None:
         seconds = self.io_timeout if timeout is None else timeout
@@ -90,7 +100,9 @@ class MessageStream:
         """Send `messages` in one write (one frame each), within one timeout."""
         seconds = self.io_timeout if timeout is None else timeout
         with trio.move_on_after(seconds):
-            return await self.raw.send_all(b"".join(self.connection.send(message) for message in messages))
+            data = b"".join(self.connection.send(message) for message in messages)
+            self.bytes_sent += len(data)
+            return await self.raw.send_all(data)
         raise TransportTimeout(self.peer_id, f"sending {len(messages)} messages", seconds)
 
     async def receive(self, *, timeout: float | None = None) -> Message:
@@ -111,7 +123,9 @@ class MessageStream:
     async def send_unbounded(self, message: Message) -> None:
         """`send` without a timeout of its own: for a caller whose cancel scope has the deadline
         (a served session's loop moves one scope's deadline instead of entering a scope per message)."""
-        await self.raw.send_all(self.connection.send(message))
+        data = self.connection.send(message)
+        self.bytes_sent += len(data)
+        await self.raw.send_all(data)
 
     async def receive_unbounded(self) -> Message:
         """`receive` without a timeout of its own (see `send_unbounded`)."""
@@ -119,6 +133,7 @@ class MessageStream:
             data = await self.raw.receive_some(READ_CHUNK)
             if not data:
                 raise StreamClosed(self.peer_id)
+            self.bytes_received += len(data)
             self.connection.receive_data(data)
         return message
 

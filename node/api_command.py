@@ -8,7 +8,6 @@ SIGTERM stops it; requests still running are cancelled and their hops closed.
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import time
 from pathlib import Path
@@ -18,44 +17,33 @@ import trio
 from mesh.client import ClientOptions
 from mesh.join import connect
 from node.api import DEFAULT_MAX_TOKENS, ApiServer, ApiSettings, check_model_dir
-from node.generate_remote import CODECS, check_peer_sources
-from node.run_local import add_threads_argument
+from node.client_args import add_client_arguments, check_peer_sources, client_options, setup_logging
 from shard.compute import use_threads
 from shard.errors import InvalidInput
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
-                        help="a peer of the swarm (with /p2p/ id); repeatable; needed unless --mdns")
-    parser.add_argument("--mdns", action="store_true", help="find the nodes on this LAN (no --bootstrap needed)")
-    parser.add_argument("--model", required=True, type=Path, metavar="DIR",
-                        help="the model directory (embeddings, LM head, tokenizer and chat template run here)")
+    add_client_arguments(
+        parser, model_help="the model directory (embeddings, LM head, tokenizer and chat template run here)",
+        timeout_help="deadline for each request")
     parser.add_argument("--port", type=int, default=8000, metavar="PORT", help="default 8000; 0 picks a free port")
     parser.add_argument("--host", default="127.0.0.1", metavar="HOST",
                         help="address to bind (default 127.0.0.1; any other needs --api-key)")
     parser.add_argument("--api-key", metavar="KEY", help="requests must carry 'Authorization: Bearer KEY'")
     parser.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
                         help=f"tokens to generate when a request gives no max_tokens (default {DEFAULT_MAX_TOKENS})")
-    parser.add_argument("--codec", choices=sorted(CODECS), default="fp16", help="activations on the wire")
-    parser.add_argument("--timeout", type=float, default=300.0, metavar="S", help="deadline for each request")
-    parser.add_argument("--routing", choices=("latency", "throughput"), default="latency",
-                        help="route for the lowest latency (chat) or around busy nodes (batch jobs)")
-    add_threads_argument(parser, what=" for the embeddings and LM head")
-    parser.add_argument("-v", "--verbose", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     check_peer_sources(args)
     use_threads(args.threads)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.verbose)
     settings = ApiSettings(host=args.host, port=args.port, api_key=args.api_key,
                            default_max_tokens=args.default_max_tokens)
     if args.timeout <= 0:
         raise InvalidInput(f"--timeout must be positive, got {args.timeout}")
     check_model_dir(args.model)
-    options = ClientOptions(codec=CODECS[args.codec], request_timeout_s=args.timeout, routing=args.routing)
-    trio.run(serve, args.bootstrap, args.model, settings, options, args.mdns)
+    trio.run(serve, args.bootstrap, args.model, settings, client_options(args), args.mdns)
     return 0
 
 

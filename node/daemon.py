@@ -39,9 +39,9 @@ from node.rebalance import BalanceSettings, served_from
 from node.run_local import add_threads_argument
 from node.sessions import SessionLimits
 from shard.compute import describe, use_threads
-from shard.config import load_config
+from shard.config import ModelConfig
 from shard.errors import InvalidInput
-from shard.manifest import model_digest
+from shard.model_dir import ModelDir
 from shard.quant import INT4_GROUP_SIZES, QUANT_MODES
 from shard.span import block_bytes, load_span
 
@@ -193,9 +193,10 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def span_capacity(settings: NodeSettings, n_blocks: int) -> int:
-    """How many blocks this node's memory holds; InvalidInput when not even one fits."""
-    per_block = block_bytes(load_config(settings.model_dir), settings.quant, settings.group_size)
+def span_capacity(settings: NodeSettings, config: ModelConfig) -> int:
+    """How many blocks of the model this node's memory holds; InvalidInput when not even one fits."""
+    n_blocks = config.num_layers
+    per_block = block_bytes(config, settings.quant, settings.group_size)
     memory = settings.memory_bytes if settings.memory_bytes is not None else available_memory()
     blocks = max_blocks_for(memory, per_block, n_blocks=n_blocks, reserve_bytes=settings.limits.kv_cache_bytes)
     if blocks < 1:
@@ -218,14 +219,15 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = settings_from_args(args)
     use_threads(args.threads)
-    config = load_config(settings.model_dir)  # bad config or span: a clear error before any network
+    model = ModelDir(settings.model_dir)  # bad config or span: a clear error before any network
+    config = model.config
     if settings.auto_span:
-        span_capacity(settings, config.num_layers)
+        span_capacity(settings, config)
     elif not 0 <= settings.start < settings.end <= config.num_layers:
         raise InvalidInput(f"--blocks {settings.start}:{settings.end} is outside the model's {config.num_layers} blocks")
     if settings.api is not None:
         check_model_dir(settings.model_dir)
-    trio.run(serve, settings)
+    trio.run(serve, settings, model)
     return 0
 
 
@@ -233,10 +235,10 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-async def load(settings: NodeSettings, start: int, end: int):
-    say(f"loading blocks {start}:{end} of {settings.model_dir} ({settings.quant}; {describe()})")
-    return await trio.to_thread.run_sync(lambda: load_span(settings.model_dir, start, end, quant=settings.quant,
-                                                                     group_size=settings.group_size))
+async def load(settings: NodeSettings, model: ModelDir, start: int, end: int):
+    say(f"loading blocks {start}:{end} of {model.path} ({settings.quant}; {describe()})")
+    return await trio.to_thread.run_sync(lambda: load_span(model, start, end, quant=settings.quant,
+                                                           group_size=settings.group_size))
 
 
 async def choose_blocks(settings: NodeSettings, discovery, digest: str, n_blocks: int, max_blocks: int,
@@ -250,9 +252,9 @@ async def choose_blocks(settings: NodeSettings, discovery, digest: str, n_blocks
     return start, end
 
 
-async def serve(settings: NodeSettings) -> None:
-    n_blocks = load_config(settings.model_dir).num_layers
-    digest = await trio.to_thread.run_sync(model_digest, settings.model_dir)
+async def serve(settings: NodeSettings, model: ModelDir) -> None:
+    n_blocks = model.config.num_layers
+    digest = await trio.to_thread.run_sync(lambda: model.digest)
     rng = random.Random()  # span choice ties and rebalancing times: spread nodes, never in step
     async with joined(bootstrap=settings.bootstrap, listen=settings.listen, identity_path=settings.identity,
                       peer_cache_path=settings.peer_cache, enable_mdns=settings.mdns,
@@ -260,23 +262,23 @@ async def serve(settings: NodeSettings) -> None:
             (LoopbackTransport.wrap(host) if settings.api else nullcontext(host)) as transport:
         start, end, balance = settings.start, settings.end, None
         if settings.auto_span:
-            max_blocks = span_capacity(settings, n_blocks)
+            max_blocks = span_capacity(settings, model.config)
             start, end = await choose_blocks(settings, discovery, digest, n_blocks, max_blocks, rng)
-        span = await load(settings, start, end)
+        span = await load(settings, model, start, end)
         token_seconds = await trio.to_thread.run_sync(measure_token_seconds, span)
         if settings.auto_span and settings.rebalance:
             balance = BalanceSettings(n_blocks, max_blocks, token_seconds / (end - start),
                                       every_s=settings.rebalance_every_s)
         channels = data_channels(settings.listen, transport.addrs) if settings.data_channel else None
-        node = Node(span, settings.model_dir.name, digest, limits=settings.limits,
+        node = Node(span, model.name, digest, limits=settings.limits,
                     allowed_peers=settings.allowed_peers, wall_clock=time.time, token_seconds=token_seconds,
                     data_channels=channels, balance=balance, seed=rng.random(),
-                    load_span=(lambda a, b: load(settings, a, b)) if balance else None)
+                    load_span=(lambda a, b: load(settings, model, a, b)) if balance else None)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.run, transport, discovery)
                 say(f"announced blocks {start}:{end} ({1 / token_seconds:.0f} tokens/s through the span)")
-                api = await start_api(nursery, settings, transport, discovery) if settings.api else None
+                api = await start_api(nursery, settings, model, transport, discovery) if settings.api else None
                 for addr in transport.addrs:
                     say(f"listening on {addr}")
                 watch = trio.CancelScope()
@@ -312,9 +314,9 @@ async def follow_addresses(transport: Libp2pTransport, node: Node, scope: trio.C
             await node.announce_now()
 
 
-async def start_api(nursery: trio.Nursery, settings: NodeSettings, transport, discovery) -> ApiServer:
+async def start_api(nursery: trio.Nursery, settings: NodeSettings, model: ModelDir, transport, discovery) -> ApiServer:
     """The OpenAI-compatible API over a client of this node's own model, joined through its host."""
-    client = await trio.to_thread.run_sync(lambda: Client(transport, discovery, settings.model_dir))
+    client = await trio.to_thread.run_sync(lambda: Client(transport, discovery, model))
     api = ApiServer(client, settings.api, wall_clock=time.time)
     url = await nursery.start(api.run)
     say(f"api listening on {url}")

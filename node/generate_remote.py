@@ -4,50 +4,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 
 import trio
 
-from mesh.client import ClientOptions, GenerationReport
+from mesh.client import GenerationReport
 from mesh.join import connect
-from node.run_local import add_prompt_and_sampling_arguments, add_threads_argument, prompt_arguments, sampling_params
-from protocol import Codec
+from node.client_args import add_client_arguments, check_peer_sources, client_options, setup_logging
+from node.run_local import add_prompt_and_sampling_arguments, prompt_arguments, sampling_params
 from shard.compute import use_threads
-from shard.errors import InvalidInput
-
-CODECS = {codec.name.lower(): codec for codec in Codec}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
-                        help="a peer of the swarm (with /p2p/ id); repeatable; needed unless --mdns")
-    parser.add_argument("--mdns", action="store_true", help="find the nodes on this LAN (no --bootstrap needed)")
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="the model directory (embeddings, LM head and tokenizer run here)")
+    add_client_arguments(parser, model_help="the model directory (embeddings, LM head and tokenizer run here)",
+                         timeout_help="deadline for the whole request")
     add_prompt_and_sampling_arguments(parser)
-    parser.add_argument("--codec", choices=sorted(CODECS), default="fp16", help="activations on the wire")
-    parser.add_argument("--timeout", type=float, default=300.0, metavar="S", help="deadline for the whole request")
-    parser.add_argument("--routing", choices=("latency", "throughput"), default="latency",
-                        help="route for the lowest latency (chat) or around busy nodes (batch jobs)")
-    add_threads_argument(parser, what=" for the embeddings and LM head")
-    parser.add_argument("-v", "--verbose", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     check_peer_sources(args)
     use_threads(args.threads)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.verbose)
     return trio.run(_generate, args)
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    options = ClientOptions(codec=CODECS[args.codec], request_timeout_s=args.timeout, routing=args.routing)
     params = sampling_params(args)
-    async with connect(bootstrap=args.bootstrap, model=args.model, options=options, wall_clock=time.time,
-                       mdns=args.mdns) as client:
+    async with connect(bootstrap=args.bootstrap, model=args.model, options=client_options(args),
+                       wall_clock=time.time, mdns=args.mdns) as client:
         report = GenerationReport([])
         async for emitted in client.generate(report=report, params=params, **prompt_arguments(args)):
             if not args.json:
@@ -60,11 +45,6 @@ async def _generate(args: argparse.Namespace) -> int:
               f"route {' -> '.join(f'{h.peer_id[-6:]}[{h.start}:{h.end}]' for h in report.hops)}; "
               f"{len(report.recoveries)} recoveries]", file=sys.stderr)
     return 0
-
-
-def check_peer_sources(args: argparse.Namespace) -> None:
-    if not args.bootstrap and not args.mdns:
-        raise InvalidInput("give --bootstrap MULTIADDR (a node of the swarm), or --mdns to find the nodes on this LAN")
 
 
 def report_json(report: GenerationReport) -> dict:

@@ -11,47 +11,47 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Collection
 
-import torch
+import numpy as np
 import trio
 
 from mesh import virtual_time
 from mesh.data_channel import DataChannels
 from mesh.discovery import RECORD_TTL_S, REFRESH_EVERY_S, Discovery, PeerRecord
-from mesh.transport import INFERENCE_PROTOCOL, INFO_PROTOCOL, Transport
+from mesh.transport import Transport
 from node.rebalance import BalanceSettings, Rebalancer
 from node.server import InferenceServer
 from node.sessions import SessionLimits, SessionManager, SessionRefused
-from protocol import ErrorCode, SpanInfo
-from shard.span import SpanModel
+from protocol import INFERENCE_PROTOCOL, INFO_PROTOCOL, ErrorCode, SpanInfo
+from shard.interfaces import Span
 
 log = logging.getLogger("hearth.node")
 
 
-def quantization_name(span: SpanModel) -> str:
+def quantization_name(span: Span) -> str:
     """How a span is quantized, as its record says: none, int8, int4 (groups of 32), int4-g64, int4-g128."""
     group = getattr(span, "group_size", 32)  # the simulator's stand-in spans have none
     return f"{span.quant}-g{group}" if span.quant == "int4" and group != 32 else span.quant
 
 
-def measure_token_seconds(span: SpanModel, repeats: int = 3) -> float:
+def measure_token_seconds(span: Span, repeats: int = 3) -> float:
     """Seconds one decoded token takes through the whole span (median of a few decode steps)."""
     cache = span.new_cache(batch=1, max_length=repeats + 1)
-    hidden = torch.zeros(1, 1, span.config.hidden_size)
+    hidden = np.zeros((1, 1, span.config.hidden_size), dtype=np.float32)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        span(hidden, cache)
+        span.run(hidden, cache)
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
 
 
 class Node:
-    def __init__(self, span: SpanModel, model_id: str, manifest_hash: str, *,
+    def __init__(self, span: Span, model_id: str, manifest_hash: str, *,
                  limits: SessionLimits = SessionLimits(), allowed_peers: Collection[str] | None = None,
                  wall_clock: Callable[[], float] = time.time, token_seconds: float | None = None,
                  record_ttl_s: float = RECORD_TTL_S, refresh_every_s: float = REFRESH_EVERY_S,
                  data_channels: DataChannels | None = None, balance: BalanceSettings | None = None,
-                 load_span: Callable[[int, int], Awaitable[SpanModel]] | None = None, seed: int | str = 0):
+                 load_span: Callable[[int, int], Awaitable[Span]] | None = None, seed: int | str = 0):
         self.span, self.model_id, self.manifest_hash = span, model_id, manifest_hash
         self.manager = SessionManager(span, limits)
         self.data_channels = data_channels
@@ -121,7 +121,7 @@ class Node:
         await self._announce()
         self._nursery.start_soon(self._retire, old)
 
-    async def _retire(self, old: SpanModel) -> None:
+    async def _retire(self, old: Span) -> None:
         def on_old():
             return [s for s in self.manager.sessions.values() if s.root is old]
 

@@ -1,10 +1,12 @@
 """The node's side of the wire: the conversation on each incoming stream.
 
-Inference streams (`INFERENCE_PROTOCOL`) carry one session each: Hello both ways, OpenSession ->
-SessionOpened, then Step -> StepResult until CloseSession. Info streams (`INFO_PROTOCOL`) answer
-Hello with this node's Hello and current SpanInfo, and Ping with Pong (clients measure round trips
-with them). Whatever a peer gets wrong earns it an `Error` reply naming the problem; the node logs
-it and keeps serving everyone else.
+Inference streams (`protocol.INFERENCE_PROTOCOL`) carry one session each: Hello both ways,
+OpenSession -> SessionOpened, then Step -> StepResult until CloseSession. Info streams
+(`protocol.INFO_PROTOCOL`) answer Hello with this node's Hello and current SpanInfo, and Ping with
+Pong (clients measure round trips with them). The order is the session machine's
+(`protocol.session`); what the two Hellos agree on (`protocol.negotiate`) decides the data channel
+offer. Whatever a peer gets wrong earns it an `Error` reply naming the problem, with the retry hint
+`protocol.retry` gives its code; the node logs it and keeps serving everyone else.
 """
 
 from __future__ import annotations
@@ -15,21 +17,27 @@ from collections.abc import Callable, Collection
 
 import trio
 
-from mesh.data_channel import CAPABILITY as DATA_CHANNEL, DataChannels, Offer
+from mesh.data_channel import DataChannels, Offer
 from mesh.errors import TransportError, TransportTimeout
 from mesh.transport import ByteStream, MessageStream
 from node.sessions import ServedSession, SessionManager, SessionRefused
 from protocol import (
-    Codec, CloseSession, Error, ErrorCode, Hello, Message, OpenSession, Ping, Pong, ProtocolError,
-    Role, SessionOpened, SpanInfo, Step, StepResult, decode_tensor, encode_tensor,
+    DATA_CHANNEL, REFERENCE_SPEEDS, REPLAY_CHUNKS, Codec, CloseSession, Error, ErrorCode, Hello, Message,
+    OpenSession, Ping, Pong, ProtocolError, Role, SessionOpened, SpanInfo, Step, StepResult, decode_tensor,
+    encode_tensor,
 )
+from protocol.retry import retry_elsewhere as _retry_elsewhere
 
 log = logging.getLogger("hearth.node")
 
 SOFTWARE = "hearth/0.1"
 SUPPORTED_CODECS = tuple(Codec)
-CAPABILITIES = ("replay-chunks",)  # Step.chunks: several original steps replayed in one message
-HELLO = Hello(software=SOFTWARE, codecs=SUPPORTED_CODECS, capabilities=CAPABILITIES)  # immutable: built once
+HELLO = Hello(software=SOFTWARE, codecs=SUPPORTED_CODECS, capabilities=(REPLAY_CHUNKS,))  # info streams: built once
+
+
+def refusal(code: ErrorCode, reason: str) -> SessionRefused:
+    """A refusal whose retry hint is the one `protocol.retry` gives its code."""
+    return SessionRefused(code, reason, retry_elsewhere=_retry_elsewhere(code))
 
 
 class InferenceServer:
@@ -43,6 +51,10 @@ class InferenceServer:
         self.io_timeout = io_timeout
         self._live: dict[str, trio.CancelScope] = {}
         self._stepping: dict[str, bool] = {}  # session id -> whether to stop once the step in flight is answered
+        capabilities = (REPLAY_CHUNKS, DATA_CHANNEL) if data_channels is not None else (REPLAY_CHUNKS,)
+        # on inference streams, with the codec speeds a client weighs its codec choice by
+        self._session_hello = Hello(software=SOFTWARE, codecs=SUPPORTED_CODECS, capabilities=capabilities,
+                                    codec_speeds=REFERENCE_SPEEDS)
         manager.on_end = self._ended
 
     def hello(self) -> Hello:
@@ -88,8 +100,7 @@ class InferenceServer:
             log.info("stream from %s ended: %s", raw.peer_id, err)
         except Exception:  # a bug of ours must not take the node down, and the peer should know
             log.exception("internal error serving %s", raw.peer_id)
-            await self._refuse(stream, ErrorCode.INTERNAL_ERROR, "internal error on the node; retry elsewhere",
-                               retry_elsewhere=True)
+            await self._refuse(stream, ErrorCode.INTERNAL_ERROR, "internal error on the node; retry elsewhere")
         finally:
             if session is not None:
                 self._live.pop(session.session_id, None)
@@ -101,26 +112,26 @@ class InferenceServer:
                 await control.aclose()
 
     async def _open(self, stream: MessageStream) -> tuple[ServedSession, Offer | None, trio.MemoryReceiveChannel | None]:
+        message = await stream.receive(timeout=self.io_timeout)  # the machine admits Hello first, or a Ping
+        if not isinstance(message, Hello):
+            raise refusal(ErrorCode.UNEXPECTED_MESSAGE, f"expected hello, got {message.TYPE}")
+        await stream.send(self._session_hello)
         message = await stream.receive(timeout=self.io_timeout)
-        wants_channel = False
-        if isinstance(message, Hello):
-            wants_channel = DATA_CHANNEL in message.capabilities
-            await stream.send(self.hello())
-            message = await stream.receive(timeout=self.io_timeout)
         if not isinstance(message, OpenSession):
-            raise SessionRefused(ErrorCode.UNEXPECTED_MESSAGE, f"expected open_session, got {message.TYPE}")
+            raise refusal(ErrorCode.UNEXPECTED_MESSAGE, f"expected open_session, got {message.TYPE}")
         if self.allowed_peers is not None and stream.peer_id not in self.allowed_peers:
-            raise SessionRefused(ErrorCode.OVERLOADED, f"peer {stream.peer_id} is not on this node's allow-list")
+            # who the peer is, not how busy we are: its client should not wait for another node
+            raise SessionRefused(ErrorCode.OVERLOADED, f"peer {stream.peer_id} is not on this node's allow-list",
+                                 retry_elsewhere=False)
         info = self.span_info()
         if message.manifest_hash != info.manifest_hash:
-            raise SessionRefused(ErrorCode.MODEL_MISMATCH,
-                                 f"this node serves model {info.manifest_hash[:16]}..., not {message.manifest_hash[:16]}...",
-                                 retry_elsewhere=True)
+            raise refusal(ErrorCode.MODEL_MISMATCH,
+                          f"this node serves model {info.manifest_hash[:16]}..., not {message.manifest_hash[:16]}...")
         session = self.manager.open(message.session_id, stream.peer_id, message.start, message.end,
                                     message.max_length, message.batch_size)
         session.codec = message.codec
         offer, arrival = None, None
-        if wants_channel and self.data_channels is not None:
+        if stream.agreement.supports(DATA_CHANNEL) and self.data_channels is not None:
             offer, arrival = self.data_channels.offer(stream.peer_id, reached_on=stream.raw.local_host)
             await stream.send(SessionOpened(session_id=message.session_id, data_address=offer.address,
                                             data_token=offer.token, data_key=offer.key))
@@ -171,8 +182,7 @@ class InferenceServer:
         if failure is not None:
             raise failure
         if chosen is None:
-            raise SessionRefused(ErrorCode.SESSION_EXPIRED, f"session {session.session_id} was idle for {idle:g} s",
-                                 retry_elsewhere=True)
+            raise refusal(ErrorCode.SESSION_EXPIRED, f"session {session.session_id} was idle for {idle:g} s")
         return chosen
 
     async def _serve(self, stream: MessageStream, session: ServedSession, first: Message | None = None) -> None:
@@ -209,11 +219,9 @@ class InferenceServer:
         if session.ended is not None:
             raise session.ended
         if self.manager.draining:
-            raise SessionRefused(ErrorCode.SHUTTING_DOWN, "this node is shutting down; replay elsewhere",
-                                 retry_elsewhere=True)
+            raise refusal(ErrorCode.SHUTTING_DOWN, "this node is shutting down; replay elsewhere")
         if waiting_for == "message":
-            raise SessionRefused(ErrorCode.SESSION_EXPIRED, f"session {session.session_id} was idle for {idle:g} s",
-                                 retry_elsewhere=True)
+            raise refusal(ErrorCode.SESSION_EXPIRED, f"session {session.session_id} was idle for {idle:g} s")
         if waiting_for == "answer":
             raise TransportTimeout(stream.peer_id, "sending an answer", io)
 
@@ -229,7 +237,7 @@ class InferenceServer:
 
     async def _step(self, session: ServedSession, message: Message) -> StepResult:
         if not isinstance(message, Step):
-            raise SessionRefused(ErrorCode.UNEXPECTED_MESSAGE, f"expected step, got {message.TYPE}")
+            raise refusal(ErrorCode.UNEXPECTED_MESSAGE, f"expected step, got {message.TYPE}")
         hidden = decode_tensor(message.hidden)
         output, seconds = await self.manager.step(session, hidden, message.start_position, message.chunks)
         return StepResult(session_id=session.session_id, step=message.step, hidden=encode_tensor(output, session.codec),
@@ -242,9 +250,11 @@ class InferenceServer:
             self._stop(session_id)
 
     async def _refuse(self, stream: MessageStream, code: ErrorCode, reason: str, *,
-                      retry_elsewhere: bool = False, session_id: str = "") -> None:
+                      retry_elsewhere: bool | None = None, session_id: str = "") -> None:
+        """Tell the peer why; the retry hint is `protocol.retry`'s for `code` unless given."""
+        hint = _retry_elsewhere(code) if retry_elsewhere is None else retry_elsewhere
         try:
-            await stream.send(Error(code=code, reason=reason, retry_elsewhere=retry_elsewhere,
-                                    session_id=session_id), timeout=2.0)
+            await stream.send(Error(code=code, reason=reason, retry_elsewhere=hint, session_id=session_id),
+                              timeout=2.0)
         except (TransportError, ProtocolError):
             pass  # the peer is gone or the stream is unusable; nothing more to tell it

@@ -13,22 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 import trio
 
+from mesh.batcher import Job, MicroBatcher
+from mesh.virtual_time import sleep_until
 from protocol import Codec, ErrorCode
-from shard.batch import BatchItem
 from shard.errors import ShardError
-from shard.kv_cache import KVCache
-from shard.span import SpanModel
-
-
-# Quantizations whose kernels compute each row on its own (int8 in groups of <= 48 rows, which
-# shard.batch keeps), so a step batched with others gives the bits it gives alone, and a replay
-# after failover rebuilds the same KV cache. fp32/bf16 GEMMs round differently with the row count
-# (~1e-6) and gain little from batching on CPUs (8 rows cost ~3x one here), so those spans run
-# decode steps one at a time.
-ROW_EXACT = frozenset({"int8", "int4"})
+from shard.interfaces import BatchStep, Cache, Span
 
 
 class SessionRefused(Exception):
@@ -51,7 +42,7 @@ class SessionLimits:
     # handing one to a worker thread and back cost 3-5 ms per step in bench_swarm (GIL hand-offs
     # between torch ops), more than a decode step keeps the loop busy. Prefill and replay use the thread.
     inline_max_tokens: int = 8
-    max_batch_rows: int = 32  # decode rows in one batched pass (int8 kernels stay row-exact up to 48)
+    max_batch_rows: int = 32  # decode rows in one batched pass, at most the span's `batch_rows`
     inline_max_batch_rows: int = 16  # a larger decode batch runs in the worker thread
     prefill_chunk_tokens: int = 128  # prefill and replay run in pieces this long, decode batches between
     # A decode step that finds the node idle waits up to this long for the steps of the other sessions
@@ -62,7 +53,7 @@ class SessionLimits:
 
 
 class ServedSession:
-    def __init__(self, session_id: str, peer_id: str, root: SpanModel, span: SpanModel, cache: KVCache):
+    def __init__(self, session_id: str, peer_id: str, root: Span, span: Span, cache: Cache):
         self.session_id, self.peer_id = session_id, peer_id
         self.root = root  # the node's span the session was opened on (steps batch with its other sessions)
         self.span, self.cache = span, cache  # `span`: the session's blocks, a view of `root`
@@ -78,14 +69,11 @@ class ServedSession:
 
 @dataclass(eq=False)
 class _Step:
-    """One session's step waiting for (or done by) a batched forward pass."""
+    """One session's decode step: the payload of its `mesh.batcher.Job`."""
 
     session: ServedSession
     hidden: np.ndarray  # [B, T, D]
     start_position: int
-    output: np.ndarray | None = None
-    seconds: float = 0.0
-    error: Exception | None = None
 
     @property
     def rows(self) -> int:
@@ -95,27 +83,35 @@ class _Step:
 class SessionManager:
     """Sessions on one node and the node's compute.
 
-    Decode steps (at most `inline_max_tokens` rows) of concurrent sessions run batched: a step joins
-    the queue, and whichever step holds the compute lock next runs every queued decode step on the
-    same span as one forward pass (`shard.batch`), so the weights are read once for all of them.
+    Decode steps (at most `inline_max_tokens` rows) of concurrent sessions run batched
+    (`mesh.batcher`): a step joins the queue, and whichever step holds the compute lock next runs
+    the queued decode steps on the same span as one forward pass (`Span.run_batch`), up to the
+    span's `batch_rows`, so the weights are read once for all of them.
     trio's lock is fair, so prefill and replay steps take turns with decode batches, one chunk of at
     most `prefill_chunk_tokens` positions per turn, and a long prompt cannot stall other sessions'
     decoding for longer than one chunk.
     """
 
-    def __init__(self, span: SpanModel, limits: SessionLimits):
+    def __init__(self, span: Span, limits: SessionLimits):
         self.span, self.limits = span, limits
         self.sessions: dict[str, ServedSession] = {}
         self.reserved_bytes = 0
         self.draining = False
         self.compute_lock = trio.Lock()
-        self._queue: list[_Step] = []
-        self._queued = trio.Event()  # set (and replaced) whenever a decode step joins the queue
+        self.decoder = MicroBatcher(self._run_batch, lock=self.compute_lock)
         self.tokens_served = 0
         self.compute_seconds = 0.0
-        self.batches = 0  # forward passes of decode steps, and the steps they ran: their ratio is the mean batch
-        self.batched_steps = 0
         self.on_end: Callable[[ServedSession], None] = lambda session: None  # the server ends its stream
+
+    @property
+    def batches(self) -> int:
+        """Forward passes of decode steps so far."""
+        return self.decoder.passes
+
+    @property
+    def batched_steps(self) -> int:
+        """Decode steps those passes ran (their ratio to `batches` is the mean batch)."""
+        return self.decoder.jobs_run
 
     @property
     def free_cache_tokens(self) -> int:
@@ -194,74 +190,44 @@ class SessionManager:
         return output, seconds
 
     async def _decode(self, step: _Step) -> tuple[np.ndarray, float]:
-        self._queue.append(step)
-        self._queued.set()
-        self._queued = trio.Event()
-        lock = self.compute_lock
-        try:
-            if not lock.locked():
-                await self._wait_for_company(step.session)
-            if lock.locked():
-                await lock.acquire()
-            else:  # nobody holds or waits for it: no yield (a decode step yields soon enough, sending its result)
-                await trio.lowlevel.checkpoint_if_cancelled()
-                lock.acquire_nowait()
-            try:
-                while step.output is None and step.error is None:  # not run yet by an earlier holder's batch
-                    await self._run_batch(self._take_batch(step.session.root))  # oldest first, then ours
-            finally:
-                lock.release()
-        finally:
-            if step in self._queue:  # cancelled while waiting: nobody runs it now
-                self._queue.remove(step)
-        if step.error is not None:
-            raise step.error
-        return step.output, step.seconds
+        root = step.session.root
+        job = Job(step, key=root, rows=step.rows, max_rows=min(self.limits.max_batch_rows, root.batch_rows))
+        expected = self._company(step.session)
+        return await self.decoder.submit(
+            job, company=lambda queue: expected <= {queued.payload.session for queued in queue},
+            wait_s=self.limits.batch_wait_s if expected else 0.0)
 
-    async def _wait_for_company(self, session: ServedSession) -> None:
-        """Wait (at most `batch_wait_s`) until every other session on this span that stepped within
-        `batch_window_s` has a step queued too."""
-        limits, now = self.limits, trio.current_time()
-        expected = {s for s in self.sessions.values() if s is not session and s.root is session.root
-                    and s.steps > 0 and now - s.last_active <= limits.batch_window_s}
-        if limits.batch_wait_s <= 0 or not expected or session.root.quant not in ROW_EXACT:
-            return
-        with trio.move_on_after(limits.batch_wait_s):
-            while not expected <= {queued.session for queued in self._queue}:
-                await self._queued.wait()
+    def _company(self, session: ServedSession) -> set[ServedSession]:
+        """The other sessions on this span that stepped within `batch_window_s`: a decode step that
+        finds the node idle waits (at most `batch_wait_s`) until each has a step queued too, so that
+        one pass takes them all. None where rows cannot share a pass."""
+        if session.root.batch_rows <= 1:
+            return set()
+        now = trio.current_time()
+        return {s for s in self.sessions.values() if s is not session and s.root is session.root
+                and s.steps > 0 and now - s.last_active <= self.limits.batch_window_s}
 
-    def _take_batch(self, root: SpanModel) -> list[_Step]:
-        """The queued decode steps on `root`, oldest first, up to `max_batch_rows` rows; only the
-        oldest on a span whose rows are not computed independently (see `ROW_EXACT`)."""
-        batch, rows = [], 0
-        limit = self.limits.max_batch_rows if root.quant in ROW_EXACT else 0
-        for step in self._queue:
-            if step.session.root is root and (not batch or rows + step.rows <= limit):
-                batch.append(step)
-                rows += step.rows
-        self._queue = [step for step in self._queue if step not in batch]
-        return batch
-
-    async def _run_batch(self, batch: list[_Step]) -> None:
+    async def _run_batch(self, jobs: list[Job]) -> None:
+        """One forward pass for `jobs` (decode steps on one span); each gets (output, seconds) or its error."""
         started = trio.current_time()
-        rows = sum(step.rows for step in batch)
+        steps: list[_Step] = [job.payload for job in jobs]
+        rows = sum(step.rows for step in steps)
         try:
             if self.limits.compute_in_thread and rows > self.limits.inline_max_batch_rows:
-                outputs = await trio.to_thread.run_sync(_forward_batch, batch)
+                outputs = await trio.to_thread.run_sync(_forward_batch, steps)
             else:
-                outputs = _forward_batch(batch)
-            await _modelled_compute(max((step.session.span for step in batch), key=_blocks), 1, (rows,))
+                outputs = _forward_batch(steps)
+            widest = max((step.session.span for step in steps), key=_blocks)
+            await _modelled_compute(widest, 1, (rows,))
         except Exception as err:  # noqa: BLE001 - handed to the step's own task, which raises it
-            outputs = [err] * len(batch)
+            outputs = [err] * len(steps)
         seconds = trio.current_time() - started
-        for step, output in zip(batch, outputs):
+        for job, step, output in zip(jobs, steps, outputs):
             if isinstance(output, Exception):
-                step.error = output
+                job.error = output
             else:
-                step.output, step.seconds = output, seconds
+                job.output = (output, seconds)
                 self.tokens_served += step.rows
-        self.batches += 1
-        self.batched_steps += len(batch)
         self.compute_seconds += seconds
 
     async def _prefill(self, session: ServedSession, hidden: np.ndarray, start_position: int,
@@ -310,50 +276,39 @@ def prefill_turns(chunks: tuple[int, ...], limit: int) -> list[tuple[int, ...]]:
     return turns
 
 
-def _blocks(span: SpanModel) -> int:
+def _blocks(span: Span) -> int:
     return span.end - span.start
 
 
 def _forward(session: ServedSession, hidden: np.ndarray, passes: tuple[int, ...] = ()) -> np.ndarray:
     """The session's blocks on `hidden` [B, T, D], as forward passes of `passes` tokens each."""
-    inputs = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))
     try:
-        if len(passes) <= 1:  # one pass: a decode step, or a prefill chunk
-            output = session.span(inputs, session.cache)
-            return (output if output.dtype == torch.float32 else output.to(torch.float32)).numpy()
-        outputs = [session.span(part, session.cache) for part in inputs.split(list(passes), dim=1)]
+        return session.span.run(hidden, session.cache, passes)
     except ShardError as err:
         raise SessionRefused(ErrorCode.INVALID_TENSOR, str(err)) from err
-    return torch.cat(outputs, dim=1).to(torch.float32).numpy()
 
 
-def _forward_batch(batch: list[_Step]) -> list[np.ndarray | Exception]:
+def _forward_batch(steps: list[_Step]) -> list[np.ndarray | Exception]:
     """Each step's output, from one forward pass over all of them when they can share one; a step
     the pass cannot take (bad shape, full cache) gets its own error and the others run without it."""
-    for step in batch:
+    for step in steps:
         if step.start_position < step.session.cache.length:
             step.session.cache.truncate(step.start_position)  # the client redoes a step whose result it lost
-    if len(batch) == 1:
+    if len(steps) == 1:
         try:
-            return [_forward(batch[0].session, batch[0].hidden)]
+            return [_forward(steps[0].session, steps[0].hidden)]
         except SessionRefused as err:
             return [err]
-    root = batch[0].session.root
-    items = [BatchItem(torch.from_numpy(np.ascontiguousarray(step.hidden, dtype=np.float32)), step.session.cache,
-                       step.session.span.start, step.session.span.end) for step in batch]
-    try:
-        return [out.to(torch.float32).numpy() for out in root.forward_batch(items)]
-    except ShardError:  # validated before any cache moved: find the culprit by running each alone
-        return [_forward_batch([step])[0] for step in batch]
+    outputs = steps[0].session.root.run_batch(
+        [BatchStep(step.hidden, step.session.cache, step.session.span.start, step.session.span.end) for step in steps])
+    return [SessionRefused(ErrorCode.INVALID_TENSOR, str(out)) if isinstance(out, ShardError) else out
+            for out in outputs]
 
 
-async def _modelled_compute(span: SpanModel, batch: int, chunks: tuple[int, ...]) -> None:
+async def _modelled_compute(span: Span, batch: int, chunks: tuple[int, ...]) -> None:
     """A span that models its compute time (the simulator's) waits it out here, in trio's clock:
-    one forward pass per chunk, as `_forward` runs them.
-
-    Real spans have no `compute_delay`, so for them this does nothing.
-    """
-    delay = getattr(span, "compute_delay", None)
-    if delay is not None:
-        for tokens in chunks:
-            await delay(batch * tokens)
+    one forward pass per chunk, as `_forward` runs them. Real spans model none."""
+    for tokens in chunks:
+        seconds = span.modelled_seconds(batch, tokens)
+        if seconds > 0:
+            await sleep_until(trio.current_time() + seconds)

@@ -1,14 +1,37 @@
 """The wire vocabulary, sans-IO: bytes in, messages out, bytes out.
 
 Messages (`messages`), frames (`framing`), tensors and activation codecs (`tensors`, `codecs`),
-the adaptive codec choice (`codec_choice`), the per-hop session state machine (`session`) and an
-h11-style `Connection` over it (`connection`). No I/O, trio, torch, time or logging here; the
+the adaptive codec choice (`codec_choice`, fed by `link_estimate`), the conversation's ids,
+capabilities and Hello negotiation (`conversation`), what each error means for a retry (`retry`),
+the per-hop session state machine (`session`) and an h11-style `Connection` over it (`connection`). No I/O, trio, torch, time or logging here; the
 byte layouts are specified in docs/protocol.md.
 """
 
-from protocol.codec_choice import CodecChoice, CodecCost, CodecSpeed, choose_codec, error_bound
+from protocol.codec_choice import (
+    DEFAULT_CODEC,
+    REFERENCE_SPEEDS,
+    CodecChoice,
+    CodecCost,
+    CodecSpeed,
+    choose_codec,
+    choose_session_codec,
+    error_bound,
+)
 from protocol.codecs import decode_tensor, encode_tensor
 from protocol.connection import Connection
+from protocol.conversation import (
+    AUTO,
+    CAPABILITIES,
+    DATA_CHANNEL,
+    DATA_KEY_BYTES,
+    DATA_TOKEN_BYTES,
+    INFERENCE_PROTOCOL,
+    INFO_PROTOCOL,
+    REPLAY_CHUNKS,
+    Agreement,
+    negotiate,
+    session_codec,
+)
 from protocol.errors import (
     ErrorCode,
     FrameTooLarge,
@@ -39,16 +62,21 @@ from protocol.messages import (
     Step,
     StepResult,
 )
+from protocol.link_estimate import Exchange, LinkEstimate, estimate_link
+from protocol.retry import Retry, classify
 from protocol.session import Role, SessionMachine, State
 from protocol.tensors import Codec, TensorLimits, WireTensor
 
 __all__ = [
-    "CloseSession", "Codec", "CodecChoice", "CodecCost", "CodecSpeed", "Connection",
-    "DEFAULT_MAX_FRAME_BYTES", "Error", "ErrorCode", "FrameDecoder", "FrameTooLarge", "Hello",
-    "InvalidMessage", "InvalidTensor", "LocalProtocolError", "MalformedFrame", "Message",
-    "OpenSession", "PROTOCOL_VERSION", "PeerReportedError", "Ping", "Pong", "ProtocolError",
-    "RemoteProtocolError", "Role", "SUPPORTED_VERSIONS", "SessionMachine", "SessionOpened",
+    "AUTO", "Agreement", "CAPABILITIES", "CloseSession", "Codec", "CodecChoice", "CodecCost", "CodecSpeed",
+    "Connection", "DATA_CHANNEL", "DATA_KEY_BYTES", "DATA_TOKEN_BYTES", "DEFAULT_CODEC",
+    "DEFAULT_MAX_FRAME_BYTES", "Error", "ErrorCode", "Exchange", "FrameDecoder", "FrameTooLarge", "Hello",
+    "INFERENCE_PROTOCOL", "INFO_PROTOCOL", "InvalidMessage", "InvalidTensor", "LinkEstimate",
+    "LocalProtocolError", "MalformedFrame", "Message", "OpenSession", "PROTOCOL_VERSION",
+    "PeerReportedError", "Ping", "Pong", "ProtocolError", "REFERENCE_SPEEDS", "REPLAY_CHUNKS",
+    "RemoteProtocolError", "Retry", "Role", "SUPPORTED_VERSIONS", "SessionMachine", "SessionOpened",
     "SpanInfo", "State", "Step", "StepResult", "StructureLimits", "TensorLimits",
     "UnknownMessageType", "UnsupportedCodec", "UnsupportedVersion", "WireTensor", "choose_codec",
-    "decode_tensor", "encode", "encode_tensor", "error_bound",
+    "choose_session_codec", "classify", "decode_tensor", "encode", "encode_tensor", "error_bound",
+    "estimate_link", "negotiate", "session_codec",
 ]

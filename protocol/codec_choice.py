@@ -134,3 +134,64 @@ def choose_codec(
         raise ValueError(f"no codec both peers support fits the error budget {error_budget}")
     costs.sort(key=lambda cost: (cost.total_s, cost.codec))
     return CodecChoice(codec=costs[0].codec, costs=tuple(costs))
+
+
+# --- a session's codec --------------------------------------------------------------------------
+
+# What a peer announces when it has not measured itself (a documented estimate): decode-step
+# encode/decode microseconds at 512 and 4096 values, from bench_codecs in benchmarks/RESULTS.md
+# ("Wire codecs", torch 2.13 on CPU, 2 threads), fitted as fixed + per-value costs. Only the base
+# codecs: zstd pays only where measured bytes show that it shrinks the activations.
+_REFERENCE_TIMINGS_US: Mapping[Codec, tuple[tuple[float, float], tuple[float, float]]] = {
+    #                     (encode, decode) at 512 values, at 4096 values
+    Codec.FP32: ((5.1, 2.8), (5.9, 3.9)),
+    Codec.FP16: ((11.0, 3.8), (22.8, 11.7)),
+    Codec.BF16: ((17.6, 5.8), (23.6, 7.8)),
+    Codec.INT8_BLOCK64: ((26.0, 6.6), (38.2, 8.7)),
+    Codec.INT8_BLOCK16: ((29.9, 6.2), (48.9, 9.8)),
+}
+
+
+def _fitted(codec: Codec, small: tuple[float, float], large: tuple[float, float]) -> CodecSpeed:
+    per_value = [(b - a) * 1e3 / (4096 - 512) for a, b in zip(small, large)]  # ns per value
+    fixed = [a * 1e3 - per * 512 for a, per in zip(small, per_value)]
+    return CodecSpeed(codec, fixed[0], per_value[0], fixed[1], per_value[1])
+
+
+REFERENCE_SPEEDS: tuple[CodecSpeed, ...] = tuple(
+    _fitted(codec, *timings) for codec, timings in _REFERENCE_TIMINGS_US.items())
+
+DEFAULT_CODEC = Codec.FP16  # what a session uses until a link is known to be slow
+# A session leaves DEFAULT_CODEC only for a codec that saves at least this much per step (both ways):
+# below it the gain is within the noise of a measured link, and fp16's error is 8x below int8's.
+MIN_SAVING_S = 1e-4
+
+
+def choose_session_codec(
+    *,
+    n_values: int,
+    bandwidth_bytes_per_s: float,
+    client: Iterable[CodecSpeed],
+    hop: Iterable[CodecSpeed],
+    error_budget: float = DEFAULT_ERROR_BUDGET,
+    default: Codec = DEFAULT_CODEC,
+    min_saving_s: float = MIN_SAVING_S,
+) -> CodecChoice:
+    """The codec for one session's steps, both ways (`n_values` each way: the client encodes what
+    the hop decodes, and back): the cheapest by `choose_codec`'s costs summed over both directions,
+    unless it saves less than `min_saving_s` over `default` (when `default` is a candidate)."""
+    client, hop = tuple(client), tuple(hop)
+    to_hop = choose_codec(n_values=n_values, bandwidth_bytes_per_s=bandwidth_bytes_per_s, sender=client,
+                          receiver=hop, error_budget=error_budget)
+    to_client = {cost.codec: cost for cost in choose_codec(
+        n_values=n_values, bandwidth_bytes_per_s=bandwidth_bytes_per_s, sender=hop, receiver=client,
+        error_budget=error_budget).costs}
+    costs = sorted((CodecCost(out.codec, out.encode_s + back.encode_s, out.transfer_s + back.transfer_s,
+                              out.decode_s + back.decode_s, out.wire_bytes + back.wire_bytes)
+                    for out in to_hop.costs if (back := to_client.get(out.codec)) is not None),
+                   key=lambda cost: (cost.total_s, cost.codec))
+    by_codec = {cost.codec: cost for cost in costs}
+    chosen = costs[0].codec
+    if default in by_codec and by_codec[default].total_s - costs[0].total_s < min_saving_s:
+        chosen = default
+    return CodecChoice(codec=chosen, costs=tuple(costs))

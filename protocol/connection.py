@@ -1,7 +1,7 @@
 """`Connection`: one end of one session's stream, sans-IO, with h11's API.
 
     conn = Connection(Role.CLIENT)
-    stream_bytes = conn.send(OpenSession(...))      # validate against the state, encode
+    stream_bytes = conn.send(Hello(...))            # validate against the state, encode
     conn.receive_data(bytes_from_the_stream)        # b"" is fine; nothing is parsed yet
     while (message := conn.next_event()) is not None:
         ...
@@ -15,6 +15,7 @@ only `Error`.
 
 from __future__ import annotations
 
+from protocol.conversation import Agreement
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode
 from protocol.messages import Message
@@ -42,6 +43,11 @@ class Connection:
     @property
     def state(self) -> State:
         return self.machine.state
+
+    @property
+    def agreement(self) -> Agreement | None:
+        """What both Hellos agree on, once both have passed (`protocol.conversation.negotiate`)."""
+        return self.machine.agreement
 
     def send(self, message: Message) -> bytes:
         """The bytes to write for `message`; `LocalProtocolError` if it may not be sent."""

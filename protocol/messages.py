@@ -36,6 +36,8 @@ MAX_REASON_CHARS = 4096
 MAX_LIST_ITEMS = 64
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
+DATA_TOKEN_BYTES = 16  # a data channel offer (SessionOpened): the session's token ...
+DATA_KEY_BYTES = 32  # ... and its ChaCha20-Poly1305 key
 
 
 # --- field checks (raise InvalidMessage naming the field and value) ---------------------------
@@ -277,9 +279,11 @@ class SessionOpened(Message):
             raise InvalidMessage(f"SessionOpened.data_token and data_key must be bytes, got "
                                  f"{_show(self.data_token)} and {_show(self.data_key)}")
         sizes = (len(self.data_token), len(self.data_key))
-        if (self.data_address, sizes) != ("", (0, 0)) and (not self.data_address or sizes != (16, 32)):
-            raise InvalidMessage(f"SessionOpened offers a data channel only with an address, a 16-byte token "
-                                 f"and a 32-byte key; got {self.data_address!r} and {sizes[0]}/{sizes[1]} bytes")
+        if (self.data_address, sizes) != ("", (0, 0)) and \
+                (not self.data_address or sizes != (DATA_TOKEN_BYTES, DATA_KEY_BYTES)):
+            raise InvalidMessage(f"SessionOpened offers a data channel only with an address, a {DATA_TOKEN_BYTES}-byte "
+                                 f"token and a {DATA_KEY_BYTES}-byte key; got {self.data_address!r} and "
+                                 f"{sizes[0]}/{sizes[1]} bytes")
 
 
 MAX_CHUNKS = 1 << 16

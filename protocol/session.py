@@ -5,24 +5,30 @@ messages it sends (`send`) and receives (`receive`). The table says which sender
 message in which state and where that leads:
 
     state      sender  message        -> next
+    NEW        client  Hello          -> GREETED
+    GREETED    hop     Hello          -> IDLE       (the handshake: Hello both ways, client first)
+    IDLE       hop     SpanInfo       -> IDLE       (info streams: what the node serves)
     IDLE       client  OpenSession    -> OPENING
     OPENING    hop     SessionOpened  -> OPEN
     OPEN       client  Step           -> STEPPING
     STEPPING   hop     StepResult     -> OPEN
     OPEN       client  CloseSession   -> CLOSED
     (any but CLOSED)  either  Error   -> ERRORED
-    (IDLE, OPENING, OPEN, STEPPING)  either  Hello, SpanInfo, Ping, Pong -> unchanged
+    (NEW .. STEPPING)  either  Ping, Pong -> unchanged (liveness needs no handshake)
 
-Besides the table: every session message must name the session the `OpenSession` named, step
-numbers must increase, and a `StepResult` must answer the step in flight. Anything else raises
-`LocalProtocolError` (from `send`) or `RemoteProtocolError` (from `receive`), and the machine
-moves to ERRORED; from there only `Error` messages pass (to tell the peer why).
+Once both Hellos have passed, `agreement` holds what they agree on (`protocol.conversation`:
+common codecs and their speeds, common capabilities). Besides the table: every session message
+must name the session the `OpenSession` named, step numbers must increase, and a `StepResult`
+must answer the step in flight. Anything else raises `LocalProtocolError` (from `send`) or
+`RemoteProtocolError` (from `receive`), and the machine moves to ERRORED; from there only `Error`
+messages pass (to tell the peer why).
 """
 
 from __future__ import annotations
 
 import enum
 
+from protocol.conversation import Agreement, negotiate
 from protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.messages import (
     CloseSession,
@@ -49,6 +55,8 @@ class Role(enum.Enum):
 
 
 class State(enum.Enum):
+    NEW = "new"
+    GREETED = "greeted"
     IDLE = "idle"
     OPENING = "opening"
     OPEN = "open"
@@ -60,14 +68,17 @@ class State(enum.Enum):
 CLIENT, HOP = Role.CLIENT, Role.HOP
 
 TRANSITIONS: dict[tuple[State, Role, type[Message]], State] = {
+    (State.NEW, CLIENT, Hello): State.GREETED,
+    (State.GREETED, HOP, Hello): State.IDLE,
+    (State.IDLE, HOP, SpanInfo): State.IDLE,
     (State.IDLE, CLIENT, OpenSession): State.OPENING,
     (State.OPENING, HOP, SessionOpened): State.OPEN,
     (State.OPEN, CLIENT, Step): State.STEPPING,
     (State.STEPPING, HOP, StepResult): State.OPEN,
     (State.OPEN, CLIENT, CloseSession): State.CLOSED,
 }
-LIVE_STATES = frozenset({State.IDLE, State.OPENING, State.OPEN, State.STEPPING})
-CONNECTION_MESSAGES = (Hello, SpanInfo, Ping, Pong)  # allowed in LIVE_STATES, either way
+LIVE_STATES = frozenset({State.NEW, State.GREETED, State.IDLE, State.OPENING, State.OPEN, State.STEPPING})
+LIVENESS_MESSAGES = (Ping, Pong)  # allowed in LIVE_STATES, either way
 
 
 class SessionMachine:
@@ -75,9 +86,11 @@ class SessionMachine:
 
     def __init__(self, role: Role):
         self.role = role
-        self.state = State.IDLE
+        self.state = State.NEW
         self.session_id: str | None = None
         self.last_step: int | None = None
+        self.hellos: dict[Role, Hello] = {}  # each side's Hello, once sent
+        self.agreement: Agreement | None = None  # what the two Hellos agree on, once both passed
 
     def send(self, message: Message) -> None:
         """Record a message we are about to send; `LocalProtocolError` if it is not allowed."""
@@ -106,7 +119,7 @@ class SessionMachine:
             if self.state is State.CLOSED:
                 raise _Violation("the session is closed")
             return State.ERRORED
-        if isinstance(message, CONNECTION_MESSAGES):
+        if isinstance(message, LIVENESS_MESSAGES):
             if self.state not in LIVE_STATES:
                 raise _Violation(f"the session is {self.state.value}")
             return self.state
@@ -128,7 +141,11 @@ class SessionMachine:
                              f"is in flight")
 
     def _advance(self, message: Message, next_state: State) -> None:
-        if isinstance(message, OpenSession):
+        if isinstance(message, Hello):
+            self.hellos[CLIENT if self.state is State.NEW else HOP] = message
+            if len(self.hellos) == 2:
+                self.agreement = negotiate(self.hellos[CLIENT], self.hellos[HOP])
+        elif isinstance(message, OpenSession):
             self.session_id = message.session_id
         elif isinstance(message, Step):
             self.last_step = message.step

@@ -1,6 +1,7 @@
 """One forward pass for the steps of several independent sessions on one span.
 
-Owns `BatchItem`, `check_items` and `forward_batch`. Decode is bound by reading the weights, so the steps of
+Owns `BatchItem`, `check_items`, `forward_batch` and the exactness rule of sharing a pass
+(`exact_batch_rows`), which node batching and the client's head follow. Decode is bound by reading the weights, so the steps of
 concurrent sessions share one read: at each block the rows of every session that runs it are
 stacked for the norms, the qkv projection, o_proj and the MLP, while rotary embeddings, the
 attention mask and attention itself stay per session, over the session's own KV cache.
@@ -25,7 +26,19 @@ from shard.errors import InvalidInput, SpanOutOfRange
 from shard.kv_cache import KVCache
 from shard.quant import INT8_KERNEL_MAX_ROWS
 from shard.rope import rotary_tables
-from shard.span import SpanModel
+
+# Quantizations whose kernels compute each row on its own, so a step batched with others gives the
+# bits it gives alone, and a replay after failover rebuilds the same KV cache. fp32/bf16 GEMMs
+# round differently with the row count (~1e-6) and gain little from batching on CPUs (8 rows cost
+# ~3x one here), so those run one caller at a time.
+ROW_EXACT = frozenset({"int8", "int4"})
+EXACT_BATCH_ROWS = 32  # rows of unrelated callers in one pass (int8 keeps each row exact up to 48)
+
+
+def exact_batch_rows(quant: str) -> int:
+    """How many rows (tokens x sequences) of unrelated callers one pass over weights quantized
+    as `quant` may take, each row computing the bits it computes alone: 1 where rows interact."""
+    return EXACT_BATCH_ROWS if quant in ROW_EXACT else 1
 
 
 @dataclass(frozen=True)
@@ -53,8 +66,9 @@ class _Step:
 
 
 @torch.inference_mode()
-def forward_batch(span: SpanModel, items: Sequence[BatchItem]) -> list[torch.Tensor]:
-    """Each item's output [B, T, D], as if `span.sub_span(start, end)(hidden, cache)` ran for each.
+def forward_batch(span: torch.nn.Module, items: Sequence[BatchItem]) -> list[torch.Tensor]:
+    """Each item's output [B, T, D], as if `span.sub_span(start, end)(hidden, cache)` ran for each
+    (`span`: a `shard.span.SpanModel`, whose `run_batch` calls this).
 
     Every item is checked before any cache is written, so a bad item leaves all caches unchanged;
     then each cache advances by its item's T.
@@ -80,7 +94,7 @@ def forward_batch(span: SpanModel, items: Sequence[BatchItem]) -> list[torch.Ten
     return [x[bounds[i] : bounds[i + 1]].view(step.batch, step.tokens, -1) for i, step in enumerate(steps)]
 
 
-def check_items(span: SpanModel, items: Sequence[BatchItem]) -> None:
+def check_items(span: torch.nn.Module, items: Sequence[BatchItem]) -> None:
     """Raise the typed error `span.sub_span(start, end)(hidden, cache)` would raise for a bad item."""
     seen: dict[int, int] = {}
     for position, item in enumerate(items):
@@ -95,7 +109,7 @@ def check_items(span: SpanModel, items: Sequence[BatchItem]) -> None:
         seen[id(item.cache)] = position
 
 
-def _check_cache_shape(span: SpanModel, item: BatchItem) -> None:
+def _check_cache_shape(span: torch.nn.Module, item: BatchItem) -> None:
     config, keys = span.config, item.cache.keys
     if keys.shape[0] != item.end - item.start:
         raise InvalidInput(f"a cache of {keys.shape[0]} layers sent to run blocks [{item.start}, {item.end})")
@@ -104,7 +118,7 @@ def _check_cache_shape(span: SpanModel, item: BatchItem) -> None:
                            f"of {config.num_kv_heads} kv heads of width {config.head_dim}")
 
 
-def _step(span: SpanModel, item: BatchItem) -> _Step:
+def _step(span: torch.nn.Module, item: BatchItem) -> _Step:
     batch, tokens, _ = item.hidden.shape
     past = item.cache.length
     cos, sin = rotary_tables(span.inv_freq, torch.arange(past, past + tokens), span.dtype)
@@ -119,7 +133,7 @@ def _offsets(sizes: list[int]) -> list[int]:
     return bounds
 
 
-def _block_forward(span: SpanModel, block: DecoderBlock, x: torch.Tensor, steps: list[_Step],
+def _block_forward(span: torch.nn.Module, block: DecoderBlock, x: torch.Tensor, steps: list[_Step],
                    block_index: int) -> torch.Tensor:
     # x: [N, D], the rows of `steps` in order -> [N, D]
     attn = block.self_attn

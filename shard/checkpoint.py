@@ -19,14 +19,20 @@ from shard.manifest import Manifest, load_manifest
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_READ = object()  # Checkpoint's default: read the directory's manifest itself
 
 
 class Checkpoint:
     """Tensor names -> files of one model directory; `read(name)` loads one tensor."""
 
-    def __init__(self, model_dir: str | Path, *, verify: bool = True):
+    def __init__(self, model_dir: str | Path, *, verify: bool = True, manifest: Manifest | None | object = _READ):
+        """`manifest`: the directory's, when the caller has read it already (`shard.model_dir`)."""
         self.model_dir = Path(model_dir)
-        self.manifest: Manifest | None = load_manifest(self.model_dir) if verify else None
+        if not verify:
+            manifest = None
+        elif manifest is _READ:
+            manifest = load_manifest(self.model_dir)
+        self.manifest: Manifest | None = manifest
         self.weight_map = _weight_map(self.model_dir)
         self._handles: dict[str, object] = {}
         self._checked: set[str] = set()  # files verified against the manifest and the index

@@ -26,6 +26,11 @@ def use_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def threads() -> int:
+    """The threads torch's intra-op work and the compiled kernels run on now."""
+    return torch.get_num_threads()
+
+
 def describe() -> str:
     """One line: threads and quantized kernels, e.g. '2 threads, quantized matmuls compiled (avx2+avx512vnni)'."""
     count = torch.get_num_threads()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shard.errors import ConfigError, UnsupportedArchitecture
-from shard.manifest import load_manifest
+from shard.manifest import Manifest, load_manifest
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -60,11 +60,17 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
 
-def load_config(model_dir: str | Path, *, verify: bool = True) -> ModelConfig:
-    """Read and validate `model_dir/config.json` (checked against the manifest when there is one)."""
+_READ_MANIFEST = object()  # load_config's default: read the directory's manifest itself
+
+
+def load_config(model_dir: str | Path, *, verify: bool = True, manifest: Manifest | None | object = _READ_MANIFEST
+                ) -> ModelConfig:
+    """Read and validate `model_dir/config.json` (checked against the manifest when there is one:
+    `manifest`, when the caller has read it already, else the directory's own)."""
     path = Path(model_dir) / "config.json"
     if verify:
-        manifest = load_manifest(model_dir)
+        if manifest is _READ_MANIFEST:
+            manifest = load_manifest(model_dir)
         if manifest is not None:
             manifest.verify_file(model_dir, "config.json")
     try:

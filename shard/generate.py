@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from shard.errors import PromptTooLong
@@ -44,9 +45,10 @@ class Decoding:
     def finish(self) -> FinishReason | None:
         return self.stops.finish
 
-    def accept(self, logits: torch.Tensor) -> Emitted:
-        # logits: [V] of the sequence's last position
-        token = self.sampler.sample(logits.unsqueeze(0), [self.prompt_ids + self.token_ids])[0]
+    def accept(self, logits: torch.Tensor | np.ndarray) -> Emitted:
+        # logits: [V] of the sequence's last position (a tensor, or an array from `Head.next_logits`)
+        scores = torch.from_numpy(logits) if isinstance(logits, np.ndarray) else logits
+        token = self.sampler.sample(scores.unsqueeze(0), [self.prompt_ids + self.token_ids])[0]
         self.token_ids.append(token)
         step = self.stops.step(token, None if self.stops.detokenizer is not None else "")
         self.text += step.text

@@ -5,16 +5,20 @@ These stay on the user's device, so token ids and logits never cross the network
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shard.batch import exact_batch_rows
 from shard.blocks import RMSNorm
 from shard.checkpoint import Checkpoint
-from shard.config import ModelConfig, load_config
+from shard.config import ModelConfig
 from shard.errors import CorruptCheckpoint, InvalidInput, QuantizationError
+from shard.model_dir import ModelDir, open_model_dir
 from shard.quant import QUANT_MODES, Int4Linear, Int8Linear
 from shard.quant_swap import quantize_linears_
 
@@ -38,11 +42,27 @@ class ClientHead(nn.Module):
             raise InvalidInput(f"token id {bad} is outside the vocabulary of {self.config.vocab_size}")
         return F.embedding(ids, self.embed_weight)
 
+    # The numpy face (`shard.interfaces.Head`): what a client calls.
+
     @property
-    def rows_independent(self) -> bool:
-        """Whether `logits` computes each row on its own (the int8 and int4 kernels, up to 48 rows),
-        so that several sequences' logits in one call equal each computed alone, bit for bit."""
-        return isinstance(self.lm_head, (Int8Linear, Int4Linear))
+    def batch_rows(self) -> int:
+        """Sequences one `next_logits` call may take, each row's logits bit-identical to computing
+        it alone (the quantized heads' kernels compute rows independently; a float GEMM does not)."""
+        if isinstance(self.lm_head, Int8Linear):
+            return exact_batch_rows("int8")
+        return exact_batch_rows("int4") if isinstance(self.lm_head, Int4Linear) else 1
+
+    def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
+        """One sequence's ids -> [1, T, D] float32."""
+        tokens = torch.tensor([list(ids)], dtype=torch.int64) if len(ids) != 1 else torch.full((1, 1), int(ids[0]))
+        hidden = self.embed(tokens)  # torch.full: a third of torch.tensor's cost, per decoded token
+        return (hidden if hidden.dtype == torch.float32 else hidden.to(torch.float32)).numpy()
+
+    def next_logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Last hidden states [N, D] -> next-token logits [N, V] float32."""
+        if hidden.ndim != 2:
+            raise InvalidInput(f"last hidden states must be [sequences, {self.config.hidden_size}], got {list(hidden.shape)}")
+        return self.logits(torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))[:, None])[:, 0].numpy()
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -53,13 +73,14 @@ class ClientHead(nn.Module):
         return self.lm_head(normed).to(torch.float32)
 
 
-def load_head(model_dir: str | Path, *, quant: str = "none", group_size: int = 32,
+def load_head(model_dir: ModelDir | str | Path, *, quant: str = "none", group_size: int = 32,
               dtype: torch.dtype = torch.float32, verify: bool = True) -> ClientHead:
-    """Embeddings, final norm and LM head (tied to the embeddings or not); `quant` applies to the LM head."""
+    """Embeddings, final norm and LM head (tied to the embeddings or not) of `model_dir` (open, or a
+    path); `quant` applies to the LM head."""
     if quant not in QUANT_MODES:
         raise QuantizationError(f"quantization {quant!r} is not one of {', '.join(QUANT_MODES)}")
-    config = load_config(model_dir, verify=verify)
-    checkpoint = Checkpoint(model_dir, verify=verify)
+    opened = open_model_dir(model_dir, verify=verify)
+    config, checkpoint = opened.config, opened.checkpoint()
     embed = _read(checkpoint, "model.embed_tokens.weight", (config.vocab_size, config.hidden_size), dtype)
     norm = _read(checkpoint, "model.norm.weight", (config.hidden_size,), dtype)
     tied = config.tie_word_embeddings or not checkpoint.has("lm_head.weight")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 
+from shard.atomic_file import atomic_write
 from shard.errors import CorruptManifest, ManifestMismatch
 
 MANIFEST_NAME = "hearth-manifest.json"
@@ -127,10 +128,9 @@ def write_manifest(model_dir: str | Path) -> Path:
     """Hash every file and write `hearth-manifest.json` beside them (atomically); return its path."""
     manifest = build_manifest(model_dir)
     target = Path(model_dir) / MANIFEST_NAME
-    temporary = target.with_name(f".{MANIFEST_NAME}.tmp")
     text = json.dumps(manifest.to_json(), indent=1, sort_keys=True) + "\n"
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, target)
+    with atomic_write(target) as file:
+        file.write(text.encode("utf-8"))
     return target
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
-from shard.config import ModelConfig, load_config
+from shard.config import ModelConfig
 from shard.errors import InvalidInput, PromptTooLong
 from shard.head import ClientHead, load_head
 from shard.kv_cache import KVCache
+from shard.model_dir import ModelDir, open_model_dir
 from shard.span import SpanModel, load_span
 
 
@@ -32,12 +33,12 @@ class LocalPipeline:
         self.caches: list[KVCache] = []
 
     @classmethod
-    def load(cls, model_dir: str | Path, *, parts: int = 1, quant: str = "none", group_size: int = 32,
+    def load(cls, model_dir: ModelDir | str | Path, *, parts: int = 1, quant: str = "none", group_size: int = 32,
              dtype: torch.dtype = torch.float32, head_quant: str = "none") -> "LocalPipeline":
-        config = load_config(model_dir)
-        spans = [load_span(model_dir, start, end, quant=quant, group_size=group_size, dtype=dtype)
-                 for start, end in split_points(config.num_layers, parts)]
-        return cls(load_head(model_dir, quant=head_quant, dtype=dtype), spans)
+        opened = open_model_dir(model_dir)
+        spans = [load_span(opened, start, end, quant=quant, group_size=group_size, dtype=dtype)
+                 for start, end in split_points(opened.config.num_layers, parts)]
+        return cls(load_head(opened, quant=head_quant, dtype=dtype), spans)
 
     @property
     def length(self) -> int:

@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from shard.batch import BatchItem, exact_batch_rows, forward_batch
 from shard.blocks import DecoderBlock, attention_mask, checkpoint_names
 from shard.checkpoint import Checkpoint
 from shard.compute import return_free_memory
-from shard.config import ModelConfig, RopeConfig, load_config
-from shard.errors import CorruptCheckpoint, InvalidInput, PromptTooLong, QuantizationError, SpanOutOfRange
+from shard.config import ModelConfig, RopeConfig
+from shard.errors import CorruptCheckpoint, InvalidInput, PromptTooLong, QuantizationError, ShardError, SpanOutOfRange
+from shard.interfaces import BatchStep
 from shard.kv_cache import KVCache
+from shard.model_dir import ModelDir, open_model_dir
 from shard.quant import QUANT_MODES
 from shard.quant_swap import empty_quantized_linears_, quantize_linears_
 from shard.rope import inverse_frequencies, rotary_tables
@@ -76,11 +81,46 @@ class SpanModel(nn.Module):
         cache.advance(T)
         return x
 
-    def forward_batch(self, items: list) -> list[torch.Tensor]:
+    def forward_batch(self, items: Sequence[BatchItem]) -> list[torch.Tensor]:
         """Several sessions' steps (`shard.batch.BatchItem`s) in one pass; see `shard.batch`."""
-        from shard.batch import forward_batch  # shard.batch builds on this module
-
         return forward_batch(self, items)
+
+    # The numpy face (`shard.interfaces.Span`): what a node calls.
+
+    @property
+    def batch_rows(self) -> int:
+        return exact_batch_rows(self.quant)
+
+    def modelled_seconds(self, batch: int, tokens: int) -> float:
+        return 0.0  # real compute takes real time
+
+    def run(self, hidden: np.ndarray, cache: KVCache, passes: Sequence[int] = ()) -> np.ndarray:
+        """`forward` on a numpy array [B, T, D], as forward passes of `passes` tokens each; float32 out."""
+        inputs = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))
+        if len(passes) <= 1:  # one pass: a decode step, or a prefill chunk
+            return _as_array(self(inputs, cache))
+        if sum(passes) != inputs.shape[1] or min(passes) <= 0:
+            raise InvalidInput(f"passes {list(passes)} do not split the step's {inputs.shape[1]} tokens")
+        return _as_array(torch.cat([self(part, cache) for part in inputs.split(list(passes), dim=1)], dim=1))
+
+    def run_batch(self, steps: Sequence[BatchStep]) -> list[np.ndarray | Exception]:
+        """Each step's output from one pass (`shard.batch`); a step the pass cannot take gets its
+        own `ShardError` and the others run without it (checked before any cache moves)."""
+        if len(steps) == 1:
+            return [self._run_alone(steps[0])]
+        items = [BatchItem(torch.from_numpy(np.ascontiguousarray(step.hidden, dtype=np.float32)), step.cache,
+                           step.start, step.end) for step in steps]
+        try:
+            return [_as_array(out) for out in self.forward_batch(items)]
+        except ShardError:  # validated before any cache moved: find the culprit by running each alone
+            return [self._run_alone(step) for step in steps]
+
+    def _run_alone(self, step: BatchStep) -> np.ndarray | Exception:
+        try:
+            view = self if (step.start, step.end) == (self.start, self.end) else self.sub_span(step.start, step.end)
+            return view.run(step.hidden, step.cache)
+        except ShardError as err:
+            return err
 
     def check_input(self, hidden: torch.Tensor, cache: KVCache) -> tuple[int, int, int]:
         if hidden.dim() != 3 or hidden.shape[2] != self.config.hidden_size or hidden.shape[1] == 0:
@@ -92,6 +132,10 @@ class SpanModel(nn.Module):
         if not hidden.is_floating_point():
             raise InvalidInput(f"hidden states must be floating point, got {hidden.dtype}")
         return tuple(hidden.shape)
+
+
+def _as_array(hidden: torch.Tensor) -> np.ndarray:
+    return (hidden if hidden.dtype == torch.float32 else hidden.to(torch.float32)).numpy()
 
 
 def block_bytes(config: ModelConfig, quant: str = "none", group_size: int = 32,
@@ -110,16 +154,16 @@ def check_span(config: ModelConfig, start: int, end: int) -> None:
         raise SpanOutOfRange(start, end, config.num_layers)
 
 
-def load_span(model_dir: str | Path, start: int, end: int, *, quant: str = "none", group_size: int = 32,
+def load_span(model_dir: ModelDir | str | Path, start: int, end: int, *, quant: str = "none", group_size: int = 32,
               dtype: torch.dtype = torch.float32, verify: bool = True) -> SpanModel:
-    """Blocks [start, end) of the checkpoint in `model_dir`, quantized as asked."""
+    """Blocks [start, end) of the checkpoint in `model_dir` (open, or a path), quantized as asked."""
     if quant not in QUANT_MODES:
         raise QuantizationError(f"quantization {quant!r} is not one of {', '.join(QUANT_MODES)}")
-    config = load_config(model_dir, verify=verify)
+    opened = open_model_dir(model_dir, verify=verify)
     if quant != "none":
         dtype = torch.float32  # quantized linears take and return fp32 activations
-    model = SpanModel(config, start, end, dtype=dtype, quant=quant, group_size=group_size)
-    checkpoint = Checkpoint(model_dir, verify=verify)
+    model = SpanModel(opened.config, start, end, dtype=dtype, quant=quant, group_size=group_size)
+    checkpoint = opened.checkpoint()
     for offset, block in enumerate(model.blocks):
         prefix = f"model.layers.{start + offset}."
         read_dtype = torch.float32 if quant != "none" else dtype

@@ -8,5 +8,5 @@ activations; `TimedSpan` for real torch blocks), `model` (what the swarm serves)
 in-memory transport's network with regions, access links, loss, partitions, clogs), `hosts`
 (real `node.Node`s that arrive, serve and leave), `users` (real `mesh.Client`s and the outcome of
 every session), `faults` (scheduled events), `world` (one run), `runner` (deterministic
-`trio.run` under a `MockClock`), `trace`, `report`, `plots`, `progress`.
+`trio.run` under `mesh.virtual_time.VirtualClock`), `trace`, `report`, `plots`, `progress`.
 """

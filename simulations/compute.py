@@ -1,9 +1,8 @@
 """The compute model: spans that cost virtual time, with stand-in activations that still check out.
 
-A `CostModelSpan` honours the span interface the node's session manager uses (`start`, `end`,
-`quant`, `config`, `sub_span`, `new_cache`, `cache_bytes`, calling it on hidden states and a
-cache) and adds `compute_delay(tokens)`, which the manager awaits: the device profile's time per
-block per token, in trio's clock. Its KV cache is virtual (`nbytes` is what the real model's cache
+A `CostModelSpan` implements the span interface the node's session manager uses
+(`shard.interfaces.Span`), with `modelled_seconds(batch, tokens)`, which the manager waits out:
+the device profile's time per block per token, in trio's clock. Its KV cache is virtual (`nbytes` is what the real model's cache
 would take, so the node's KV budget is exercised) and the activations are stand-ins.
 
 Stand-in activations: the first `LIVE` channels carry integers modulo a prime; each block maps
@@ -11,7 +10,7 @@ them with integer affine arithmetic that depends on the position and on a runnin
 block's inputs (its "KV cache"). Every operation is exact in float64, so any split of the blocks
 into hops, any chunking, and any correct replay give bit-identical results, while a lost or
 misplaced position changes every later token. The stand-in head turns the channels into a token.
-`TimedSpan` wraps a real torch span with the same `compute_delay`, for small runs with real math.
+`TimedSpan` wraps a real span with the same `modelled_seconds`, for small runs with real math.
 """
 
 from __future__ import annotations
@@ -19,13 +18,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
-import trio
+from collections.abc import Sequence
 
-from mesh.virtual_time import sleep_until
+import numpy as np
+
+from shard.batch import EXACT_BATCH_ROWS, exact_batch_rows
 from shard.config import ModelConfig
-from shard.errors import CacheFull, InvalidInput
+from shard.errors import CacheFull, InvalidInput, ShardError
+from shard.interfaces import BatchStep, Cache, Span
 from simulations.scenario import DeviceProfile, ModelShape
 
 LIVE = 1  # channels of the stand-in activations that carry information (kept small: it is the simulator's own
@@ -121,7 +121,9 @@ class VirtualCache:
 
 
 class CostModelSpan:
-    """Blocks [start, end) on a device profile: stand-in math now, compute time via `compute_delay`."""
+    """Blocks [start, end) on a device profile: stand-in math now, compute time via `modelled_seconds`.
+
+    Implements `shard.interfaces.Span`, as a quantized span whose rows batch exactly would."""
 
     quant = "int8"
 
@@ -131,6 +133,10 @@ class CostModelSpan:
             raise InvalidInput(f"span [{start}, {end}) is outside the model's {model.blocks} blocks")
         self.model, self.config, self.weights, self.device = model, config, weights, device
         self.start, self.end = start, end
+
+    @property
+    def batch_rows(self) -> int:
+        return exact_batch_rows(self.quant)
 
     def sub_span(self, start: int, end: int) -> CostModelSpan:
         if not self.start <= start < end <= self.end:
@@ -143,40 +149,58 @@ class CostModelSpan:
     def new_cache(self, batch: int, max_length: int) -> VirtualCache:
         return VirtualCache(self.end - self.start, batch, max_length, self.cache_bytes(batch, max_length))
 
-    def __call__(self, hidden: torch.Tensor, cache: VirtualCache) -> torch.Tensor:
+    def run(self, hidden: np.ndarray, cache: VirtualCache, passes: Sequence[int] = ()) -> np.ndarray:
         # hidden: [B, T, D] -> [B, T, D]; only the first LIVE channels change
-        if hidden.dim() != 3 or hidden.shape[2] != self.config.hidden_size or hidden.shape[0] != cache.batch:
+        if hidden.ndim != 3 or hidden.shape[2] != self.config.hidden_size or hidden.shape[0] != cache.batch:
             raise InvalidInput(f"hidden states must be [{cache.batch}, T, {self.config.hidden_size}], "
                                f"got {list(hidden.shape)}")
+        if len(passes) > 1 and sum(passes) != hidden.shape[1]:
+            raise InvalidInput(f"passes {list(passes)} do not split the step's {hidden.shape[1]} tokens")
         cache.check_room(hidden.shape[1])
-        out = hidden.numpy().copy()
-        if hidden.shape[0] == 1 and hidden.shape[1] <= PYTHON_MAX_TOKENS:  # one sequence: Python floats, position by position
+        out = np.array(hidden, dtype=np.float32)
+        offset = 0
+        for tokens in passes if len(passes) > 1 else (hidden.shape[1],):
+            out[:, offset:offset + tokens, :LIVE] = self._blocks(out[:, offset:offset + tokens, :LIVE], cache)
+            cache.advance(tokens)
+            offset += tokens
+        return out
+
+    def _blocks(self, live: np.ndarray, cache: VirtualCache) -> np.ndarray | list:
+        if live.shape[0] == 1 and live.shape[1] <= PYTHON_MAX_TOKENS:  # one sequence: Python floats, position by position
             state, first = cache.state[:, 0].tolist(), cache.length
-            live = [self.weights.blocks_one_position(self.start, row, state, first + t)
-                    for t, row in enumerate(out[0, :, :LIVE].tolist())]
+            out = [self.weights.blocks_one_position(self.start, row, state, first + t)
+                   for t, row in enumerate(live[0].tolist())]
             cache.state[:, 0] = state
-        else:
-            live = out[:, :, :LIVE].astype(np.float64)
-            for offset, index in enumerate(range(self.start, self.end)):
-                live = self.weights.block(index, live, cache.state[offset], cache.length)
-        out[:, :, :LIVE] = live
-        cache.advance(hidden.shape[1])
-        return torch.from_numpy(out)
+            return out
+        live = live.astype(np.float64)
+        for offset, index in enumerate(range(self.start, self.end)):
+            live = self.weights.block(index, live, cache.state[offset], cache.length)
+        return live
 
-    def forward_batch(self, items: list) -> list[torch.Tensor]:
-        """Concurrent sessions' steps (`shard.batch.BatchItem`s); their cost is one `compute_delay`."""
-        return [self.sub_span(item.start, item.end)(item.hidden, item.cache) for item in items]
+    def run_batch(self, steps: Sequence[BatchStep]) -> list[np.ndarray | Exception]:
+        """Concurrent sessions' steps; their cost is one `modelled_seconds` (the node's)."""
+        outputs: list[np.ndarray | Exception] = []
+        for step in steps:
+            try:
+                outputs.append(self.sub_span(step.start, step.end).run(step.hidden, step.cache))
+            except ShardError as err:
+                outputs.append(err)
+        return outputs
 
-    async def compute_delay(self, tokens: int) -> None:
-        await sleep_until(trio.current_time() + step_seconds(self.device, self.end - self.start, tokens))
+    def modelled_seconds(self, batch: int, tokens: int) -> float:
+        return step_seconds(self.device, self.end - self.start, batch * tokens)
 
 
 class TimedSpan:
     """A real torch span whose compute costs the device profile's time in trio's clock."""
 
-    def __init__(self, span, device: DeviceProfile):
+    def __init__(self, span: Span, device: DeviceProfile):
         self.span, self.device = span, device
         self.start, self.end, self.quant, self.config = span.start, span.end, span.quant, span.config
+
+    @property
+    def batch_rows(self) -> int:
+        return self.span.batch_rows
 
     def sub_span(self, start: int, end: int) -> TimedSpan:
         return TimedSpan(self.span.sub_span(start, end), self.device)
@@ -184,43 +208,43 @@ class TimedSpan:
     def cache_bytes(self, batch: int, max_length: int) -> int:
         return self.span.cache_bytes(batch, max_length)
 
-    def new_cache(self, batch: int, max_length: int):
+    def new_cache(self, batch: int, max_length: int) -> Cache:
         return self.span.new_cache(batch, max_length)
 
-    def __call__(self, hidden: torch.Tensor, cache) -> torch.Tensor:
-        return self.span(hidden, cache)
+    def run(self, hidden: np.ndarray, cache: Cache, passes: Sequence[int] = ()) -> np.ndarray:
+        return self.span.run(hidden, cache, passes)
 
-    def forward_batch(self, items: list) -> list[torch.Tensor]:
-        return self.span.forward_batch(items)
+    def run_batch(self, steps: Sequence[BatchStep]) -> list[np.ndarray | Exception]:
+        return self.span.run_batch(steps)
 
-    async def compute_delay(self, tokens: int) -> None:
-        await sleep_until(trio.current_time() + step_seconds(self.device, self.end - self.start, tokens))
+    def modelled_seconds(self, batch: int, tokens: int) -> float:
+        return step_seconds(self.device, self.end - self.start, batch * tokens)
 
 
 class StandInHead:
-    """The client's embeddings and LM head for stand-in activations (what `mesh.Client` calls)."""
+    """The client's embeddings and LM head for stand-in activations (`shard.interfaces.Head`)."""
 
-    rows_independent = True  # each row's token is exact integer arithmetic: concurrent users share a pass
+    batch_rows = EXACT_BATCH_ROWS  # each row's token is exact integer arithmetic: concurrent users share a pass
 
     def __init__(self, config: ModelConfig, weights: StandInWeights):
         self.config, self.weights = config, weights
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        # ids: [B, T] -> [B, T, D]
-        out = np.zeros((*ids.shape, self.config.hidden_size), dtype=np.float32)
-        if ids.shape == (1, 1):  # a decode step
-            out[0, 0, :LIVE] = self.weights.embed_rows[ids.tolist()[0][0] % self.weights.vocab]
+    def embed_tokens(self, ids: Sequence[int]) -> np.ndarray:
+        # one sequence's ids -> [1, T, D]
+        out = np.zeros((1, len(ids), self.config.hidden_size), dtype=np.float32)
+        if len(ids) == 1:  # a decode step
+            out[0, 0, :LIVE] = self.weights.embed_rows[int(ids[0]) % self.weights.vocab]
         else:
-            out[:, :, :LIVE] = self.weights.embed[ids.numpy() % self.weights.vocab]
-        return torch.from_numpy(out)
+            out[0, :, :LIVE] = self.weights.embed[np.asarray(ids, dtype=np.int64) % self.weights.vocab]
+        return out
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [B, T, D] -> [B, T, V], one-hot at the stand-in token (`StandInWeights.token` of each row)
-        rows = hidden.numpy()[:, :, :LIVE].reshape(-1, LIVE).tolist()
+    def next_logits(self, hidden: np.ndarray) -> np.ndarray:
+        # hidden: [N, D] -> [N, V], one-hot at the stand-in token (`StandInWeights.token` of each row)
+        rows = hidden[:, :LIVE].tolist()
         out = np.zeros((len(rows), self.config.vocab_size), dtype=np.float32)
         for row, live in enumerate(rows):
             out[row, self.weights.token(live)] = 1.0
-        return torch.from_numpy(out.reshape(*hidden.shape[:2], -1))
+        return out
 
 
 def reference_tokens(weights: StandInWeights, blocks: int, prompt: list[int], new_tokens: int) -> list[int]:

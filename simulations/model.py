@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from shard.config import ModelConfig, load_config
-from shard.manifest import model_digest
+from shard.model_dir import ModelDir
 from simulations.compute import (
     CostModelSpan, StandInHead, StandInWeights, TimedSpan, bandwidth_scale, blocks_that_fit,
     reference_tokens, write_stand_in_model,
@@ -25,10 +24,8 @@ class StandInModel:
 
     def __init__(self, shape: ModelShape, workdir: Path):
         self.shape = shape
-        self.model_dir = write_stand_in_model(workdir, shape)
-        self.config: ModelConfig = load_config(self.model_dir)
-        self.digest = model_digest(self.model_dir)
-        self.model_id = self.model_dir.name
+        opened = ModelDir(write_stand_in_model(workdir, shape))
+        self.model_dir, self.config, self.digest, self.model_id = opened.path, opened.config, opened.digest, opened.name
         self.blocks = shape.blocks
         self.weights = StandInWeights(shape)
         self.head = StandInHead(self.config, self.weights)
@@ -56,14 +53,13 @@ class TorchModel:
         from shard.pipeline import LocalPipeline
 
         self.shape = shape
-        self.model_dir = Path(checkpoint)
-        self.config = load_config(self.model_dir)
-        self.digest = model_digest(self.model_dir)
-        self.model_id = self.model_dir.name
+        self.opened = ModelDir(checkpoint)  # read and checked once, for the head, the reference and every span
+        self.model_dir, self.config, self.digest, self.model_id = (self.opened.path, self.opened.config,
+                                                                   self.opened.digest, self.opened.name)
         self.blocks = self.config.num_layers
-        self.head = load_head(self.model_dir)
+        self.head = load_head(self.opened)
         self.bandwidth_scale = 1.0
-        self._local = LocalPipeline.load(self.model_dir)
+        self._local = LocalPipeline.load(self.opened)
         self._spans: dict[tuple[int, int], object] = {}
         self._references: dict[tuple[tuple[int, ...], int], list[int]] = {}
 
@@ -71,7 +67,7 @@ class TorchModel:
         from shard.span import load_span
 
         if (start, end) not in self._spans:  # weights are read-only: nodes with one span share them
-            self._spans[(start, end)] = load_span(self.model_dir, start, end)
+            self._spans[(start, end)] = load_span(self.opened, start, end)
         return TimedSpan(self._spans[(start, end)], device)
 
     def span_length(self, device: DeviceProfile) -> int:

@@ -27,6 +27,7 @@ from simulations.progress import Progress
 from simulations.scenario import Scenario, ScenarioError
 from simulations.users import SessionRecord
 from simulations.world import Sample, World
+from shard.compute import threads as compute_threads, use_threads
 
 
 @dataclass
@@ -71,14 +72,12 @@ def deterministic_scheduling(seed: int) -> Iterator[None]:
 def one_torch_thread() -> Iterator[None]:
     """Tiny forward passes inline in the event loop: extra intra-op threads only spin (and, on a
     loaded machine, make a run tens of times slower)."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
+    saved = compute_threads()
+    use_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(saved)
+        use_threads(saved)
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """One simulated world: the network, discovery, hosts, users and faults of a run, and its clock.
 
-`World.simulate` is the whole run inside `trio.run` with a `MockClock` (autojump): hosts start,
+`World.simulate` is the whole run inside `trio.run` under a virtual clock (`simulations.runner`): hosts start,
 churn and faults are scheduled, users ask for completions until the scenario's duration, then the
 world waits for the sessions in flight (each bounded by its deadline plus the hang grace) and
 stops. A sampler records block coverage, throughput and the KV-budget invariant as it goes.

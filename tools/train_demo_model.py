@@ -196,10 +196,11 @@ def held_out_loss(model, stream: np.ndarray, settings: TrainSettings, windows: i
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, elapsed: float) -> None:
-    temporary = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "elapsed": elapsed}, temporary)
-    os.replace(temporary, path)
+    from shard.atomic_file import atomic_write
+
+    with atomic_write(path) as file:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "elapsed": elapsed}, file)
 
 
 def load_checkpoint(path: Path, model, optimizer) -> tuple[int, float]:
@@ -389,5 +390,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))  # for shard.manifest
+    sys.path.insert(0, str(REPO))  # for shard.manifest and shard.atomic_file
     raise SystemExit(main())

@@ -10,14 +10,15 @@ import trio
 
 from mesh.errors import StreamClosed
 from mesh.transport import ByteStream, MessageStream
-from protocol import CloseSession, OpenSession, Ping, Pong, Role, SessionOpened, Step, StepResult
+from protocol import CloseSession, Hello, OpenSession, Ping, Pong, Role, SessionOpened, Step, StepResult
 
 ECHO = "/hearth/test-echo/1"
 IO_TIMEOUT = 10.0
 
 
 async def echo_hop(raw: ByteStream) -> None:
-    """Answers Ping with Pong and plays a hop that returns each step's hidden states unchanged."""
+    """Answers Ping with Pong and plays a hop (Hello back, then a session) that returns each step's
+    hidden states unchanged."""
     stream = MessageStream(raw, Role.HOP, io_timeout=IO_TIMEOUT)
     while True:
         try:
@@ -26,6 +27,8 @@ async def echo_hop(raw: ByteStream) -> None:
             return
         if isinstance(message, Ping):
             await stream.send(Pong(nonce=message.nonce))
+        elif isinstance(message, Hello):
+            await stream.send(Hello(software="echo"))
         elif isinstance(message, OpenSession):
             await stream.send(SessionOpened(session_id=message.session_id))
         elif isinstance(message, Step):

@@ -10,7 +10,7 @@ import trio
 
 from mesh.errors import DialError, StreamClosed, TransportTimeout
 from mesh.transport import MessageStream
-from protocol import CloseSession, Codec, OpenSession, Ping, Pong, Role, SessionOpened, Step, StepResult, encode_tensor
+from protocol import CloseSession, Codec, Hello, OpenSession, Ping, Pong, Role, SessionOpened, Step, StepResult, encode_tensor
 from tests.mesh.conftest import ECHO, IO_TIMEOUT, echo_hop
 
 pytestmark = pytest.mark.timeout(60)
@@ -53,6 +53,7 @@ async def test_8_mib_tensor_in_one_frame(kit):
     async with kit.transport() as client, kit.transport() as server:
         server.set_handler(ECHO, echo_hop)
         stream = await connect(client, server)
+        assert isinstance(await stream.request(Hello(software="client")), Hello)
         opened = await stream.request(OpenSession(session_id="s", model_id="m", manifest_hash="h",
                                                   start=0, end=1, max_length=4096))
         assert opened == SessionOpened(session_id="s")

@@ -46,8 +46,11 @@ async def served(checkpoint_factory):
 
 
 async def stream_to_node(transport) -> MessageStream:
+    """An inference stream to the node, past the handshake (Hello both ways)."""
     raw = await transport.open_stream("node", INFERENCE_PROTOCOL, timeout=5)
-    return MessageStream(raw, Role.CLIENT, io_timeout=5)
+    stream = MessageStream(raw, Role.CLIENT, io_timeout=5)
+    assert isinstance(await stream.request(Hello(software="test")), Hello)
+    return stream
 
 
 def open_message(digest: str, session_id: str = "s1", **overrides) -> OpenSession:
@@ -235,8 +238,8 @@ class _ScriptedPeer(ByteStream):
 async def test_an_answer_the_peer_never_takes_times_out_and_frees_the_session(served, autojump_clock):
     """The node's answer to a step is bounded by its I/O timeout like any write."""
     node = served["node"]
-    frames = [encode(open_message(served["digest"], "s1")), encode(step("s1", 0, 0))]
-    peer = _ScriptedPeer(frames, writes=1)  # takes SessionOpened, then never the step's result
+    frames = [encode(Hello(software="test")), encode(open_message(served["digest"], "s1")), encode(step("s1", 0, 0))]
+    peer = _ScriptedPeer(frames, writes=2)  # takes the node's Hello and SessionOpened, then never the step's result
     started = trio.current_time()
     with trio.fail_after(node.server.io_timeout + 5):
         await node.server.handle_inference(peer)

@@ -32,7 +32,7 @@ from protocol import (
     StepResult,
     encode_tensor,
 )
-from protocol.session import CONNECTION_MESSAGES, LIVE_STATES, TRANSITIONS
+from protocol.session import LIVE_STATES, LIVENESS_MESSAGES, TRANSITIONS
 
 HIDDEN = encode_tensor(np.ones((1, 1, 64), np.float32), Codec.FP16)
 SID = "session-1"
@@ -55,14 +55,17 @@ def sample(kind: type[Message], step: int = 0) -> Message:
     }[kind]()
 
 
+HANDSHAKE = [(Role.CLIENT, Hello), (Role.HOP, Hello)]
 PATHS: dict[State, list[tuple[Role, type[Message]]]] = {
-    State.IDLE: [],
-    State.OPENING: [(Role.CLIENT, OpenSession)],
-    State.OPEN: [(Role.CLIENT, OpenSession), (Role.HOP, SessionOpened)],
-    State.STEPPING: [(Role.CLIENT, OpenSession), (Role.HOP, SessionOpened), (Role.CLIENT, Step)],
-    State.CLOSED: [(Role.CLIENT, OpenSession), (Role.HOP, SessionOpened),
-                   (Role.CLIENT, CloseSession)],
-    State.ERRORED: [(Role.CLIENT, OpenSession), (Role.HOP, Error)],
+    State.NEW: [],
+    State.GREETED: HANDSHAKE[:1],
+    State.IDLE: HANDSHAKE,
+    State.OPENING: HANDSHAKE + [(Role.CLIENT, OpenSession)],
+    State.OPEN: HANDSHAKE + [(Role.CLIENT, OpenSession), (Role.HOP, SessionOpened)],
+    State.STEPPING: HANDSHAKE + [(Role.CLIENT, OpenSession), (Role.HOP, SessionOpened), (Role.CLIENT, Step)],
+    State.CLOSED: HANDSHAKE + [(Role.CLIENT, OpenSession), (Role.HOP, SessionOpened),
+                               (Role.CLIENT, CloseSession)],
+    State.ERRORED: HANDSHAKE + [(Role.CLIENT, OpenSession), (Role.HOP, Error)],
 }
 KINDS = [OpenSession, SessionOpened, Step, StepResult, CloseSession, Error, Hello, SpanInfo,
          Ping, Pong]
@@ -79,7 +82,7 @@ def machine_in(state: State, role: Role) -> SessionMachine:
 def expected(state: State, sender: Role, kind: type[Message]) -> State | None:
     if kind is Error:
         return None if state is State.CLOSED else State.ERRORED
-    if kind in CONNECTION_MESSAGES:
+    if kind in LIVENESS_MESSAGES:
         return state if state in LIVE_STATES else None
     return TRANSITIONS.get((state, sender, kind))
 
@@ -158,6 +161,8 @@ def test_session_ids_and_step_numbers_must_match() -> None:
 
 def test_after_an_error_only_errors_pass() -> None:
     link = Link()
+    link.send(link.client, Hello(software="client"))
+    link.send(link.hop, Hello(software="hop"))
     link.send(link.client, sample(OpenSession))
     link.send(link.hop, Error(code=ErrorCode.CACHE_FULL, reason="full", retry_elsewhere=True))
     assert link.client.state is link.hop.state is State.ERRORED
@@ -194,3 +199,32 @@ def test_frames_too_large_for_the_peer_are_local_errors() -> None:
         client.send(Hello(software="x" * 200))
     assert isinstance(caught.value.__cause__, FrameTooLarge)
     assert caught.value.code is ErrorCode.FRAME_TOO_LARGE
+
+
+def test_hello_both_ways_comes_before_anything_but_liveness() -> None:
+    """The handshake is the table's: the client's Hello, then the hop's, then the session."""
+    for state, sender, kind in [(State.NEW, Role.CLIENT, OpenSession), (State.NEW, Role.HOP, Hello),
+                                (State.GREETED, Role.CLIENT, OpenSession), (State.GREETED, Role.HOP, SpanInfo),
+                                (State.IDLE, Role.CLIENT, Hello), (State.IDLE, Role.HOP, Hello)]:
+        with pytest.raises(LocalProtocolError, match=f"state is {state.value}"):
+            machine_in(state, sender).send(sample(kind))
+    machine = machine_in(State.NEW, Role.HOP)
+    machine.receive(Ping(nonce=1))  # a liveness check needs no handshake
+    machine.send(Pong(nonce=1))
+    assert machine.state is State.NEW and machine.agreement is None
+    machine.receive(sample(Hello))
+    assert machine.agreement is None  # only the client's Hello so far
+    machine.send(Hello(software="hop"))
+    assert machine.state is State.IDLE and machine.agreement is not None
+
+
+def test_both_ends_reach_the_same_agreement_from_the_two_hellos() -> None:
+    link = Link()
+    link.send(link.client, Hello(software="client", codecs=(Codec.INT8_BLOCK64, Codec.FP16, Codec.FP32),
+                                 capabilities=("data-channel", "replay-chunks", "from-the-future")))
+    link.send(link.hop, Hello(software="hop", codecs=(Codec.FP32, Codec.FP16),
+                              capabilities=("replay-chunks",)))
+    agreement = link.client.agreement
+    assert agreement == link.hop.agreement
+    assert agreement.codecs == (Codec.FP16, Codec.FP32)  # the client's order
+    assert agreement.capabilities == {"replay-chunks"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import trio
 
 from shard.config import config_from_dict
@@ -31,10 +30,10 @@ def generate(splits: list[tuple[int, int]], prompt: list[int], new_tokens: int, 
     tokens: list[int] = []
     while len(tokens) < new_tokens:
         for chunk in chunks:
-            hidden = head.embed(torch.tensor([chunk]))
+            hidden = head.embed_tokens(chunk)
             for span, cache in zip(spans, caches):
-                hidden = span(hidden, cache)
-        tokens.append(int(head.logits(hidden[:, -1:])[0, 0].argmax()))
+                hidden = span.run(hidden, cache)
+        tokens.append(int(head.next_logits(hidden[:, -1])[0].argmax()))
         chunks = [[tokens[-1]]]
     return tokens
 
@@ -69,21 +68,21 @@ def test_array_and_python_paths_agree_on_long_prefills():
     span, head = CostModelSpan(SHAPE, CONFIG, WEIGHTS, LAPTOP, 0, 12), StandInHead(CONFIG, WEIGHTS)
     prompt = [(7 * i + 3) % 97 for i in range(PYTHON_MAX_TOKENS + 40)]
     whole, pieces = span.new_cache(1, 400), span.new_cache(1, 400)
-    at_once = span(head.embed(torch.tensor([prompt])), whole)  # the array path
-    in_chunks = torch.cat([span(head.embed(torch.tensor([prompt[i:i + 50]])), pieces)  # the Python path
-                           for i in range(0, len(prompt), 50)], dim=1)
-    assert torch.equal(at_once, in_chunks) and np.array_equal(whole.state, pieces.state)
-    assert int(head.logits(at_once[:, -1:])[0, 0].argmax()) == reference_tokens(WEIGHTS, 12, prompt, 1)[0]
+    at_once = span.run(head.embed_tokens(prompt), whole)  # the array path
+    in_chunks = np.concatenate([span.run(head.embed_tokens(prompt[i:i + 50]), pieces)  # the Python path
+                                for i in range(0, len(prompt), 50)], axis=1)
+    assert np.array_equal(at_once, in_chunks) and np.array_equal(whole.state, pieces.state)
+    assert int(head.next_logits(at_once[:, -1])[0].argmax()) == reference_tokens(WEIGHTS, 12, prompt, 1)[0]
 
 
 def test_a_truncated_cache_redoes_a_step_identically():
     span = CostModelSpan(SHAPE, CONFIG, WEIGHTS, LAPTOP, 0, 12)
     cache = span.new_cache(1, 64)
-    span(StandInHead(CONFIG, WEIGHTS).embed(torch.tensor([PROMPT])), cache)
-    step = StandInHead(CONFIG, WEIGHTS).embed(torch.tensor([[7]]))
-    first = span(step.clone(), cache)
+    span.run(StandInHead(CONFIG, WEIGHTS).embed_tokens(PROMPT), cache)
+    step = StandInHead(CONFIG, WEIGHTS).embed_tokens([7])
+    first = span.run(step.copy(), cache)
     cache.truncate(len(PROMPT))
-    assert torch.equal(span(step.clone(), cache), first) and cache.length == len(PROMPT) + 1
+    assert np.array_equal(span.run(step.copy(), cache), first) and cache.length == len(PROMPT) + 1
 
 
 def test_the_cache_budget_is_the_real_model_s():
@@ -104,16 +103,19 @@ def test_compute_time_follows_the_device_profile():
     assert blocks_that_fit(DeviceProfile(weights_gb=100.0), ModelShape(blocks=40)) == 40
 
 
-async def test_compute_delay_takes_virtual_time(autojump_clock):
+async def test_modelled_compute_takes_virtual_time(autojump_clock):
+    from node.sessions import _modelled_compute
+
     span = CostModelSpan(SHAPE, CONFIG, WEIGHTS, DeviceProfile(block_ms=20.0), 0, 5)
+    assert span.modelled_seconds(1, 1) == pytest.approx(0.1)
     started = trio.current_time()
-    await span.compute_delay(1)
+    await _modelled_compute(span, 1, (1,))
     assert trio.current_time() - started == pytest.approx(0.1)
 
 
 def test_the_stand_in_head_round_trips_live_channels_only():
-    hidden = StandInHead(CONFIG, WEIGHTS).embed(torch.tensor([[1, 2]]))
-    assert hidden.shape == (1, 2, 64) and torch.count_nonzero(hidden[..., LIVE:]) == 0
+    hidden = StandInHead(CONFIG, WEIGHTS).embed_tokens([1, 2])
+    assert hidden.shape == (1, 2, 64) and np.count_nonzero(hidden[..., LIVE:]) == 0
 
 
 async def test_the_node_waits_one_forward_pass_per_replayed_chunk(autojump_clock):
@@ -122,7 +124,7 @@ async def test_the_node_waits_one_forward_pass_per_replayed_chunk(autojump_clock
     span = CostModelSpan(SHAPE, CONFIG, WEIGHTS, DeviceProfile(block_ms=10.0, prefill_factor=0.5), 0, 4)
     manager = SessionManager(span, SessionLimits(compute_in_thread=False))
     session = manager.open("s", "client", 0, 4, 64, 1)
-    hidden = StandInHead(CONFIG, WEIGHTS).embed(torch.tensor([[1, 2, 3, 4, 5]])).numpy()
+    hidden = StandInHead(CONFIG, WEIGHTS).embed_tokens([1, 2, 3, 4, 5])
     _, seconds = await manager.step(session, hidden, 0, (3, 1, 1))
     assert seconds == pytest.approx(0.04 * 2 + 0.04 + 0.04)
     assert manager.reserved_bytes == span.cache_bytes(1, 64) <= manager.limits.kv_cache_bytes

@@ -1,0 +1,62 @@
+"""One model directory, opened once: its manifest, config, identity on the wire and checkpoint.
+
+Every loader (`load_span`, `load_head`, `LocalPipeline.load`, the client, the node, the
+simulator) takes a `ModelDir` or a path (`open_model_dir` opens it), so a process that opens the
+directory once reads the manifest once, checks config.json against it once, and hashes each
+weight file at most once: the first time a tensor is read from it.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from shard.checkpoint import Checkpoint
+from shard.config import ModelConfig, load_config
+from shard.manifest import Manifest, build_manifest, load_manifest
+
+
+class ModelDir:
+    """A checkpoint directory, with what every user of it needs, each read (and checked) once.
+
+    `verify=True` checks config.json and each weight file against `hearth-manifest.json` (when
+    the directory has one) before using it; `verify=False` trusts the files as they are.
+    """
+
+    def __init__(self, path: str | Path, *, verify: bool = True):
+        self.path = Path(path)
+        self.verify = verify
+        if verify:
+            self.__dict__["manifest"] = load_manifest(self.path)  # the cached_property, read once
+        self.config: ModelConfig = load_config(self.path, verify=verify, manifest=self.manifest if verify else None)
+        self._checkpoint: Checkpoint | None = None
+
+    def __repr__(self) -> str:
+        return f"ModelDir({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        """The directory's name: the model id a client asks nodes for."""
+        return self.path.name
+
+    @cached_property
+    def manifest(self) -> Manifest | None:
+        return load_manifest(self.path)
+
+    @cached_property
+    def digest(self) -> str:
+        """The model's identity on the wire: the manifest's digest (hashing the files if it has none)."""
+        manifest = self.manifest
+        return (manifest if manifest is not None else build_manifest(self.path)).digest
+
+    def checkpoint(self) -> Checkpoint:
+        """The directory's weights, one shared reader: a file is checked when first read, not again."""
+        if self._checkpoint is None:
+            self._checkpoint = Checkpoint(self.path, verify=self.verify,
+                                          manifest=self.manifest if self.verify else None)
+        return self._checkpoint
+
+
+def open_model_dir(model: ModelDir | str | Path, *, verify: bool = True) -> ModelDir:
+    """`model` itself when it is open already, else the directory at that path, opened."""
+    return model if isinstance(model, ModelDir) else ModelDir(model, verify=verify)
