@@ -11,42 +11,24 @@ import pytest
 import trio
 
 from mesh.client import Client, ClientOptions
-from mesh.discovery import MemoryDirectory
-from mesh.memory_transport import Link, MemoryNetwork, MemoryTransport
+from mesh.memory_transport import Link, MemoryNetwork
 from mesh.session import HopSession, LinkBook
-from node.node import Node
-from node.sessions import SessionLimits
 from protocol import AUTO, Codec, Exchange
 from shard.errors import InvalidInput
-from shard.manifest import model_digest
 from shard.sampling import SamplingParams
-from shard.span import load_span
+from tests.mesh.test_failover_memory import FaultySwarm
 
 PROMPT = [5, 17, 33, 2, 9, 71, 4]
 SLOW = Link(latency_s=0.01, bandwidth_bps=200e3)  # a poor uplink: 25 kB/s
 FAST = Link(latency_s=0.01, bandwidth_bps=1e9)  # a LAN
 
 
-class LinkedSwarm:
-    """In-memory nodes behind links of a given speed, and a client that records each hop's codec."""
+class LinkedSwarm(FaultySwarm):
+    """In-memory nodes behind links of a given speed, and a client with the codec options asked for."""
 
     def __init__(self, model_dir, nursery: trio.Nursery, link: Link):
-        self.model_dir, self.nursery = model_dir, nursery
+        super().__init__(model_dir, nursery)
         self.network = MemoryNetwork(default_link=link)
-        self.directory = MemoryDirectory(trio.current_time)
-        self.digest = model_digest(model_dir)
-
-    async def add_node(self, name: str, start: int, end: int, token_seconds: float = 0.001) -> Node:
-        transport = await self.nursery.start(self._transport, name)
-        node = Node(load_span(self.model_dir, start, end), "tiny", self.digest, wall_clock=trio.current_time,
-                    token_seconds=token_seconds, limits=SessionLimits(compute_in_thread=False))
-        await self.nursery.start(node.run, transport, self.directory)
-        return node
-
-    async def _transport(self, name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with MemoryTransport.open(self.network, name) as transport:
-            task_status.started(transport)
-            await trio.sleep_forever()
 
     async def client(self, **options) -> Client:
         transport = await self.nursery.start(self._transport, "user")
