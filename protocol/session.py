@@ -125,7 +125,9 @@ class SessionMachine:
             return self.state
         next_state = TRANSITIONS.get((self.state, sender, type(message)))
         if next_state is None:
-            raise _Violation(f"state is {self.state.value}")
+            awaited = {State.NEW: "; the client's Hello comes first",
+                       State.GREETED: "; the hop's Hello comes next"}.get(self.state, "")
+            raise _Violation(f"state is {self.state.value}{awaited}")
         return next_state
 
     def _check_consistency(self, message: Message) -> None:

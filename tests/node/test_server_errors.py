@@ -100,6 +100,15 @@ async def test_oversized_frame_is_refused_before_reading_it(served):
     await expect_error(MessageStream(raw, Role.CLIENT), ErrorCode.FRAME_TOO_LARGE, str(1 << 30))
 
 
+async def test_a_session_opened_without_hello_is_refused_and_others_are_served(served):
+    raw = await served["peer"].open_stream("node", INFERENCE_PROTOCOL, timeout=5)
+    await raw.send_all(encode(open_message(served["digest"], "s0")))  # skips the handshake
+    await expect_error(MessageStream(raw, Role.CLIENT), ErrorCode.UNEXPECTED_MESSAGE, "Hello comes first")
+    assert "s0" not in served["node"].manager.sessions
+    stream = await opened(served)  # a client that greets first is served as before
+    await stream.send(CloseSession(session_id="s1"))
+
+
 async def test_wrong_hidden_size(served):
     stream = await opened(served)
     await stream.send(step("s1", 0, 0, (1, 2, HIDDEN + 1)))
