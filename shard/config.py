@@ -28,6 +28,7 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    factors: tuple[float, ...] = ()  # kind "factors" (GGUF's rope_freqs): each frequency divided by its own
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from shard.blocks import RMSNorm
 from shard.checkpoint import Checkpoint
 from shard.config import ModelConfig
 from shard.errors import CorruptCheckpoint, InvalidInput, QuantizationError
-from shard.model_dir import ModelDir, open_model_dir
+from shard.model_dir import OpenModel, open_model_dir
 from shard.quant import QUANT_MODES, Int4Linear, Int8Linear
 from shard.quant_swap import quantize_linears_
 
@@ -73,7 +73,7 @@ class ClientHead(nn.Module):
         return self.lm_head(normed).to(torch.float32)
 
 
-def load_head(model_dir: ModelDir | str | Path, *, quant: str = "none", group_size: int = 32,
+def load_head(model_dir: OpenModel | str | Path, *, quant: str = "none", group_size: int = 32,
               dtype: torch.dtype = torch.float32, verify: bool = True) -> ClientHead:
     """Embeddings, final norm and LM head (tied to the embeddings or not) of `model_dir` (open, or a
     path); `quant` applies to the LM head."""

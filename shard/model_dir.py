@@ -1,9 +1,10 @@
-"""One model directory, opened once: its manifest, config, identity on the wire and checkpoint.
+"""One model, opened once: its manifest, config, identity on the wire, checkpoint and tokenizer.
 
 Every loader (`load_span`, `load_head`, `LocalPipeline.load`, the client, the node, the
-simulator) takes a `ModelDir` or a path (`open_model_dir` opens it), so a process that opens the
-directory once reads the manifest once, checks config.json against it once, and hashes each
-weight file at most once: the first time a tensor is read from it.
+simulator) takes an open model or a path (`open_model_dir` opens it: a Hugging Face directory as a
+`ModelDir`, a `.gguf` file as a `shard.gguf_file.GGUFModel`, both with the same face), so a
+process that opens the directory once reads the manifest once, checks config.json against it once,
+and hashes each weight file at most once: the first time a tensor is read from it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from pathlib import Path
 
 from shard.checkpoint import Checkpoint
 from shard.config import ModelConfig, load_config
+from shard.gguf_file import GGUFModel, is_gguf
 from shard.manifest import Manifest, build_manifest, load_manifest
+from shard.quant import QUANT_MODES
+from shard.tokenizer import TOKENIZER_FILE, Tokenizer
+
+AUTO_QUANT = "auto"  # what the model's own weights are: a GGUF file's block types, a directory's floats
+QUANT_CHOICES = (AUTO_QUANT, *QUANT_MODES)
 
 
 class ModelDir:
@@ -49,6 +56,11 @@ class ModelDir:
         manifest = self.manifest
         return (manifest if manifest is not None else build_manifest(self.path)).digest
 
+    @property
+    def native_quant(self) -> tuple[str, int]:
+        """A directory's weights are floats: "auto" keeps them so."""
+        return "none", 32
+
     def checkpoint(self) -> Checkpoint:
         """The directory's weights, one shared reader: a file is checked when first read, not again."""
         if self._checkpoint is None:
@@ -56,7 +68,21 @@ class ModelDir:
                                           manifest=self.manifest if self.verify else None)
         return self._checkpoint
 
+    def tokenizer(self) -> Tokenizer | None:
+        """The directory's tokenizer, or None when it has no tokenizer.json (ids in, ids out)."""
+        return Tokenizer.from_dir(self.path) if (self.path / TOKENIZER_FILE).exists() else None
 
-def open_model_dir(model: ModelDir | str | Path, *, verify: bool = True) -> ModelDir:
-    """`model` itself when it is open already, else the directory at that path, opened."""
-    return model if isinstance(model, ModelDir) else ModelDir(model, verify=verify)
+
+OpenModel = ModelDir | GGUFModel
+
+
+def open_model_dir(model: OpenModel | str | Path, *, verify: bool = True) -> OpenModel:
+    """`model` itself when it is open already, else the `.gguf` file or the directory at that path, opened."""
+    if isinstance(model, (ModelDir, GGUFModel)):
+        return model
+    return GGUFModel(model, verify=verify) if is_gguf(model) else ModelDir(model, verify=verify)
+
+
+def resolve_quant(model: OpenModel, quant: str, group_size: int) -> tuple[str, int]:
+    """(quantization, int4 group size) to load `model` with: "auto" is the model's own."""
+    return model.native_quant if quant == AUTO_QUANT else (quant, group_size)

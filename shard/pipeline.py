@@ -14,7 +14,7 @@ from shard.config import ModelConfig
 from shard.errors import InvalidInput, PromptTooLong
 from shard.head import ClientHead, load_head
 from shard.kv_cache import KVCache
-from shard.model_dir import ModelDir, open_model_dir
+from shard.model_dir import OpenModel, open_model_dir
 from shard.span import SpanModel, load_span
 
 
@@ -33,7 +33,7 @@ class LocalPipeline:
         self.caches: list[KVCache] = []
 
     @classmethod
-    def load(cls, model_dir: ModelDir | str | Path, *, parts: int = 1, quant: str = "none", group_size: int = 32,
+    def load(cls, model_dir: OpenModel | str | Path, *, parts: int = 1, quant: str = "none", group_size: int = 32,
              dtype: torch.dtype = torch.float32, head_quant: str = "none") -> "LocalPipeline":
         opened = open_model_dir(model_dir)
         spans = [load_span(opened, start, end, quant=quant, group_size=group_size, dtype=dtype)

@@ -1,4 +1,5 @@
-"""Rotary position embeddings: inverse frequencies (default, `linear`, `llama3`) and their application."""
+"""Rotary position embeddings: inverse frequencies (default, `linear`, `llama3`, per-frequency
+`factors` as GGUF files store Llama 3's) and their application."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     rope, dim = config.rope, config.head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
     inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.kind == "factors":
+        return inv_freq / torch.tensor(rope.factors, dtype=torch.float32)
     if rope.kind == "linear":
         return inv_freq / rope.factor
     if rope.kind == "llama3":

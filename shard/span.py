@@ -26,8 +26,8 @@ from shard.config import ModelConfig, RopeConfig
 from shard.errors import CorruptCheckpoint, InvalidInput, PromptTooLong, QuantizationError, ShardError, SpanOutOfRange
 from shard.interfaces import BatchStep
 from shard.kv_cache import KVCache
-from shard.model_dir import ModelDir, open_model_dir
-from shard.quant import QUANT_MODES
+from shard.model_dir import QUANT_CHOICES, OpenModel, open_model_dir, resolve_quant
+from shard.quant import QUANT_MODES, Int4Linear
 from shard.quant_swap import empty_quantized_linears_, quantize_linears_
 from shard.rope import inverse_frequencies, rotary_tables
 
@@ -154,12 +154,15 @@ def check_span(config: ModelConfig, start: int, end: int) -> None:
         raise SpanOutOfRange(start, end, config.num_layers)
 
 
-def load_span(model_dir: ModelDir | str | Path, start: int, end: int, *, quant: str = "none", group_size: int = 32,
+def load_span(model_dir: OpenModel | str | Path, start: int, end: int, *, quant: str = "none", group_size: int = 32,
               dtype: torch.dtype = torch.float32, verify: bool = True) -> SpanModel:
-    """Blocks [start, end) of the checkpoint in `model_dir` (open, or a path), quantized as asked."""
-    if quant not in QUANT_MODES:
-        raise QuantizationError(f"quantization {quant!r} is not one of {', '.join(QUANT_MODES)}")
+    """Blocks [start, end) of the model at `model_dir` (open, or a path), quantized as asked
+    ("auto": as the model's own weights are). Weights already in Hearth's int4 groups (a GGUF
+    file's 4-bit blocks) are taken as they are, never dequantized and quantized again."""
     opened = open_model_dir(model_dir, verify=verify)
+    quant, group_size = resolve_quant(opened, quant, group_size)
+    if quant not in QUANT_MODES:
+        raise QuantizationError(f"quantization {quant!r} is not one of {', '.join(QUANT_CHOICES)}")
     if quant != "none":
         dtype = torch.float32  # quantized linears take and return fp32 activations
     model = SpanModel(opened.config, start, end, dtype=dtype, quant=quant, group_size=group_size)
@@ -167,7 +170,8 @@ def load_span(model_dir: ModelDir | str | Path, start: int, end: int, *, quant: 
     for offset, block in enumerate(model.blocks):
         prefix = f"model.layers.{start + offset}."
         read_dtype = torch.float32 if quant != "none" else dtype
-        state = {name: _read_fused(checkpoint, prefix, name, meta.shape, read_dtype)
+        native = _adopt_int4_(block, checkpoint, prefix) if (quant, group_size) == ("int4", 32) else {}
+        state = {name: native[name] if name in native else _read_fused(checkpoint, prefix, name, meta.shape, read_dtype)
                  for name, meta in block.state_dict().items()}
         block.load_state_dict(state, assign=True)
         quantize_linears_(block, quant, group_size)
@@ -178,6 +182,27 @@ def load_span(model_dir: ModelDir | str | Path, start: int, end: int, *, quant: 
     if quant != "none":
         return_free_memory()  # the fp32 temporaries of quantizing
     return model
+
+
+def _adopt_int4_(block: DecoderBlock, checkpoint, prefix: str) -> dict[str, torch.Tensor]:
+    """Put an empty `Int4Linear` in place of each linear of `block` whose checkpoint tensors are
+    int4 groups of 32 already (`read_int4`, GGUF's 4-bit types); their saved tensors, by name."""
+    read_int4 = getattr(checkpoint, "read_int4", None)
+    if read_int4 is None:
+        return {}
+    state = {}
+    for module_name, module in list(block.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        parts = [read_int4(prefix + name) for name in checkpoint_names(f"{module_name}.weight")]
+        if any(part is None for part in parts):
+            continue  # another type: read as floats and quantized like any checkpoint
+        parent, _, leaf = module_name.rpartition(".")
+        setattr(block.get_submodule(parent), leaf, Int4Linear(
+            module.in_features, module.out_features, module.bias is not None, 32, device="meta"))
+        for i, key in enumerate(("qweight", "scales", "zeros")):
+            state[f"{module_name}.{key}"] = torch.cat([part[i] for part in parts])
+    return state
 
 
 def _read_fused(checkpoint: Checkpoint, prefix: str, name: str, shape: torch.Size,
@@ -232,6 +257,6 @@ def load_saved_span(path: str | Path) -> tuple[SpanModel, str]:
 
 def _config_from_saved(raw: dict) -> ModelConfig:
     fields = dict(raw)
-    fields["rope"] = RopeConfig(**fields["rope"])
+    fields["rope"] = RopeConfig(**{**fields["rope"], "factors": tuple(fields["rope"].get("factors", ()))})
     fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
     return ModelConfig(**fields)
