@@ -29,7 +29,7 @@ from shard.errors import InvalidInput, PromptTooLong
 from shard.generate import Decoding, Emitted
 from shard.head import load_head
 from shard.interfaces import Head
-from shard.model_dir import ModelDir, open_model_dir
+from shard.model_dir import OpenModel, open_model_dir
 from shard.sampling import SamplingParams
 from shard.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -96,16 +96,14 @@ class GenerationReport:
 
 
 class Client:
-    def __init__(self, transport: Transport, discovery: Discovery, model_dir: ModelDir | str | Path, *,
+    def __init__(self, transport: Transport, discovery: Discovery, model_dir: OpenModel | str | Path, *,
                  options: ClientOptions = ClientOptions(), head: Head | None = None,
                  tokenizer: Tokenizer | None = None):
         self.transport, self.discovery, self.options = transport, discovery, options
         opened = open_model_dir(model_dir)
         self.model_dir, self.config = opened.path, opened.config
         self.head: Head = head if head is not None else load_head(opened, quant=options.head_quant)
-        if tokenizer is None and (self.model_dir / TOKENIZER_FILE).exists():
-            tokenizer = Tokenizer.from_dir(self.model_dir)
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer if tokenizer is not None else opened.tokenizer()
         self.manifest_hash = opened.digest
         self.model_id = opened.name
         self.rtts: dict[str, float] = {}

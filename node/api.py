@@ -44,6 +44,7 @@ from node import openai_format as fmt
 from node.openai_format import ApiError, CompletionRequest, ResponseHeader
 from shard.errors import ChatTemplateError, InvalidInput, PromptTooLong, ShardError, TokenizerFileError
 from shard.generate import Emitted
+from shard.gguf_file import is_gguf
 from shard.tokenizer import TOKENIZER_FILE
 
 log = logging.getLogger("hearth.api")
@@ -90,8 +91,9 @@ def is_loopback(host: str) -> bool:
 
 
 def check_model_dir(model_dir: str | Path) -> None:
-    """Fail before any network when the model cannot serve the API (it needs a tokenizer)."""
-    if not (Path(model_dir) / TOKENIZER_FILE).is_file():
+    """Fail before any network when the model cannot serve the API (it needs a tokenizer: a GGUF
+    file carries its own)."""
+    if not is_gguf(model_dir) and not (Path(model_dir) / TOKENIZER_FILE).is_file():
         raise InvalidInput(f"the API needs the model's {TOKENIZER_FILE} in {model_dir}")
 
 

@@ -22,7 +22,7 @@ def add_client_arguments(parser: argparse.ArgumentParser, *, model_help: str, ti
     parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                         help="a peer of the swarm (with /p2p/ id); repeatable; needed unless --mdns")
     parser.add_argument("--mdns", action="store_true", help="find the nodes on this LAN (no --bootstrap needed)")
-    parser.add_argument("--model", required=True, type=Path, metavar="DIR", help=model_help)
+    parser.add_argument("--model", required=True, type=Path, metavar="DIR|FILE.gguf", help=model_help)
     parser.add_argument("--codec", choices=sorted(CODECS), default=AUTO,
                         help="activations on the wire (auto: fp16 until a hop's link is measured slow enough "
                              "that a compact codec pays, within the accuracy budget)")

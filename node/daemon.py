@@ -16,6 +16,7 @@ node's own span too. It prints `api listening on http://HOST:PORT/v1` before `li
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import random
@@ -41,8 +42,8 @@ from node.sessions import SessionLimits
 from shard.compute import describe, use_threads
 from shard.config import ModelConfig
 from shard.errors import InvalidInput
-from shard.model_dir import ModelDir
-from shard.quant import INT4_GROUP_SIZES, QUANT_MODES
+from shard.model_dir import QUANT_CHOICES, OpenModel, open_model_dir, resolve_quant
+from shard.quant import INT4_GROUP_SIZES
 from shard.span import block_bytes, load_span
 
 log = logging.getLogger("hearth.node")
@@ -55,7 +56,7 @@ class NodeSettings:
     model_dir: Path
     start: int | None  # None: choose the span from what the swarm serves
     end: int | None
-    quant: str = "none"
+    quant: str = "auto"  # "auto": as the model's own weights are (a GGUF file's types; a directory's floats)
     group_size: int = 32  # int4 only
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
     bootstrap: tuple[str, ...] = ()
@@ -76,7 +77,7 @@ class NodeSettings:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
+    parser.add_argument("--model", required=True, metavar="DIR|FILE.gguf", help="a Hugging Face model directory or a GGUF file")
     parser.add_argument("--blocks", metavar="A:B",
                         help="serve blocks A (inclusive) to B (exclusive); default: choose where the swarm is weakest")
     parser.add_argument("--memory", type=parse_bytes, metavar="BYTES",
@@ -85,7 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="without --blocks: keep the span chosen at start instead of moving where needed")
     parser.add_argument("--rebalance-every", type=float, default=120.0, metavar="S",
                         help="how often a node that chose its span re-evaluates it (randomised +-50%%)")
-    parser.add_argument("--quant", choices=QUANT_MODES, default="none")
+    parser.add_argument("--quant", choices=QUANT_CHOICES, default="auto",
+                        help="weights of the blocks (auto: as the model has them; a GGUF file's 4-bit types run as int4, "
+                             "its 5- to 8-bit ones as int8; a directory's floats stay floats)")
     parser.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES, default=32, metavar="N",
                         help="int4 weights in groups of N (64: 4.5 bits per weight, as llama.cpp's Q4_0; 32: 5 bits, as Q4_1)")
     parser.add_argument("--listen", action="append", metavar="MULTIADDR",
@@ -219,7 +222,9 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = settings_from_args(args)
     use_threads(args.threads)
-    model = ModelDir(settings.model_dir)  # bad config or span: a clear error before any network
+    model = open_model_dir(settings.model_dir)  # bad config or span: a clear error before any network
+    quant, group_size = resolve_quant(model, settings.quant, settings.group_size)
+    settings = dataclasses.replace(settings, quant=quant, group_size=group_size)
     config = model.config
     if settings.auto_span:
         span_capacity(settings, config)
@@ -235,7 +240,7 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-async def load(settings: NodeSettings, model: ModelDir, start: int, end: int):
+async def load(settings: NodeSettings, model: OpenModel, start: int, end: int):
     say(f"loading blocks {start}:{end} of {model.path} ({settings.quant}; {describe()})")
     return await trio.to_thread.run_sync(lambda: load_span(model, start, end, quant=settings.quant,
                                                            group_size=settings.group_size))
@@ -252,7 +257,7 @@ async def choose_blocks(settings: NodeSettings, discovery, digest: str, n_blocks
     return start, end
 
 
-async def serve(settings: NodeSettings, model: ModelDir) -> None:
+async def serve(settings: NodeSettings, model: OpenModel) -> None:
     n_blocks = model.config.num_layers
     digest = await trio.to_thread.run_sync(lambda: model.digest)
     rng = random.Random()  # span choice ties and rebalancing times: spread nodes, never in step
@@ -314,7 +319,7 @@ async def follow_addresses(transport: Libp2pTransport, node: Node, scope: trio.C
             await node.announce_now()
 
 
-async def start_api(nursery: trio.Nursery, settings: NodeSettings, model: ModelDir, transport, discovery) -> ApiServer:
+async def start_api(nursery: trio.Nursery, settings: NodeSettings, model: OpenModel, transport, discovery) -> ApiServer:
     """The OpenAI-compatible API over a client of this node's own model, joined through its host."""
     client = await trio.to_thread.run_sync(lambda: Client(transport, discovery, model))
     api = ApiServer(client, settings.api, wall_clock=time.time)

@@ -5,20 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from shard.compute import describe, use_threads
 from shard.errors import InvalidInput
 from shard.generate import Emitted, generate_local
 from shard.pipeline import LocalPipeline
-from shard.quant import INT4_GROUP_SIZES, QUANT_MODES
+from shard.model_dir import QUANT_CHOICES, open_model_dir
+from shard.quant import INT4_GROUP_SIZES
 from shard.sampling import SamplingParams
 from shard.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
-    parser.add_argument("--quant", choices=QUANT_MODES, default="none", help="weight quantization of the blocks")
+    parser.add_argument("--model", required=True, metavar="DIR|FILE.gguf", help="a Hugging Face model directory or a GGUF file")
+    parser.add_argument("--quant", choices=QUANT_CHOICES, default="auto",
+                        help="weight quantization of the blocks (auto: as the model has them)")
     parser.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES, default=32, metavar="N",
                         help="int4 weights in groups of N (64: 4.5 bits per weight, as llama.cpp's Q4_0; 32: 5 bits, as Q4_1)")
     parser.add_argument("--split", type=int, default=1, metavar="K", help="run the blocks as K spans")
@@ -68,9 +69,10 @@ def parse_ids(text: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     use_threads(args.threads)
     params = sampling_params(args)
-    tokenizer = Tokenizer.from_dir(args.model) if (Path(args.model) / TOKENIZER_FILE).exists() else None
+    model = open_model_dir(args.model)
+    tokenizer = model.tokenizer()
     prompt_ids = _prompt_ids(args, tokenizer)
-    pipeline = LocalPipeline.load(args.model, parts=args.split, quant=args.quant, group_size=args.group_size)
+    pipeline = LocalPipeline.load(model, parts=args.split, quant=args.quant, group_size=args.group_size)
     on_token = None if args.json else _streamer(tokenizer)
     result = generate_local(pipeline, prompt_ids, params, tokenizer=tokenizer, on_token=on_token)
     if args.json:
