@@ -18,7 +18,7 @@ from shard.model_dir import ModelDir, open_model_dir
 from shard.pipeline import LocalPipeline
 from shard.quant import Int4Linear, Int8Linear, int4_dequantize
 from shard.span import load_span
-from tests.shard.gguf_fixtures import BLOCK_TYPES, FLOAT_TYPES, GGUF_ARCH, dequantized_dir, write_gguf
+from tools.gguf_write import BLOCK_TYPES, FLOAT_TYPES, GGUF_ARCH, dequantized_dir, write_gguf
 
 # K-quants need rows of 256: every linear's input is a multiple of 256 here
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,

@@ -1,4 +1,6 @@
-"""GGUF files made at test time, the way llama.cpp's converter writes them, and their reference.
+"""GGUF files made from Hugging Face checkpoints, the way llama.cpp's converter writes them, and
+their reference: the tests' fixtures and the GGUF benchmark's models (not a user tool: K-quants
+get random blocks).
 
 `write_gguf` turns a tiny Hugging Face checkpoint into a `.gguf` file of one tensor type: metadata
 under the architecture's keys, tensors renamed, each Llama head's q/k rows interleaved (the
@@ -20,7 +22,9 @@ from gguf import GGUFReader, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from shard.checkpoint import Checkpoint
 
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 BLOCK_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -58,7 +62,7 @@ def write_gguf(hf_dir: Path, path: Path, qtype: Q, *, arch: str = "llama", seed:
     """`hf_dir`'s model as a GGUF file whose linear weights (and embeddings) are `qtype`;
     `metadata` is written last (a key given twice keeps this value)."""
     config = json.loads((hf_dir / "config.json").read_text())
-    tensors = {name: t.float().numpy() for name, t in load_file(str(hf_dir / "model.safetensors")).items()}
+    checkpoint = Checkpoint(hf_dir, verify=False)
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     rng = np.random.default_rng(seed)
@@ -83,7 +87,8 @@ def write_gguf(hf_dir: Path, path: Path, qtype: Q, *, arch: str = "llama", seed:
         _add_metadata(writer, key, value)
     if rope.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_factors(rope, theta, head_dim))
-    for name, w in tensors.items():
+    for name in checkpoint.names:
+        w = checkpoint.read(name, torch.float32).numpy()
         if name.endswith(("q_proj.weight", "q_proj.bias")) and arch == "llama":
             w = interleave(w, heads)
         elif name.endswith(("k_proj.weight", "k_proj.bias")) and arch == "llama":
@@ -91,7 +96,8 @@ def write_gguf(hf_dir: Path, path: Path, qtype: Q, *, arch: str = "llama", seed:
         if w.ndim == 1:
             writer.add_tensor(gguf_tensor_name(name), np.ascontiguousarray(w, dtype=np.float32))
         else:
-            writer.add_tensor(gguf_tensor_name(name), _encode(w, qtype, rng), raw_dtype=qtype)
+            data, kind = _encode(w, qtype, rng)
+            writer.add_tensor(gguf_tensor_name(name), data, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -99,15 +105,18 @@ def write_gguf(hf_dir: Path, path: Path, qtype: Q, *, arch: str = "llama", seed:
     return path
 
 
-def _encode(w: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarray:
-    if qtype not in K_TYPES:
-        return quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
+def _encode(w: np.ndarray, qtype: Q, rng: np.random.Generator) -> tuple[np.ndarray, Q]:
+    """`w` as `qtype` blocks, or as F16 where its rows are not whole blocks (as llama.cpp falls back)."""
     block, size = GGML_QUANT_SIZES[qtype]
+    if w.shape[1] % block:
+        return w.astype(np.float16), Q.F16
+    if qtype not in K_TYPES:
+        return quantize(np.ascontiguousarray(w, dtype=np.float32), qtype), qtype
     blocks = rng.integers(0, 256, (w.shape[0], w.shape[1] // block, size), dtype=np.uint8)
     for offset in _K_SCALE_OFFSETS[qtype]:  # scales near what a real file has for weights of ~0.1
         scale = rng.uniform(0.001, 0.004, blocks.shape[:2]).astype(np.float16)
         blocks[..., offset:offset + 2] = scale[..., None].view(np.uint8).reshape(*blocks.shape[:2], 2)
-    return blocks.reshape(w.shape[0], -1)
+    return blocks.reshape(w.shape[0], -1), qtype
 
 
 def _llama3_factors(s: dict, base: float, head_dim: int) -> np.ndarray:
@@ -149,7 +158,7 @@ def dequantized_dir(gguf_path: Path, hf_dir: Path, out: Path) -> Path:
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     reader = GGUFReader(str(gguf_path))
     arch = reader.fields["general.architecture"].contents()
-    by_gguf = {gguf_tensor_name(name): name for name in load_file(str(hf_dir / "model.safetensors"))}
+    by_gguf = {gguf_tensor_name(name): name for name in Checkpoint(hf_dir, verify=False).names}
     state = {}
     for tensor in reader.tensors:
         if tensor.name not in by_gguf:
