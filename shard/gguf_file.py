@@ -26,7 +26,6 @@ from shard.errors import ConfigError, CorruptCheckpoint, MissingTensor, Quantiza
 from shard.gguf_blocks import INT4_GROUP, NATIVE, SUPPORTED, dequantize, int4_groups, type_names
 from shard.gguf_format import GGUFFile, TensorInfo, read_gguf
 from shard.manifest import FileEntry, Manifest, hash_file
-from shard.quant import pack_nibbles
 
 SUFFIX = ".gguf"
 IDENTITY_NAME = "model.gguf"  # the manifest's one entry, whatever the file is called
@@ -143,8 +142,10 @@ class GGUFCheckpoint:
         groups = int4_groups(TensorInfo(info.name, info.shape, info.qtype, info.data[self._row_order(name, info.rows)]))
         if groups is None:
             return None
-        codes, scales, zeros = (torch.from_numpy(np.ascontiguousarray(a)) for a in groups)
-        return pack_nibbles(codes), scales.to(torch.bfloat16), zeros.to(torch.bfloat16)
+        codes, scales, zeros = groups
+        packed = codes[:, 0::2] | (codes[:, 1::2] << 4)  # shard.quant.pack_nibbles's layout, in numpy
+        return (torch.from_numpy(packed), torch.from_numpy(scales).to(torch.bfloat16),
+                torch.from_numpy(zeros).to(torch.bfloat16))
 
     def release(self) -> None:
         """Nothing to let go: the file stays mapped and its pages are the kernel's to evict."""
