@@ -24,7 +24,7 @@ import torch
 from shard.config import ModelConfig, config_from_dict
 from shard.errors import ConfigError, CorruptCheckpoint, MissingTensor, QuantizationError, UnsupportedArchitecture
 from shard.gguf_blocks import INT4_GROUP, NATIVE, SUPPORTED, dequantize, int4_groups, type_names
-from shard.gguf_format import GGUFFile, TensorInfo, read_gguf
+from shard.gguf_format import MAGIC, GGUFFile, TensorInfo, read_gguf
 from shard.manifest import FileEntry, Manifest, hash_file
 
 SUFFIX = ".gguf"
@@ -44,7 +44,16 @@ _LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "
 
 
 def is_gguf(path: str | Path) -> bool:
-    return Path(path).suffix.lower() == SUFFIX and not Path(path).is_dir()
+    """Whether `path` names a GGUF file: by its name, or by its first bytes (an Ollama blob is
+    called sha256-...). A directory, or a path that is not there, is not."""
+    path = Path(path)
+    if path.suffix.lower() == SUFFIX:
+        return not path.is_dir()
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) == MAGIC
+    except OSError:  # a directory, or missing: the directory loader says what is wrong
+        return False
 
 
 def gguf_name(hf_name: str) -> str:

@@ -195,3 +195,13 @@ def test_the_cli_says_one_line_and_exits_2(gguf_model, tmp_path, capsys):
         assert main(["run", "--model", str(bad), "--prompt-ids", "1,2", "--max-new-tokens", "1"]) == 2, name
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and says in err and "Traceback" not in err, err
+
+
+def test_a_gguf_file_without_the_suffix_is_known_by_its_magic(gguf_model, tmp_path):
+    path, _, _ = gguf_model("llama", Q.Q4_0)
+    blob = tmp_path / "sha256-0123abcd"  # how Ollama names its blobs
+    blob.write_bytes(path.read_bytes())
+    model = open_model_dir(blob)
+    assert isinstance(model, GGUFModel) and model.digest == GGUFModel(path).digest
+    with pytest.raises(ShardError, match="config.json"):
+        open_model_dir(tmp_path / "missing")
