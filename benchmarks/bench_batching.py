@@ -93,6 +93,16 @@ async def measure(bootstrap: str, model_dir: Path, clients: int, tokens: int, ro
     return {"alone": alone, "together": together, "each": each, "same_tokens": same}
 
 
+async def run(args: argparse.Namespace) -> dict:
+    """`measure` on a 2-node swarm of the model, stopped afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = model_or_build(args, tmp)
+        async with LocalSwarm(model_dir, quant=args.quant, work_dir=tmp,
+                              extra_args=["--threads", str(args.threads)]) as swarm:
+            await swarm.start(swarm.spans(2), timeout=600)
+            return await measure(swarm.bootstrap[0], model_dir, args.clients, args.tokens, args.rounds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="a model directory (default: build the random ~1B model)")
@@ -106,11 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle node processes must not spin on the cores
     torch.set_num_threads(1)  # the clients' heads: one core, the nodes the rest
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = model_or_build(args, tmp)
-        with LocalSwarm(model_dir, quant=args.quant, work_dir=tmp, extra_args=["--threads", str(args.threads)]) as swarm:
-            swarm.start(swarm.spans(2), timeout=600)
-            result = trio.run(measure, swarm.bootstrap[0], model_dir, args.clients, args.tokens, args.rounds)
+    result = trio.run(run, args)
     alone, together = statistics.median(result["alone"]), statistics.median(result["together"])
     print(f"\n2-node swarm, quant {args.quant}, {PROMPT_TOKENS}-token prompts, {args.rounds} rounds x {args.tokens} tokens, "
           f"{args.threads} torch thread(s) per node")

@@ -22,7 +22,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from benchmarks.bench_local import save_model  # noqa: E402
 from mesh.client import ClientOptions, GenerationReport  # noqa: E402
 from mesh.join import connect  # noqa: E402
 from mesh.session import HopSession  # noqa: E402
-from node.swarm import LocalSwarm, NodeStartError  # noqa: E402
+from node.swarm import LocalSwarm  # noqa: E402
 from protocol import Codec  # noqa: E402
 from shard.sampling import SamplingParams  # noqa: E402
 
@@ -42,12 +41,14 @@ PROMPT = list(range(10, 26))
 
 
 class Killer:
-    """Wraps HopSession.step: before a step, SIGKILLs that hop's node with probability p."""
+    """Wraps HopSession.step: before a step, SIGKILLs that hop's node with probability p; respawned
+    nodes start in `respawns`, a nursery of the generation's."""
 
     def __init__(self, swarm: LocalSwarm, p: float, seed: int, respawn: bool):
         self.swarm, self.p, self.rng, self.respawn = swarm, p, random.Random(seed), respawn
         self.kills: list[float] = []
         self.kill_at_step: int | None = None
+        self.respawns: trio.Nursery | None = None
         self._original = HopSession.step
 
     async def step(self, hop: HopSession, hidden, position, **kwargs):
@@ -63,22 +64,18 @@ class Killer:
         return max(int(node.args[3].split(":")[1]) for node in self.swarm.nodes)
 
     def kill(self, hop: HopSession) -> None:
-        victim = next((n for n in self.swarm.nodes if n.peer_id == hop.peer_id and n.process.poll() is None), None)
+        victim = next((n for n in self.swarm.nodes if n.peer_id == hop.peer_id and n.running), None)
         if victim is None:
             return
         victim.signal(signal.SIGKILL)
         self.kills.append(time.perf_counter())
         if self.respawn:  # churn: someone else brings those blocks back a few seconds later
             start, end = (int(x) for x in victim.args[3].split(":"))
-            threading.Thread(target=self._respawn, args=(start, end), daemon=True).start()
+            self.respawns.start_soon(self._respawn, start, end)
 
-    def _respawn(self, start: int, end: int) -> None:
-        try:
-            node = self.swarm.add(start, end)
-            os.setpriority(os.PRIO_PROCESS, node.pid, 19)  # a newcomer's start-up must not slow the others
-            node.wait_ready(120)
-        except NodeStartError:
-            pass  # the run ended (and stopped the swarm) while the node was starting
+    async def _respawn(self, start: int, end: int) -> None:
+        node = await self.swarm.add(start, end)  # the swarm stops it with the others
+        os.setpriority(os.PRIO_PROCESS, node.pid, 19)  # a newcomer's start-up must not slow the others
 
 
 async def generate(swarm: LocalSwarm, model_dir: Path, tokens: int, killer: Killer) -> tuple[GenerationReport, list]:
@@ -86,33 +83,59 @@ async def generate(swarm: LocalSwarm, model_dir: Path, tokens: int, killer: Kill
     stamps: list[float] = []
     HopSession.step = lambda hop, *a, **k: killer.step(hop, *a, **k)
     try:
-        async with connect(bootstrap=swarm.bootstrap, model=model_dir, options=options) as client:
-            report = GenerationReport([])
-            async for _ in client.generate(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=tokens), report=report):
-                stamps.append(time.perf_counter())
+        async with trio.open_nursery() as respawns:
+            killer.respawns = respawns
+            async with connect(bootstrap=swarm.bootstrap, model=model_dir, options=options) as client:
+                report = GenerationReport([])
+                async for _ in client.generate(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=tokens),
+                                               report=report):
+                    stamps.append(time.perf_counter())
     finally:
         HopSession.step = killer._original
     return report, stamps
 
 
-def recovery_time(model_dir: Path, spans, history: int, work_dir: str) -> tuple[float, GenerationReport]:
-    with LocalSwarm(model_dir, work_dir=work_dir, extra_args=["--threads", "1"]) as swarm:
-        swarm.start(spans + spans, timeout=300)
+async def recovery_time(model_dir: Path, spans, history: int, work_dir: str) -> tuple[float, GenerationReport]:
+    async with LocalSwarm(model_dir, work_dir=work_dir, extra_args=["--threads", "1"]) as swarm:
+        await swarm.start(spans + spans, timeout=300)
         killer = Killer(swarm, 0.0, 0, respawn=False)
         killer.kill_at_step = history - len(PROMPT) + 1  # the hop has seen `history` tokens
-        report, stamps = trio.run(generate, swarm, model_dir, history + 4, killer)
+        report, stamps = await generate(swarm, model_dir, history + 4, killer)
     [killed] = killer.kills
     next_token = min(t for t in stamps if t > killed)
     return next_token - killed, report
 
 
-def throughput(model_dir: Path, spans, tokens: int, p: float, seed: int, work_dir: str,
-               replicas: int, respawn: bool) -> tuple[float, GenerationReport]:
-    with LocalSwarm(model_dir, work_dir=work_dir, extra_args=["--threads", "1"]) as swarm:
-        swarm.start(spans * replicas, timeout=300)
+async def throughput(model_dir: Path, spans, tokens: int, p: float, seed: int, work_dir: str,
+                     replicas: int, respawn: bool) -> tuple[float, GenerationReport]:
+    async with LocalSwarm(model_dir, work_dir=work_dir, extra_args=["--threads", "1"]) as swarm:
+        await swarm.start(spans * replicas, timeout=300)
         killer = Killer(swarm, p, seed, respawn=respawn)
-        report, _ = trio.run(generate, swarm, model_dir, tokens, killer)
+        report, _ = await generate(swarm, model_dir, tokens, killer)
     return (len(report.token_ids) - 1) / report.decode_s, report
+
+
+async def measure(args: argparse.Namespace) -> tuple[float, dict[float, list[float]]]:
+    """The recovery time, and per failure probability the decode tokens/s of each seed's run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        save_model(model_dir, args)
+        spans = [(0, args.layers // 3), (args.layers // 3, 2 * args.layers // 3), (2 * args.layers // 3, args.layers)]
+        seconds, recovered = await recovery_time(model_dir, spans, args.history, tmp)
+        print(f"recovery after SIGKILL with a {args.history}-token history: {seconds * 1e3:.0f} ms to the next token "
+              f"(replay took {recovered.recoveries[0].seconds * 1e3:.0f} ms)", flush=True)
+        rates: dict[float, list[float]] = {}
+        reference = None
+        for p in (0.0, 1e-3, 1e-2):
+            for seed in range(args.seeds):
+                rate, report = await throughput(model_dir, spans, args.tokens, p, seed, tmp, args.replicas, args.respawn)
+                reference = reference or report.token_ids
+                same = "same tokens" if report.token_ids == reference else "DIFFERENT TOKENS"
+                took = ", ".join(f"{r.seconds:.2f}" for r in report.recoveries)
+                print(f"p={p:g} seed {seed}: {rate:.1f} tok/s, {len(report.recoveries)} recoveries ({took} s), {same}",
+                      flush=True)
+                rates.setdefault(p, []).append(rate)
+    return seconds, rates
 
 
 def main() -> None:
@@ -127,24 +150,7 @@ def main() -> None:
                         help="restart killed nodes here (on a 2-core machine their start-up competes with the run)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "model"
-        save_model(model_dir, args)
-        spans = [(0, args.layers // 3), (args.layers // 3, 2 * args.layers // 3), (2 * args.layers // 3, args.layers)]
-        seconds, recovered = recovery_time(model_dir, spans, args.history, tmp)
-        print(f"recovery after SIGKILL with a {args.history}-token history: {seconds * 1e3:.0f} ms to the next token "
-              f"(replay took {recovered.recoveries[0].seconds * 1e3:.0f} ms)", flush=True)
-        rates: dict[float, list[float]] = {}
-        reference = None
-        for p in (0.0, 1e-3, 1e-2):
-            for seed in range(args.seeds):
-                rate, report = throughput(model_dir, spans, args.tokens, p, seed, tmp, args.replicas, args.respawn)
-                reference = reference or report.token_ids
-                same = "same tokens" if report.token_ids == reference else "DIFFERENT TOKENS"
-                took = ", ".join(f"{r.seconds:.2f}" for r in report.recoveries)
-                print(f"p={p:g} seed {seed}: {rate:.1f} tok/s, {len(report.recoveries)} recoveries ({took} s), {same}",
-                      flush=True)
-                rates.setdefault(p, []).append(rate)
+    seconds, rates = trio.run(measure, args)
     base = statistics.median(rates[0.0])
     print(f"\nrandom Llama h{args.hidden} L{args.layers}, 3 spans x {args.replicas} replicas "
           f"({'killed nodes restarted' if args.respawn else 'no restarts'}), {args.tokens} tokens, fp32 activations")

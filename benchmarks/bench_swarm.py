@@ -143,9 +143,13 @@ def span_decode_seconds(model_dir: Path, quant: str, bounds: list[tuple[int, int
 
 async def tcp_round_trip(message_bytes: int, repeats: int = 200) -> float:
     """Median seconds for a `message_bytes` message to go to an echo process on loopback and back."""
-    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    server = await trio.lowlevel.open_process([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE)
     try:
-        port = int(server.stdout.readline())
+        printed = b""
+        with trio.fail_after(60):
+            while not printed.endswith(b"\n"):
+                printed += await server.stdout.receive_some()
+        port = int(printed)
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         payload, times = b"x" * message_bytes, []
         for _ in range(repeats):
@@ -158,8 +162,10 @@ async def tcp_round_trip(message_bytes: int, repeats: int = 200) -> float:
         await stream.aclose()
         return statistics.median(times)
     finally:
-        server.kill()
-        server.wait()
+        with trio.CancelScope(shield=True), trio.fail_after(10):
+            server.kill()
+            await server.wait()
+            await server.stdout.aclose()
 
 
 def main() -> None:
@@ -179,39 +185,44 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle node processes must not spin on the cores
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        model_dir = model_or_build(args, tmp)
-        pipeline = LocalPipeline.load(model_dir, quant=args.quant)
-        generate_local(pipeline, prompt_ids()[:8], SamplingParams(max_new_tokens=4))  # warm-up, as the swarm gets
-        node_args = ["--threads", str(args.threads)]
-        swarms = {"loopback": stack.enter_context(LocalSwarm(model_dir, quant=args.quant, work_dir=tmp,
-                                                             extra_args=node_args))}
-        if args.hosts:
-            bed = stack.enter_context(test_bed())
-            swarms["hosts"] = stack.enter_context(LocalSwarm(model_dir, quant=args.quant, extra_args=node_args,
-                                                             hosts=bed.hosts))
-        for swarm in swarms.values():
-            swarm.start(swarm.spans(3), timeout=600)
-        local, times, hop_rounds = [], {name: [] for name in swarms}, {name: [] for name in swarms}
-        for round_ in range(args.rounds):  # interleaved, so that the shared machine's drift hits all alike
-            local += single_process(pipeline, args.tokens)
-            for name, swarm in swarms.items():
-                step_times, hops = trio.run(swarm_decode, swarm.bootstrap[0], model_dir, args.tokens,
-                                            not args.libp2p_only)
-                times[name] += step_times
-                hop_rounds[name].append(hops)
-            print(f"round {round_ + 1}: single process {1 / statistics.median(local):.2f} tok/s, " + ", ".join(
-                f"swarm on {name} {1 / statistics.median(t):.2f} tok/s" for name, t in times.items()), flush=True)
-        loopback = swarms["loopback"].nodes
-        memory = resident([node.pid for node in loopback])
-        bounds = [tuple(int(b) for b in node.args[node.args.index("--blocks") + 1].split(":")) for node in loopback]
-        stack.close()
+    trio.run(run, args)
+
+
+async def run(args: argparse.Namespace) -> None:
+    """The rounds, then the per-hop and memory reports, with the swarms stopped before the spans run here."""
+    with tempfile.TemporaryDirectory() as tmp:
+        async with contextlib.AsyncExitStack() as stack:
+            model_dir = model_or_build(args, tmp)
+            pipeline = LocalPipeline.load(model_dir, quant=args.quant)
+            generate_local(pipeline, prompt_ids()[:8], SamplingParams(max_new_tokens=4))  # warm-up, as the swarm gets
+            node_args = ["--threads", str(args.threads)]
+            swarms = {"loopback": await stack.enter_async_context(LocalSwarm(model_dir, quant=args.quant, work_dir=tmp,
+                                                                             extra_args=node_args))}
+            if args.hosts:
+                bed = stack.enter_context(test_bed())
+                swarms["hosts"] = await stack.enter_async_context(LocalSwarm(model_dir, quant=args.quant,
+                                                                             extra_args=node_args, hosts=bed.hosts))
+            for swarm in swarms.values():
+                await swarm.start(swarm.spans(3), timeout=600)
+            local, times, hop_rounds = [], {name: [] for name in swarms}, {name: [] for name in swarms}
+            for round_ in range(args.rounds):  # interleaved, so that the shared machine's drift hits all alike
+                local += single_process(pipeline, args.tokens)
+                for name, swarm in swarms.items():
+                    step_times, hops = await swarm_decode(swarm.bootstrap[0], model_dir, args.tokens,
+                                                          not args.libp2p_only)
+                    times[name] += step_times
+                    hop_rounds[name].append(hops)
+                print(f"round {round_ + 1}: single process {1 / statistics.median(local):.2f} tok/s, " + ", ".join(
+                    f"swarm on {name} {1 / statistics.median(t):.2f} tok/s" for name, t in times.items()), flush=True)
+            loopback = swarms["loopback"].nodes
+            memory = resident([node.pid for node in loopback])
+            bounds = [tuple(int(b) for b in node.args[node.args.index("--blocks") + 1].split(":")) for node in loopback]
         del pipeline
         weights = span_weight_bytes(model_dir, args.quant, bounds)
         hops = {name: mean_hops(rounds) for name, rounds in hop_rounds.items()}
         spans = span_decode_seconds(model_dir, args.quant, [(h.start, h.end) for h in hops["loopback"]], args.tokens)
         hidden = load_config(model_dir).hidden_size
-        tcp_s = trio.run(tcp_round_trip, hidden * 2 + 200)  # one fp16 decode step plus framing
+        tcp_s = await tcp_round_trip(hidden * 2 + 200)  # one fp16 decode step plus framing
     report(local, times, hops, spans, tcp_s, args)
     memory_report(bounds, weights, memory)
 

@@ -11,6 +11,7 @@ from mesh.routing import NoRouteError
 from mesh.session import HopFailed
 from node.swarm import NodeStartError
 from shard.errors import ShardError
+from shard.model_dir import QUANT_CHOICES
 
 EXIT_BAD_INPUT = 2
 
@@ -41,12 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Join the swarm as a client and answer OpenAI-style requests on http://HOST:PORT/v1; "
                     "prompts and tokens stay on this device."))
     swarm = commands.add_parser("swarm", help="start N local nodes splitting a model, until Ctrl-C")
-    swarm.add_argument("--model", required=True, metavar="DIR")
+    swarm.add_argument("--model", required=True, metavar="DIR|FILE.gguf")
     swarm.add_argument("--nodes", type=int, default=3, metavar="N")
-    swarm.add_argument("--quant", choices=("none", "int8", "int4"), default="none")
+    swarm.add_argument("--quant", choices=QUANT_CHOICES, default="auto")
     run_local.add_threads_argument(swarm, what=" per node")
     manifest = commands.add_parser("manifest", help="write hearth-manifest.json for a model directory")
-    manifest.add_argument("model_dir", metavar="DIR")
+    manifest.add_argument("model_dir", metavar="DIR")  # a GGUF file is told it needs none
     return parser
 
 
@@ -86,8 +87,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "swarm":
         return run_swarm(args)
     if args.command == "manifest":
+        from shard.gguf_file import GGUFModel, is_gguf
         from shard.manifest import write_manifest
 
+        if is_gguf(args.model_dir):
+            print(f"{args.model_dir} is a GGUF file: it needs no manifest; its identity is {GGUFModel(args.model_dir).digest}")
+            return 0
         path = write_manifest(args.model_dir)
         print(f"wrote {path}")
         return 0
@@ -95,23 +100,32 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def run_swarm(args: argparse.Namespace) -> int:
-    import signal
-
-    from node.swarm import LocalSwarm
+    import trio
 
     from shard.compute import use_threads
 
     use_threads(args.threads)  # checks it; the nodes get it
-    with LocalSwarm(args.model, quant=args.quant, extra_args=["--threads", str(args.threads)]) as swarm:
-        swarm.start(swarm.spans(args.nodes))
-        for node in swarm.nodes:
-            print(f"{node.name} pid {node.pid} blocks {node.args[node.args.index('--blocks') + 1]}: {node.addr}", flush=True)
-        print(f"bootstrap: {swarm.bootstrap[0]}\nCtrl-C stops every node.", flush=True)
-        try:
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        except KeyboardInterrupt:
-            pass
+    trio.run(_serve_swarm, args)
     return 0
+
+
+async def _serve_swarm(args: argparse.Namespace) -> None:
+    """`hearth swarm`: the nodes run until a SIGINT (Ctrl-C) or SIGTERM; leaving the swarm stops them."""
+    import signal
+
+    import trio
+
+    from node.swarm import LocalSwarm
+
+    async with LocalSwarm(args.model, quant=args.quant, extra_args=["--threads", str(args.threads)]) as swarm:
+        await swarm.start(swarm.spans(args.nodes))
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            for node in swarm.nodes:
+                print(f"{node.name} pid {node.pid} blocks {node.args[node.args.index('--blocks') + 1]}: {node.addr}",
+                      flush=True)
+            print(f"bootstrap: {swarm.bootstrap[0]}\nCtrl-C stops every node.", flush=True)
+            async for _ in signals:
+                break
 
 
 if __name__ == "__main__":

@@ -52,19 +52,23 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--nodes must be at least 1, got {args.nodes}")
     use_threads(args.threads)  # checks it; the nodes get it too
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle nodes must not spin on the cores
-    with tempfile.TemporaryDirectory(prefix="hearth-demo-") as work_dir, \
-            LocalSwarm(args.model, quant=args.quant, work_dir=work_dir, extra_args=["--threads", str(args.threads)]) as swarm:
-        spans = swarm.spans(args.nodes)
-        standby = spans[len(spans) // 2] if args.kill_one else None
-        started = time.monotonic()
-        say(f"starting {args.nodes} node processes on 127.0.0.1 ({args.quant}), loading {args.model.name} ...")
-        swarm.start(spans + ([standby] if standby else []), timeout=180)
-        for node in swarm.nodes:
-            say(f"{node.name} (pid {node.pid}) serves blocks {node.args[3]} at {node.addr}")
-        say(f"swarm ready in {time.monotonic() - started:.1f} s; joining through {swarm.bootstrap[0]}")
-        report = trio.run(_generate, swarm, args)
-    _summary(report)
+    _summary(trio.run(_demo, args))
     return 0
+
+
+async def _demo(args: argparse.Namespace) -> GenerationReport:
+    with tempfile.TemporaryDirectory(prefix="hearth-demo-") as work_dir:
+        async with LocalSwarm(args.model, quant=args.quant, work_dir=work_dir,
+                              extra_args=["--threads", str(args.threads)]) as swarm:
+            spans = swarm.spans(args.nodes)
+            standby = spans[len(spans) // 2] if args.kill_one else None
+            started = time.monotonic()
+            say(f"starting {args.nodes} node processes on 127.0.0.1 ({args.quant}), loading {args.model.name} ...")
+            await swarm.start(spans + ([standby] if standby else []), timeout=180)
+            for node in swarm.nodes:
+                say(f"{node.name} (pid {node.pid}) serves blocks {node.args[3]} at {node.addr}")
+            say(f"swarm ready in {time.monotonic() - started:.1f} s; joining through {swarm.bootstrap[0]}")
+            return await _generate(swarm, args)
 
 
 async def _generate(swarm: LocalSwarm, args: argparse.Namespace) -> GenerationReport:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import threading
+from collections.abc import Awaitable, Callable
+from functools import partial
+
 import pytest
+import trio
 
 from node.swarm import LocalSwarm
 from shard.generate import generate_local
@@ -13,14 +20,18 @@ NODE_ARGS = ["--threads", "1", "--idle-timeout", "60"]
 
 
 @pytest.fixture
-def local_swarm(checkpoint_factory, tmp_path):
+async def local_swarm(checkpoint_factory, tmp_path):
     """A LocalSwarm of the tiny llama; every process it starts is stopped (then killed) at teardown."""
-    swarm = LocalSwarm(checkpoint_factory("llama"), extra_args=NODE_ARGS, work_dir=tmp_path)
-    try:
+    async with LocalSwarm(checkpoint_factory("llama"), extra_args=NODE_ARGS, work_dir=tmp_path) as swarm:
         yield swarm
-    finally:
-        swarm.stop()
-        assert all(node.process.poll() is not None for node in swarm.nodes)
+    assert not any(node.running for node in swarm.nodes)
+
+
+async def run_command(argv: list[str], *, timeout: float = 120, **options) -> subprocess.CompletedProcess:
+    """`argv` run to its end (killed after `timeout` seconds), its output captured as text."""
+    with trio.fail_after(timeout):
+        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False, **options)
+    return subprocess.CompletedProcess(argv, done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
 def local_tokens(model_dir, prompt: list[int], n: int) -> list[int]:
@@ -64,18 +75,64 @@ def netbed():
 
 
 @pytest.fixture
-def hosts_swarm_factory(netbed, tmp_path):
+def hosts_swarm_factory(tmp_path):
     """`factory(model_dir, bed)`: a LocalSwarm whose node i runs on host i of `bed`, listening on
-    every interface at port 4001; its nodes are stopped before the test bed goes down."""
-    swarms = []
+    every interface at port 4001. The test enters it (`async with`), so its nodes are stopped before
+    the test bed goes down."""
 
     def make(model_dir, bed, n_hosts: int | None = None) -> LocalSwarm:
-        swarm = LocalSwarm(model_dir, extra_args=NODE_ARGS, work_dir=tmp_path, hosts=bed.hosts[:n_hosts])
-        swarms.append(swarm)
-        return swarm
+        return LocalSwarm(model_dir, extra_args=NODE_ARGS, work_dir=tmp_path, hosts=bed.hosts[:n_hosts])
 
-    try:
-        yield make
-    finally:
-        for swarm in swarms:
-            swarm.stop()
+    return make
+
+
+class TrioThread:
+    """A trio run in a thread of its own, for what the tests of a module share: pytest-trio runs each
+    test, and its async fixtures, in a trio run of its own. `serve(task_status=...)` sets up, reports
+    `task_status.started(value)` and runs until `close()` cancels it; a test reaches objects of that
+    run (a LocalSwarm's nodes) through `await run(...)` and `await run_sync(...)`."""
+
+    def __init__(self, serve: Callable[..., Awaitable[None]], *, timeout: float):
+        self._serve, self._timeout = serve, timeout
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="shared-trio-run", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.close()
+            raise TimeoutError(f"not set up within {timeout:g} s")
+        if self._error is not None:
+            raise self._error
+
+    def _main(self) -> None:
+        try:
+            trio.run(self._run)
+        except BaseException as err:  # reported to the constructor, or by close()
+            self._error = err
+        finally:
+            self._ready.set()
+
+    async def _run(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self._cancel = nursery.cancel_scope
+            self.value = await nursery.start(self._serve)
+            self._ready.set()
+
+    async def run(self, afn: Callable[..., Awaitable], *args):
+        """`await afn(*args)` in this thread's trio run, from another run."""
+        return await trio.to_thread.run_sync(partial(trio.from_thread.run, afn, *args, trio_token=self._token))
+
+    async def run_sync(self, fn: Callable, *args):
+        """`fn(*args)` in this thread's trio run, from another run."""
+        return await trio.to_thread.run_sync(partial(trio.from_thread.run_sync, fn, *args, trio_token=self._token))
+
+    def close(self) -> None:
+        """Cancel `serve` (its context managers exit) and wait for the thread."""
+        with contextlib.suppress(trio.RunFinishedError):  # serve ended by itself: its error follows
+            trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._token)
+        self._thread.join(self._timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"not torn down within {self._timeout:g} s")
+        if self._error is not None:
+            raise self._error

@@ -2,7 +2,8 @@
 
 One swarm of real node processes serves the module: node0 serves blocks 0:3 and the API (with a
 key), node1..node3 serve 3:6, 0:3 and 3:6, so every block is served twice. A lone node serving
-0:3 with an API of its own is a swarm that cannot answer (503). The failover and disconnect tests
+0:3 with an API of its own is a swarm that cannot answer (503). Both live in a trio run in a
+thread of their own (`TrioThread`), started once for the module. The failover and disconnect tests
 run the same API in this process (`ApiServer` over a `mesh.Client`, the `hearth api` code) so
 they can act at an exact step of a hop, as tests/integration/test_failover.py does.
 """
@@ -16,6 +17,7 @@ import urllib.error
 import urllib.request
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import openai
 import pytest
@@ -28,7 +30,7 @@ from node.api import ApiServer, ApiSettings
 from node.swarm import LocalSwarm, NodeProcess
 from protocol import Codec
 from shard.tokenizer import Tokenizer
-from tests.integration.conftest import NODE_ARGS
+from tests.integration.conftest import NODE_ARGS, TrioThread
 
 KEY = "sk-hearth-test"
 MESSAGES = [{"role": "user", "content": "Hello world"}]
@@ -37,33 +39,44 @@ API_PREFIX = "api listening on "
 
 @dataclass
 class ApiSwarm:
-    swarm: LocalSwarm
+    swarm: LocalSwarm  # its nodes belong to `shared`'s trio run: signal them and wait for them there
     url: str  # node0's API, which needs KEY
     lone_url: str  # the API of a node alone with blocks 0:3, without a key
     model: str
+    shared: TrioThread
 
 
-def api_url(node: NodeProcess) -> str:
-    return node.wait_for(API_PREFIX, 10)[len(API_PREFIX):].strip()
+async def api_url(node: NodeProcess) -> str:
+    return (await node.wait_for(API_PREFIX, 10))[len(API_PREFIX):].strip()
+
+
+async def serve_api_swarm(model_dir, work_dir, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Starts the module's nodes, reports (swarm, url, lone_url), and keeps them until cancelled."""
+    swarm = LocalSwarm(model_dir, extra_args=NODE_ARGS, work_dir=work_dir)
+    lone = LocalSwarm(model_dir, extra_args=NODE_ARGS)
+    try:
+        async with swarm, lone:
+            head = await swarm.add(0, 3, extra_args=["--api-port", "0", "--api-key", KEY])
+            lone_node = await lone.add(0, 3, extra_args=["--api-port", "0"])
+            await head.wait_ready(120)
+            for start, end in [(3, 6), (0, 3), (3, 6)]:
+                await swarm.add(start, end)
+            for node in swarm.nodes + lone.nodes:
+                await node.wait_ready(120)
+            task_status.started((swarm, await api_url(head), await api_url(lone_node)))
+            await trio.sleep_forever()
+    finally:
+        assert not any(node.running for node in swarm.nodes + lone.nodes)
 
 
 @pytest.fixture(scope="module")
 def api_swarm(chat_model_dir, tmp_path_factory):
-    swarm = LocalSwarm(chat_model_dir, extra_args=NODE_ARGS, work_dir=tmp_path_factory.mktemp("api-swarm"))
-    lone = LocalSwarm(chat_model_dir, extra_args=NODE_ARGS)
+    """The module's swarm, shared by its tests: pytest-trio gives no module-scoped async fixture."""
+    shared = TrioThread(partial(serve_api_swarm, chat_model_dir, tmp_path_factory.mktemp("api-swarm")), timeout=300)
     try:
-        head = swarm.add(0, 3, extra_args=["--api-port", "0", "--api-key", KEY])
-        lone_node = lone.add(0, 3, extra_args=["--api-port", "0"])
-        head.wait_ready(120)
-        for start, end in [(3, 6), (0, 3), (3, 6)]:
-            swarm.add(start, end)
-        for node in swarm.nodes + lone.nodes:
-            node.wait_ready(120)
-        yield ApiSwarm(swarm, api_url(head), api_url(lone_node), chat_model_dir.name)
+        yield ApiSwarm(*shared.value, chat_model_dir.name, shared)
     finally:
-        swarm.stop()
-        lone.stop()
-        assert all(node.process.poll() is not None for node in swarm.nodes + lone.nodes)
+        shared.close()
 
 
 def openai_client(url: str, key: str = KEY) -> openai.OpenAI:
@@ -232,7 +245,7 @@ async def test_a_streamed_answer_survives_sigkill_of_a_route_node(api_swarm, mon
         async def step(self, hidden, position, **kwargs):
             if self.step_number == 8 and self.end == 6 and not killed:  # the tail hop, mid-answer
                 victim = next(node for node in swarm.nodes if node.peer_id == self.peer_id)
-                victim.signal(signal.SIGKILL)
+                await api_swarm.shared.run_sync(victim.signal, signal.SIGKILL)
                 killed.append(victim)
             return await original(self, hidden, position, **kwargs)
 
@@ -245,4 +258,4 @@ async def test_a_streamed_answer_survives_sigkill_of_a_route_node(api_swarm, mon
         text = await trio.to_thread.run_sync(stream_text)
     assert answer.usage.completion_tokens > 8 and killed  # the kill happened mid-answer
     assert text == answer.choices[0].message.content
-    assert killed[0].process.wait(timeout=5) == -signal.SIGKILL
+    assert await api_swarm.shared.run(killed[0].wait, 5) == -signal.SIGKILL

@@ -18,8 +18,8 @@ def memory_for(model_dir, blocks: int) -> str:
     return str(KV_BYTES + blocks * block_bytes(load_config(model_dir)) + 1000)
 
 
-def chosen(node) -> tuple[int, int]:
-    line = node.wait_for("chose blocks ", timeout=5)
+async def chosen(node) -> tuple[int, int]:
+    line = await node.wait_for("chose blocks ", timeout=5)
     start, end = line.split()[2].split(":")
     return int(start), int(end)
 
@@ -27,11 +27,11 @@ def chosen(node) -> tuple[int, int]:
 async def test_two_nodes_without_blocks_cover_the_model_between_them(local_swarm):
     model_dir = local_swarm.model_dir
     memory = ["--memory", memory_for(model_dir, 3), "--kv-cache-bytes", str(KV_BYTES)]
-    first = local_swarm.add(None, None, extra_args=memory)
-    first.wait_ready()
-    second = local_swarm.add(None, None, extra_args=memory)
-    second.wait_ready()
-    spans = {chosen(first), chosen(second)}
+    first = await local_swarm.add(None, None, extra_args=memory)
+    await first.wait_ready()
+    second = await local_swarm.add(None, None, extra_args=memory)
+    await second.wait_ready()
+    spans = {await chosen(first), await chosen(second)}
     assert spans == {(0, 3), (3, 6)}  # the first takes either end at random; the second the other half
     report = await generate(second.addr, model_dir)
     assert report.token_ids == local_tokens(model_dir, PROMPT, 12)

@@ -51,7 +51,7 @@ async def run(swarm, bootstrap: str, **options):
 
 @pytest.mark.parametrize("step", KILL_STEPS)
 async def test_sigkill_of_a_route_node_changes_nothing(local_swarm, monkeypatch, expected, step):
-    local_swarm.start([(0, 3), (3, 6), (0, 3), (3, 6)])  # every block served twice
+    await local_swarm.start([(0, 3), (3, 6), (0, 3), (3, 6)])  # every block served twice
     state = fail_route_node_at(monkeypatch, local_swarm, step, signal.SIGKILL)
     report = await run(local_swarm, local_swarm.nodes[0].addr)
     assert report.token_ids == expected
@@ -61,7 +61,7 @@ async def test_sigkill_of_a_route_node_changes_nothing(local_swarm, monkeypatch,
 
 
 async def test_sigstop_is_detected_and_replaced_within_10_s(local_swarm, monkeypatch, expected):
-    local_swarm.start([(0, 3), (3, 6), (0, 3), (3, 6)])
+    await local_swarm.start([(0, 3), (3, 6), (0, 3), (3, 6)])
     state = fail_route_node_at(monkeypatch, local_swarm, 20, signal.SIGSTOP)
     report = await run(local_swarm, local_swarm.nodes[0].addr, step_timeout_s=5.0)
     assert report.token_ids == expected
@@ -71,7 +71,7 @@ async def test_sigstop_is_detected_and_replaced_within_10_s(local_swarm, monkeyp
 
 
 async def test_killing_the_bootstrap_node_mid_generation_changes_nothing(local_swarm, monkeypatch, expected):
-    local_swarm.start([(3, 6), (0, 3), (0, 3), (3, 6)])  # node0, everyone's bootstrap, serves the tail
+    await local_swarm.start([(3, 6), (0, 3), (0, 3), (3, 6)])  # node0, everyone's bootstrap, serves the tail
     bootstrap = local_swarm.nodes[0]
     original, killed = HopSession.step, []
 
@@ -84,7 +84,7 @@ async def test_killing_the_bootstrap_node_mid_generation_changes_nothing(local_s
     monkeypatch.setattr(HopSession, "step", step)
     report = await run(local_swarm, local_swarm.nodes[1].addr)
     assert report.token_ids == expected
-    assert killed and bootstrap.process.wait(timeout=5) == -signal.SIGKILL
+    assert killed and await bootstrap.wait(5) == -signal.SIGKILL
     # on the route it was replaced like any failed hop; off the route, losing it cost nothing at all
     if report.recoveries:
         assert [r.failed_peer for r in report.recoveries] == [bootstrap.peer_id]
@@ -92,7 +92,7 @@ async def test_killing_the_bootstrap_node_mid_generation_changes_nothing(local_s
 
 
 async def test_too_few_nodes_fail_within_the_deadline_naming_the_missing_blocks(local_swarm):
-    local_swarm.start([(0, 3)])
+    await local_swarm.start([(0, 3)])
     started = trio.current_time()
     with pytest.raises(NoRouteError) as err:
         await run(local_swarm, local_swarm.nodes[0].addr, request_timeout_s=4.0)
