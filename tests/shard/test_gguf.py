@@ -13,7 +13,7 @@ import torch
 from gguf.constants import GGMLQuantizationType as Q
 
 from shard.errors import ShardError
-from shard.gguf_file import GGUFModel
+from shard.gguf_file import GGUFCheckpoint, GGUFModel
 from shard.model_dir import ModelDir, open_model_dir
 from shard.pipeline import LocalPipeline
 from shard.quant import Int4Linear, Int8Linear, int4_dequantize
@@ -205,3 +205,15 @@ def test_a_gguf_file_without_the_suffix_is_known_by_its_magic(gguf_model, tmp_pa
     assert isinstance(model, GGUFModel) and model.digest == GGUFModel(path).digest
     with pytest.raises(ShardError, match="config.json"):
         open_model_dir(tmp_path / "missing")
+
+
+def test_a_span_reads_only_its_own_blocks_tensors(gguf_model, monkeypatch):
+    path, reference, _ = gguf_model("llama", Q.Q4_K)
+    read = []
+    original = GGUFCheckpoint._info
+    monkeypatch.setattr(GGUFCheckpoint, "_info", lambda self, name: read.append(name) or original(self, name))
+    span = load_span(path, 1, 2, quant="auto")
+    assert read and all(name.startswith("model.layers.1.") for name in read)
+    torch.testing.assert_close(span(torch.ones(1, 3, 256), span.new_cache(1, 8)),
+                               load_span(reference, 1, 2)(torch.ones(1, 3, 256), span.new_cache(1, 8)),
+                               atol=0, rtol=1e-2)
