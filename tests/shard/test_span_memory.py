@@ -15,6 +15,10 @@ _CHILD = textwrap.dedent(
     import torch
     from shard.span import load_span
 
+    # one compute thread: what is measured is the checkpoint's pages; a second thread's malloc arena
+    # kept freed temporaries apart and once raised the int8 peak by 20 MB on a loaded machine (CI)
+    torch.set_num_threads(1)
+
     def status(field):
         for line in open("/proc/self/status"):
             if line.startswith(field + ":"):
