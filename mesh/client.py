@@ -116,9 +116,14 @@ class Client:
 
     async def servers(self) -> list[tuple[PeerRecord, SpanInfo]]:
         """Every record of a peer serving this model that answers now, with its fresh span info."""
-        records = await self.discovery.lookup(self.manifest_hash)
+        return [(record, info) for record, info in await self.survey() if info is not None]
+
+    async def survey(self, limit: int | None = None) -> list[tuple[PeerRecord, SpanInfo | None]]:
+        """Every record of a peer serving this model (the first `limit` by peer id, if given), probed
+        now: its fresh span info, or None for a peer that did not answer. Round trips land in `rtts`."""
+        records = sorted(await self.discovery.lookup(self.manifest_hash), key=lambda r: r.peer_id)[:limit]
         probed = await self._probe_all(records)
-        return sorted(((r, probed[r.peer_id]) for r in records if probed.get(r.peer_id)), key=lambda p: p[0].peer_id)
+        return [(record, probed[record.peer_id]) for record in records]
 
     async def _probe_all(self, records: list[PeerRecord]) -> dict[str, SpanInfo | None]:
         """Probe `records` concurrently: peer id -> fresh span info, or None for a peer that did not answer."""

@@ -2,10 +2,14 @@
 Hypercorn's trio worker inside the caller's trio run (the node daemon's, or `hearth api`'s).
 
 Routes: `GET /v1/models`, `GET /v1/models/{model}`, `POST /v1/chat/completions` and
-`POST /v1/completions`. The formats live in `node.openai_format`; this module does the I/O:
-bearer-token auth, reading the body (bounded in size and time), encoding the prompt with the
-model's tokenizer and chat template, checking that some route covers the model (503 naming the
-missing blocks otherwise), then running the generation as one JSON answer or as server-sent events.
+`POST /v1/completions`; besides OpenAI's, the chat page (`/`), the swarm page (`/swarm`) and its
+data (`GET /api/swarm`, `node.swarm_view`), and `GET /metrics` (Prometheus, `node.metrics`). The
+formats live in `node.openai_format`; this module does the I/O: who may call (`node.http_guard`:
+Host, origin and content type; bearer-token auth), reading the body (bounded in size and time),
+encoding the prompt with the model's tokenizer and chat template, checking that some route covers
+the model (503 naming the missing blocks otherwise), then running the generation as one JSON answer
+or as server-sent events. The last chunk of an answer (and a whole answer) carries a `hearth`
+object: the route it took and the failovers it survived.
 
 A generation is the client's async generator, closed on every way out of a request. An HTTP client
 that goes away mid-answer cancels its request (Starlette's disconnect listener for streams, ours for
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import trio
+from prometheus_client import CollectorRegistry
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from starlette.applications import Starlette
@@ -41,7 +46,12 @@ from mesh.pipeline import GenerationFailed
 from mesh.routing import NoRouteError
 from mesh.session import HopFailed
 from node import openai_format as fmt
+from node.http_guard import OriginGuard
+from node.metrics import ApiMetrics
+from node.metrics_http import metrics_endpoint
 from node.openai_format import ApiError, CompletionRequest, ResponseHeader
+from node.swarm_view import SwarmWatch
+from node.web_pages import page_routes, public_paths
 from shard.errors import ChatTemplateError, InvalidInput, PromptTooLong, ShardError, TokenizerFileError
 from shard.generate import Emitted
 from shard.gguf_file import is_gguf
@@ -100,23 +110,36 @@ def check_model_dir(model_dir: str | Path) -> None:
 class ApiServer:
     """The API over one `Client`. `await nursery.start(server.run)` gives its base URL; `stop()` ends it."""
 
-    def __init__(self, client: Client, settings: ApiSettings, *, wall_clock: Callable[[], float]):
+    def __init__(self, client: Client, settings: ApiSettings, *, wall_clock: Callable[[], float],
+                 registry: CollectorRegistry | None = None):
         if client.tokenizer is None:
             raise InvalidInput(f"the API needs the model's {TOKENIZER_FILE} in {client.model_dir}")
         self.client, self.settings, self.wall_clock = client, settings, wall_clock
         self.model = client.model_id
         self.created = int(wall_clock())
         self.active = 0  # generations running now
+        self.metrics = ApiMetrics(registry)  # a node's API shares the node's registry: one /metrics
+        self.metrics.watch_active(lambda: self.active)
+        self.watch = SwarmWatch(client, wall_clock=wall_clock)
         self._stop = trio.Event()
-        middleware = [Middleware(BearerAuth, api_key=settings.api_key)] if settings.api_key else []
+        public = public_paths()
+        middleware = [Middleware(RequestCounter, metrics=self.metrics),
+                      Middleware(OriginGuard, bind_host=settings.host, pages=public, on_error=self._count_error)]
+        if settings.api_key:
+            middleware.append(Middleware(BearerAuth, api_key=settings.api_key, public=public,
+                                         on_error=self._count_error))
         self.app = Starlette(
             routes=[Route("/v1/models", self.list_models, methods=["GET"]),
                     Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
                     Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-                    Route("/v1/completions", self.completions, methods=["POST"])],
+                    Route("/v1/completions", self.completions, methods=["POST"]),
+                    Route("/api/swarm", self.swarm, methods=["GET"]),
+                    Route("/metrics", metrics_endpoint(self.metrics.registry), methods=["GET"]),
+                    *page_routes()],
             middleware=middleware,
-            exception_handlers={ApiError: _api_error, HTTPException: _http_error, ClientGone: _client_gone,
-                                ClientDisconnect: _client_gone, Exception: _internal_error})
+            exception_handlers={ApiError: self._api_error, HTTPException: self._http_error,
+                                ClientGone: _client_gone, ClientDisconnect: _client_gone,
+                                Exception: self._internal_error})
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until `stop()`; reports the base URL (`http://HOST:PORT/v1`) once listening."""
@@ -150,18 +173,27 @@ class ApiServer:
         return await self._complete(request, fmt.parse_completion_request(await read_json(request), self.model),
                                     "cmpl-")
 
+    async def swarm(self, request: Request) -> Response:
+        """The peers serving this model, probed now, and what changed lately (the swarm page's data)."""
+        try:
+            return JSONResponse(await self.watch.snapshot(), headers={"Cache-Control": "no-store"})
+        except trio.TooSlowError as err:
+            raise ApiError(503, "surveying the swarm took too long", type="server_error", code="timeout") from err
+
     # --- generation -----------------------------------------------------------------------------
 
     async def _complete(self, request: Request, parsed: CompletionRequest, id_prefix: str) -> Response:
+        arrived = trio.current_time()
         header = ResponseHeader(id_prefix + secrets.token_hex(12), int(self.wall_clock()), self.model, parsed.chat)
         ids = self._encode(parsed)
         context = self.client.config.max_position_embeddings
         params = parsed.sampling(fmt.max_new_tokens(parsed, len(ids), context, self.settings.default_max_tokens))
-        await self._check_route()
-        report = GenerationReport(ids)
-        tokens = self.client.generate(prompt_ids=ids, params=params, report=report)
         log.info("%s: %d prompt tokens, up to %d new, stream=%s", header.id, len(ids), params.max_new_tokens,
                  parsed.stream)
+        await self._check_route()
+        report = GenerationReport(ids)
+        self.metrics.prompt_tokens.inc(len(ids))
+        tokens = self._observed(self.client.generate(prompt_ids=ids, params=params, report=report), report, arrived)
         self.active += 1
         streaming = False
         try:
@@ -174,6 +206,32 @@ class ApiServer:
                 self.active -= 1
         return EventStreamResponse(self._events(header, parsed, first, tokens, report),
                                    on_close=partial(self._stream_closed, tokens))
+
+    async def _observed(self, tokens: AsyncIterator[Emitted], report: GenerationReport,
+                        arrived: float) -> AsyncIterator[Emitted]:
+        """`tokens`, timed and counted: time to first token, between tokens, how the generation
+        ended, and the failovers it survived (also shown on the swarm page)."""
+        outcome, last = "stopped", None
+        try:
+            async with aclosing(tokens):
+                async for emitted in tokens:
+                    now = trio.current_time()
+                    if last is None:
+                        self.metrics.first_token_seconds.observe(now - arrived)
+                    else:
+                        self.metrics.inter_token_seconds.observe(now - last)
+                    last = now
+                    self.metrics.completion_tokens.inc()
+                    yield emitted
+            outcome = report.finish_reason
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            self.metrics.generations.labels(outcome).inc()
+            for recovery in report.recoveries:
+                self.metrics.failovers.inc()
+                self.watch.failover(recovery)
 
     async def _stream_closed(self, tokens: AsyncIterator[Emitted]) -> None:
         await tokens.aclose()  # already closed unless the events never started
@@ -218,7 +276,8 @@ class ApiServer:
         except Exception as err:
             raise _generation_error(err) from err
         self._log_done(header, report)
-        return JSONResponse(fmt.completion(header, report.text or "", report.finish_reason, _usage(report)))
+        answer = fmt.completion(header, report.text or "", report.finish_reason, _usage(report))
+        return JSONResponse({**answer, "hearth": _route_json(report)})
 
     async def _events(self, header: ResponseHeader, parsed: CompletionRequest, first: Emitted,
                       tokens: AsyncIterator[Emitted], report: GenerationReport) -> AsyncIterator[bytes]:
@@ -239,18 +298,42 @@ class ApiServer:
                     except Exception as err:  # mid-answer: the status line is long sent
                         log.warning("%s failed mid-answer: %s", header.id, err)
                         completed = True
-                        yield fmt.sse(_generation_error(err).body())
+                        error = _generation_error(err)
+                        self._count_error(error)
+                        yield fmt.sse(error.body())
                         return
             completed = True
             self._log_done(header, report)
-            yield fmt.sse(fmt.chunk(header, None, finish_reason=report.finish_reason,
-                                    include_usage=parsed.include_usage))
+            last = fmt.chunk(header, None, finish_reason=report.finish_reason, include_usage=parsed.include_usage)
+            yield fmt.sse({**last, "hearth": _route_json(report)})
             if parsed.include_usage:
                 yield fmt.sse(fmt.usage_chunk(header, _usage(report)))
             yield fmt.sse("[DONE]")
         finally:
             if not completed:
                 log.info("%s: the HTTP client went away mid-stream; generation stopped", header.id)
+
+    # --- error answers ----------------------------------------------------------------------------
+
+    def _count_error(self, error: ApiError) -> None:
+        self.metrics.errors.labels(error.type, error.code or "none").inc()
+
+    async def _api_error(self, request: Request, error: ApiError) -> Response:
+        log.info("%s %s: %d %s", request.method, request.url.path, error.status, error.code or error.type)
+        self._count_error(error)
+        return _error_response(error)
+
+    async def _http_error(self, request: Request, error: HTTPException) -> Response:
+        message = f"Invalid URL ({request.method} {request.url.path})" if error.status_code in (404, 405) \
+            else str(error.detail)
+        api_error = ApiError(error.status_code, message)
+        self._count_error(api_error)
+        return _error_response(api_error, dict(error.headers or {}))
+
+    async def _internal_error(self, request: Request, error: Exception) -> Response:
+        log.error("internal error answering %s %s", request.method, request.url.path, exc_info=error)
+        return await self._api_error(request, ApiError(500, "The server had an error while processing your request.",
+                                                       type="server_error"))
 
     def _log_done(self, header: ResponseHeader, report: GenerationReport) -> None:
         log.info("%s: %d tokens (%s), %.1f tokens/s, route %s, %d recoveries", header.id, len(report.token_ids),
@@ -290,19 +373,56 @@ class EventStreamResponse(StreamingResponse):
 class BearerAuth:
     """ASGI middleware: every HTTP request needs `Authorization: Bearer <api_key>`."""
 
-    def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+    def __init__(self, app, api_key: str, public: frozenset[str] = frozenset(),
+                 on_error: Callable[[ApiError], None] = lambda error: None):
+        self.app, self.expected, self.public, self.on_error = app, f"Bearer {api_key}".encode(), public, on_error
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not (scope["method"] == "GET" and scope["path"] in self.public):
             given = dict(scope.get("headers", [])).get(b"authorization")
             if given is None or not hmac.compare_digest(given.strip(), self.expected):
                 message = ("You didn't provide an API key. Send it as 'Authorization: Bearer KEY'."
                            if given is None else "Incorrect API key provided.")
                 error = ApiError(401, message, code="invalid_api_key")
+                self.on_error(error)
                 await _error_response(error, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+ROUTE_LABELS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/api/swarm", "/metrics", "/", "/swarm")
+
+
+def route_label(path: str) -> str:
+    """A bounded label for a request path (metrics must not grow with what clients send)."""
+    if path in ROUTE_LABELS:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return "/static" if path.startswith("/static/") else "other"
+
+
+class RequestCounter:
+    """ASGI middleware: counts every HTTP answer by route and status (errors of the guards too)."""
+
+    def __init__(self, app, metrics: ApiMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [499]  # a client gone before any answer
+
+        async def counted_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        finally:
+            self.metrics.requests.labels(route_label(scope["path"]), str(status[0])).inc()
 
 
 async def read_json(request: Request) -> object:
@@ -395,21 +515,13 @@ def _error_response(error: ApiError, headers: dict[str, str] | None = None) -> J
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-async def _api_error(request: Request, error: ApiError) -> Response:
-    return _error_response(error)
-
-
-async def _http_error(request: Request, error: HTTPException) -> Response:
-    message = f"Invalid URL ({request.method} {request.url.path})" if error.status_code in (404, 405) \
-        else str(error.detail)
-    return _error_response(ApiError(error.status_code, message), dict(error.headers or {}))
+def _route_json(report: GenerationReport) -> dict:
+    """The `hearth` object of an answer: the route it took, the failovers it survived, its speed."""
+    return {"route": report.route, "recoveries": [r.to_json() for r in report.recoveries],
+            "tokens": len(report.token_ids), "tokens_per_s": round(report.tokens_per_s, 2)}
 
 
 async def _client_gone(request: Request, error: Exception) -> Response:
     return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
 
-async def _internal_error(request: Request, error: Exception) -> Response:
-    log.error("internal error answering %s %s", request.method, request.url.path, exc_info=error)
-    return _error_response(ApiError(500, "The server had an error while processing your request.",
-                                    type="server_error"))

@@ -13,11 +13,14 @@ import time
 from pathlib import Path
 
 import trio
+from prometheus_client import CollectorRegistry
 
 from mesh.client import ClientOptions
 from mesh.join import connect
 from node.api import DEFAULT_MAX_TOKENS, ApiServer, ApiSettings, check_model_dir
-from node.client_args import add_client_arguments, check_peer_sources, client_options, setup_logging
+from node.client_args import add_client_arguments, check_peer_sources, client_options
+from node.logs import say, setup_logging
+from node.metrics import TimedDiscovery, lookup_histogram
 from shard.compute import use_threads
 from shard.errors import InvalidInput
 
@@ -37,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_peer_sources(args)
     use_threads(args.threads)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.log_format)
     settings = ApiSettings(host=args.host, port=args.port, api_key=args.api_key,
                            default_max_tokens=args.default_max_tokens)
     if args.timeout <= 0:
@@ -51,13 +54,15 @@ async def serve(bootstrap: list[str], model_dir: Path, settings: ApiSettings, op
                 mdns: bool = False) -> None:
     async with connect(bootstrap=bootstrap, model=model_dir, options=options, wall_clock=time.time,
                        mdns=mdns) as client:
-        api = ApiServer(client, settings, wall_clock=time.time)
+        registry = CollectorRegistry()  # the client's DHT lookups beside the API's metrics, on one /metrics
+        client.discovery = TimedDiscovery(client.discovery, lookup_histogram(registry))
+        api = ApiServer(client, settings, wall_clock=time.time, registry=registry)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 url = await nursery.start(api.run)
-                print(f"api listening on {url}", flush=True)
+                say(f"api listening on {url}", "hearth.api")
                 async for signum in signals:
-                    print(f"{signal.Signals(signum).name}: stopping", flush=True)
+                    say(f"{signal.Signals(signum).name}: stopping", "hearth.api")
                     api.stop()
                     break
-    print("stopped", flush=True)
+    say("stopped", "hearth.api")

@@ -1,24 +1,23 @@
 """What the commands that join the swarm as a client (`hearth generate`, `hearth api`) share:
-their flags, the checks and `ClientOptions` made from them, and their logging set-up."""
+their flags, and the checks and `ClientOptions` made from them."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from mesh.client import ClientOptions
+from node.logs import add_log_arguments
 from node.run_local import add_threads_argument
 from protocol import AUTO, Codec
 from shard.errors import InvalidInput
 
 CODECS = {AUTO: AUTO, **{codec.name.lower(): codec for codec in Codec}}  # auto: per hop, from the measured link
-LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
 def add_client_arguments(parser: argparse.ArgumentParser, *, model_help: str, timeout_help: str) -> None:
     """The flags of a client: where the swarm is, the local model directory, wire codec, deadline,
-    routing, compute threads and -v."""
+    routing, compute threads and logging."""
     parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                         help="a peer of the swarm (with /p2p/ id); repeatable; needed unless --mdns")
     parser.add_argument("--mdns", action="store_true", help="find the nodes on this LAN (no --bootstrap needed)")
@@ -30,7 +29,7 @@ def add_client_arguments(parser: argparse.ArgumentParser, *, model_help: str, ti
     parser.add_argument("--routing", choices=("latency", "throughput"), default="latency",
                         help="route for the lowest latency (chat) or around busy nodes (batch jobs)")
     add_threads_argument(parser, what=" for the embeddings and LM head")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_log_arguments(parser)
 
 
 def check_peer_sources(args: argparse.Namespace) -> None:
@@ -40,8 +39,3 @@ def check_peer_sources(args: argparse.Namespace) -> None:
 
 def client_options(args: argparse.Namespace) -> ClientOptions:
     return ClientOptions(codec=CODECS[args.codec], request_timeout_s=args.timeout, routing=args.routing)
-
-
-def setup_logging(verbose: bool) -> None:
-    """INFO and up with -v, else warnings and errors only; one line per record, with its logger."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=LOG_FORMAT)

@@ -8,9 +8,11 @@ takes as many blocks as its memory budget holds (`--memory`, or the memory avail
 KV-cache budget) where the swarm is weakest (`mesh.balance`); then it keeps re-evaluating and
 moves when that raises the swarm's bottleneck enough (`node.rebalance`; `--no-rebalance` stays put).
 
-With `--api-port` the node also answers the OpenAI-compatible API (`node.api`) through a client of
-its own, joined through its own libp2p host; a loopback wraps that host so the client can use the
-node's own span too. It prints `api listening on http://HOST:PORT/v1` before `listening on`.
+With `--api-port` the node also answers the OpenAI-compatible API (`node.api`), the chat and swarm
+pages and `/metrics`, through a client of its own, joined through its own libp2p host; a loopback
+wraps that host so the client can use the node's own span too. It prints `api listening on
+http://HOST:PORT/v1` before `listening on`. `--metrics-port` serves `/metrics` alone (prints
+`metrics listening on http://HOST:PORT/metrics`); with both, each serves the same metrics.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from mesh.join import joined
 from mesh.libp2p_transport import Libp2pTransport
 from mesh.loopback import LoopbackTransport
 from node.api import ApiServer, ApiSettings, check_model_dir
+from node.logs import add_log_arguments, say, setup_logging
+from node.metrics import NodeMetrics, TimedDiscovery
+from node.metrics_http import serve_metrics
 from node.node import Node, measure_token_seconds
 from node.rebalance import BalanceSettings, served_from
 from node.run_local import add_threads_argument
@@ -70,6 +75,7 @@ class NodeSettings:
     memory_bytes: int | None = None  # budget for weights + KV cache when choosing a span; None: available now
     rebalance: bool = True  # a node that chose its span moves it when the swarm needs (node.rebalance)
     rebalance_every_s: float = 120.0
+    metrics: tuple[str, int] | None = None  # (host, port) to serve /metrics on
 
     @property
     def auto_span(self) -> bool:
@@ -114,7 +120,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-data-channel", action="store_true",
                         help="steps only over libp2p (by default clients may step over a sealed TCP channel "
                              "on the --listen host, which is about 4 ms per hop faster)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                        help="address the metrics endpoint binds (default 127.0.0.1; metrics carry no text, "
+                             "only counts, peer ids and blocks)")
+    add_log_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> NodeSettings:
@@ -134,7 +145,18 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
         identity=args.identity, peer_cache=args.peer_cache, mdns=args.mdns, limits=limits,
         allowed_peers=read_allow_list(args.allow_peers) if args.allow_peers else None,
         api=api_settings_from_args(args), data_channel=not args.no_data_channel, memory_bytes=args.memory,
-        rebalance=not args.no_rebalance, rebalance_every_s=args.rebalance_every)
+        rebalance=not args.no_rebalance, rebalance_every_s=args.rebalance_every,
+        metrics=metrics_bind_from_args(args))
+
+
+def metrics_bind_from_args(args: argparse.Namespace) -> tuple[str, int] | None:
+    if args.metrics_port is None:
+        if args.metrics_host != "127.0.0.1":
+            raise InvalidInput("--metrics-host needs --metrics-port")
+        return None
+    if not 0 <= args.metrics_port <= 65535:
+        raise InvalidInput(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
+    return args.metrics_host, args.metrics_port
 
 
 def api_settings_from_args(args: argparse.Namespace) -> ApiSettings | None:
@@ -218,8 +240,7 @@ def read_allow_list(path: Path) -> frozenset[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.verbose, args.log_format)
     settings = settings_from_args(args)
     use_threads(args.threads)
     model = open_model_dir(settings.model_dir)  # bad config or span: a clear error before any network
@@ -234,10 +255,6 @@ def run(args: argparse.Namespace) -> int:
         check_model_dir(settings.model_dir)
     trio.run(serve, settings, model)
     return 0
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 async def load(settings: NodeSettings, model: OpenModel, start: int, end: int):
@@ -261,10 +278,12 @@ async def serve(settings: NodeSettings, model: OpenModel) -> None:
     n_blocks = model.config.num_layers
     digest = await trio.to_thread.run_sync(lambda: model.digest)
     rng = random.Random()  # span choice ties and rebalancing times: spread nodes, never in step
+    metrics = NodeMetrics()
     async with joined(bootstrap=settings.bootstrap, listen=settings.listen, identity_path=settings.identity,
                       peer_cache_path=settings.peer_cache, enable_mdns=settings.mdns,
                       wall_clock=time.time) as (host, discovery), \
             (LoopbackTransport.wrap(host) if settings.api else nullcontext(host)) as transport:
+        discovery = TimedDiscovery(discovery, metrics.lookup_seconds)
         start, end, balance = settings.start, settings.end, None
         if settings.auto_span:
             max_blocks = span_capacity(settings, model.config)
@@ -278,12 +297,16 @@ async def serve(settings: NodeSettings, model: OpenModel) -> None:
         node = Node(span, model.name, digest, limits=settings.limits,
                     allowed_peers=settings.allowed_peers, wall_clock=time.time, token_seconds=token_seconds,
                     data_channels=channels, balance=balance, seed=rng.random(),
-                    load_span=(lambda a, b: load(settings, model, a, b)) if balance else None)
+                    load_span=(lambda a, b: load(settings, model, a, b)) if balance else None, metrics=metrics)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.run, transport, discovery)
                 say(f"announced blocks {start}:{end} ({1 / token_seconds:.0f} tokens/s through the span)")
-                api = await start_api(nursery, settings, model, transport, discovery) if settings.api else None
+                api = await start_api(nursery, settings, model, transport, discovery, metrics) if settings.api else None
+                stop_metrics = trio.Event()
+                if settings.metrics is not None:
+                    url = await nursery.start(serve_metrics, metrics.registry, *settings.metrics, stop_metrics.wait)
+                    say(f"metrics listening on {url}")
                 for addr in transport.addrs:
                     say(f"listening on {addr}")
                 watch = trio.CancelScope()
@@ -291,6 +314,7 @@ async def serve(settings: NodeSettings, model: OpenModel) -> None:
                 async for signum in signals:
                     say(f"{signal.Signals(signum).name}: draining")
                     watch.cancel()
+                    stop_metrics.set()
                     if api is not None:
                         api.stop()
                     node.stop()
@@ -319,10 +343,12 @@ async def follow_addresses(transport: Libp2pTransport, node: Node, scope: trio.C
             await node.announce_now()
 
 
-async def start_api(nursery: trio.Nursery, settings: NodeSettings, model: OpenModel, transport, discovery) -> ApiServer:
-    """The OpenAI-compatible API over a client of this node's own model, joined through its host."""
+async def start_api(nursery: trio.Nursery, settings: NodeSettings, model: OpenModel, transport, discovery,
+                    metrics: NodeMetrics) -> ApiServer:
+    """The OpenAI-compatible API over a client of this node's own model, joined through its host;
+    its metrics join the node's."""
     client = await trio.to_thread.run_sync(lambda: Client(transport, discovery, model))
-    api = ApiServer(client, settings.api, wall_clock=time.time)
+    api = ApiServer(client, settings.api, wall_clock=time.time, registry=metrics.registry)
     url = await nursery.start(api.run)
     say(f"api listening on {url}")
     return api

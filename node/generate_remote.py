@@ -11,7 +11,8 @@ import trio
 
 from mesh.client import GenerationReport
 from mesh.join import connect
-from node.client_args import add_client_arguments, check_peer_sources, client_options, setup_logging
+from node.client_args import add_client_arguments, check_peer_sources, client_options
+from node.logs import setup_logging
 from node.run_local import add_prompt_and_sampling_arguments, prompt_arguments, sampling_params
 from shard.compute import use_threads
 
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_peer_sources(args)
     use_threads(args.threads)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.log_format)
     return trio.run(_generate, args)
 
 

@@ -18,6 +18,7 @@ from mesh import virtual_time
 from mesh.data_channel import DataChannels
 from mesh.discovery import RECORD_TTL_S, REFRESH_EVERY_S, Discovery, PeerRecord
 from mesh.transport import Transport
+from node.metrics import NodeMetrics
 from node.rebalance import BalanceSettings, Rebalancer
 from node.server import InferenceServer
 from node.sessions import SessionLimits, SessionManager, SessionRefused
@@ -51,14 +52,17 @@ class Node:
                  wall_clock: Callable[[], float] = time.time, token_seconds: float | None = None,
                  record_ttl_s: float = RECORD_TTL_S, refresh_every_s: float = REFRESH_EVERY_S,
                  data_channels: DataChannels | None = None, balance: BalanceSettings | None = None,
-                 load_span: Callable[[int, int], Awaitable[Span]] | None = None, seed: int | str = 0):
+                 load_span: Callable[[int, int], Awaitable[Span]] | None = None, seed: int | str = 0,
+                 metrics: NodeMetrics | None = None):
         self.span, self.model_id, self.manifest_hash = span, model_id, manifest_hash
         self.manager = SessionManager(span, limits)
         self.data_channels = data_channels
+        self.metrics = metrics if metrics is not None else NodeMetrics()
         self.server = InferenceServer(self.manager, self.span_info, allowed_peers=allowed_peers,
-                                      data_channels=data_channels)
+                                      data_channels=data_channels, metrics=self.metrics)
         self.wall_clock = wall_clock
         self.token_seconds = token_seconds if token_seconds is not None else measure_token_seconds(span)
+        self.metrics.watch(self)
         self.record_ttl_s, self.refresh_every_s = record_ttl_s, refresh_every_s
         self._info_key: tuple | None = None
         self._info: SpanInfo | None = None
@@ -118,6 +122,7 @@ class Node:
         span = await self.load_span(start, end)
         self.span = self.manager.span = span
         self.token_seconds = self.rebalancer.settings.block_seconds * (end - start)
+        self.metrics.moved()
         await self._announce()
         self._nursery.start_soon(self._retire, old)
 

@@ -20,6 +20,7 @@ import trio
 from mesh.data_channel import DataChannels, Offer
 from mesh.errors import TransportError, TransportTimeout
 from mesh.transport import ByteStream, MessageStream
+from node.metrics import NodeMetrics
 from node.sessions import ServedSession, SessionManager, SessionRefused
 from protocol import (
     DATA_CHANNEL, REFERENCE_SPEEDS, REPLAY_CHUNKS, Codec, CloseSession, Error, ErrorCode, Hello, Message,
@@ -43,8 +44,9 @@ def refusal(code: ErrorCode, reason: str) -> SessionRefused:
 class InferenceServer:
     def __init__(self, manager: SessionManager, span_info: Callable[[], SpanInfo], *,
                  allowed_peers: Collection[str] | None = None, io_timeout: float = 30.0,
-                 data_channels: DataChannels | None = None):
+                 data_channels: DataChannels | None = None, metrics: NodeMetrics | None = None):
         self.manager = manager
+        self.metrics = metrics if metrics is not None else NodeMetrics()
         self.data_channels = data_channels
         self.span_info = span_info
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
@@ -91,9 +93,11 @@ class InferenceServer:
             await self._serve(stream, session, first)
         except ProtocolError as err:
             log.warning("peer %s sent bad data: %s", raw.peer_id, err)
+            self.metrics.session_refused(err.code, opened=session is not None)
             await self._refuse(stream, err.code, str(err))
         except SessionRefused as err:
             log.info("peer %s refused: %s", raw.peer_id, err.reason)
+            self.metrics.session_refused(err.code, opened=session is not None)
             await self._refuse(stream, err.code, err.reason, retry_elsewhere=err.retry_elsewhere,
                                session_id=session.session_id if session else "")
         except TransportError as err:
@@ -130,6 +134,7 @@ class InferenceServer:
         session = self.manager.open(message.session_id, stream.peer_id, message.start, message.end,
                                     message.max_length, message.batch_size)
         session.codec = message.codec
+        self.metrics.session_opened()
         offer, arrival = None, None
         if stream.agreement.supports(DATA_CHANNEL) and self.data_channels is not None:
             offer, arrival = self.data_channels.offer(stream.peer_id, reached_on=stream.raw.local_host)
@@ -239,9 +244,12 @@ class InferenceServer:
         if not isinstance(message, Step):
             raise refusal(ErrorCode.UNEXPECTED_MESSAGE, f"expected step, got {message.TYPE}")
         hidden = decode_tensor(message.hidden)
+        first = session.steps == 0
         output, seconds = await self.manager.step(session, hidden, message.start_position, message.chunks)
-        return StepResult(session_id=session.session_id, step=message.step, hidden=encode_tensor(output, session.codec),
-                          compute_seconds=seconds)
+        result = StepResult(session_id=session.session_id, step=message.step, hidden=encode_tensor(output, session.codec),
+                            compute_seconds=seconds)
+        self.metrics.step(message, result, first=first)
+        return result
 
     def drain(self) -> None:
         """Refuse new sessions and end open ones with an error telling their clients to go elsewhere."""

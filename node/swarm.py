@@ -10,6 +10,7 @@ stops every node it started on the way out, cancelled or not.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -106,14 +107,15 @@ class NodeProcess:
         return "\n".join(list(self._lines)[-20:])
 
     async def wait_for(self, prefix: str, timeout: float) -> str:
-        """The first kept output line starting with `prefix` (waiting up to `timeout` seconds)."""
+        """The first kept output line starting with `prefix` (waiting up to `timeout` seconds); a
+        node logging JSON (`--log-format json`) is read by each event's message."""
         checked = 0
         with trio.move_on_after(timeout):
             while True:
                 fresh = min(self._printed - checked, len(self._lines))
                 checked = self._printed
                 for line in itertools.islice(self._lines, len(self._lines) - fresh, None):
-                    if line.startswith(prefix):
+                    if (line := message(line)).startswith(prefix):
                         return line
                 if self._ended:
                     raise NodeStartError(f"node {self.name} exited ({await self.process.wait()}):\n" + self._tail())
@@ -228,3 +230,15 @@ class LocalSwarm:
             self._nursery.cancel_scope.cancel()  # the readers: nothing more worth reading
             self._nursery = None
             await self._nursery_manager.__aexit__(None, None, None)  # an error of the body stays the body's
+
+
+def message(line: str) -> str:
+    """An output line as text: a JSON event's message (`--log-format json`), else the line."""
+    if line.startswith("{"):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return line
+        if isinstance(event, dict) and isinstance(event.get("message"), str):
+            return event["message"]
+    return line

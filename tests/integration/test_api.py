@@ -1,8 +1,9 @@
 """Issue 7 end to end: the OpenAI-compatible API, driven by the official `openai` package.
 
 One swarm of real node processes serves the module: node0 serves blocks 0:3 and the API (with a
-key), node1..node3 serve 3:6, 0:3 and 3:6, so every block is served twice. A lone node serving
-0:3 with an API of its own is a swarm that cannot answer (503). Both live in a trio run in a
+key, logging each request: -v), node1..node3 serve 3:6, 0:3 and 3:6, so every block is served
+twice; each serves /metrics on a port of its own too. A lone node serving 0:3 with an API of its
+own (and JSON logs) is a swarm that cannot answer (503). Both live in a trio run in a
 thread of their own (`TrioThread`), started once for the module. The failover and disconnect tests
 run the same API in this process (`ApiServer` over a `mesh.Client`, the `hearth api` code) so
 they can act at an exact step of a hop, as tests/integration/test_failover.py does.
@@ -22,6 +23,7 @@ from functools import partial
 import openai
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.client import ClientOptions
 from mesh.join import connect
@@ -35,6 +37,8 @@ from tests.integration.conftest import NODE_ARGS, TrioThread
 KEY = "sk-hearth-test"
 MESSAGES = [{"role": "user", "content": "Hello world"}]
 API_PREFIX = "api listening on "
+METRICS_PREFIX = "metrics listening on "
+METRICS = ["--metrics-port", "0"]
 
 
 @dataclass
@@ -42,6 +46,8 @@ class ApiSwarm:
     swarm: LocalSwarm  # its nodes belong to `shared`'s trio run: signal them and wait for them there
     url: str  # node0's API, which needs KEY
     lone_url: str  # the API of a node alone with blocks 0:3, without a key
+    metrics: dict[str, str]  # peer id -> its node's /metrics URL
+    lone: NodeProcess
     model: str
     shared: TrioThread
 
@@ -50,20 +56,25 @@ async def api_url(node: NodeProcess) -> str:
     return (await node.wait_for(API_PREFIX, 10))[len(API_PREFIX):].strip()
 
 
+async def metrics_url(node: NodeProcess) -> str:
+    return (await node.wait_for(METRICS_PREFIX, 10))[len(METRICS_PREFIX):].strip()
+
+
 async def serve_api_swarm(model_dir, work_dir, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Starts the module's nodes, reports (swarm, url, lone_url), and keeps them until cancelled."""
+    """Starts the module's nodes, reports (swarm, url, lone_url, metrics, lone), and keeps them until cancelled."""
     swarm = LocalSwarm(model_dir, extra_args=NODE_ARGS, work_dir=work_dir)
     lone = LocalSwarm(model_dir, extra_args=NODE_ARGS)
     try:
         async with swarm, lone:
-            head = await swarm.add(0, 3, extra_args=["--api-port", "0", "--api-key", KEY])
-            lone_node = await lone.add(0, 3, extra_args=["--api-port", "0"])
+            head = await swarm.add(0, 3, extra_args=["--api-port", "0", "--api-key", KEY, "-v", *METRICS])
+            lone_node = await lone.add(0, 3, extra_args=["--api-port", "0", "--log-format", "json", "-v"])
             await head.wait_ready(120)
             for start, end in [(3, 6), (0, 3), (3, 6)]:
-                await swarm.add(start, end)
+                await swarm.add(start, end, extra_args=METRICS)
             for node in swarm.nodes + lone.nodes:
                 await node.wait_ready(120)
-            task_status.started((swarm, await api_url(head), await api_url(lone_node)))
+            metrics = {node.peer_id: await metrics_url(node) for node in swarm.nodes}
+            task_status.started((swarm, await api_url(head), await api_url(lone_node), metrics, lone_node))
             await trio.sleep_forever()
     finally:
         assert not any(node.running for node in swarm.nodes + lone.nodes)
@@ -259,3 +270,136 @@ async def test_a_streamed_answer_survives_sigkill_of_a_route_node(api_swarm, mon
     assert answer.usage.completion_tokens > 8 and killed  # the kill happened mid-answer
     assert text == answer.choices[0].message.content
     assert await api_swarm.shared.run(killed[0].wait, 5) == -signal.SIGKILL
+
+
+def get_raw(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
+
+
+def scrape(url: str, headers: dict[str, str] | None = None) -> dict[tuple[str, tuple], float]:
+    """Every sample of a /metrics page, parsed by prometheus_client: (name, sorted labels) -> value."""
+    status, _, body = get_raw(url, headers)
+    assert status == 200
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body.decode()) for sample in family.samples}
+
+
+def live_metrics(api_swarm: ApiSwarm) -> dict[str, str]:
+    """Peer id -> /metrics URL of the module's nodes still running (a test before may have killed one)."""
+    return {node.peer_id: api_swarm.metrics[node.peer_id] for node in api_swarm.swarm.nodes if node.running}
+
+
+def moved(before: dict, after: dict, name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def total(samples: dict, name: str) -> float:
+    return sum(value for (sample, _), value in samples.items() if sample == name)
+
+
+def test_metrics_count_a_generation_on_the_api_and_on_every_hop(api_swarm):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    api_metrics = api_swarm.url.removesuffix("/v1") + "/metrics"
+    nodes = live_metrics(api_swarm)
+    nodes_before = {peer: scrape(url) for peer, url in nodes.items()}
+    api_before = scrape(api_metrics, auth)
+
+    body = json.dumps({"model": api_swarm.model, "messages": MESSAGES, "max_tokens": 12, "temperature": 0}).encode()
+    status, answer = post_raw(f"{api_swarm.url}/chat/completions", body, auth)
+    assert status == 200
+    prompt, completion = answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"]
+    route = answer["hearth"]["route"]
+    assert [(hop["start"], hop["end"]) for hop in route] == [(0, 3), (3, 6)] and answer["hearth"]["recoveries"] == []
+    assert answer["hearth"]["tokens"] == completion > 1
+
+    api_after = scrape(api_metrics, auth)
+    assert moved(api_before, api_after, "hearth_api_requests_total", route="/v1/chat/completions", status="200") == 1
+    assert moved(api_before, api_after, "hearth_api_prompt_tokens_total") == prompt
+    assert moved(api_before, api_after, "hearth_api_completion_tokens_total") == completion
+    assert moved(api_before, api_after, "hearth_api_time_to_first_token_seconds_count") == 1
+    assert moved(api_before, api_after, "hearth_api_inter_token_seconds_count") == completion - 1
+    assert moved(api_before, api_after, "hearth_api_generations_total", outcome=answer["choices"][0]["finish_reason"]) == 1
+    assert api_after[("hearth_api_generations_active", ())] == 0
+    assert moved(api_before, api_after, "hearth_dht_lookup_seconds_count", result="ok") >= 1  # the client planned
+
+    on_route = {hop["peer_id"] for hop in route}
+    for peer, url in nodes.items():
+        before, after = nodes_before[peer], scrape(url)
+        hops = 1 if peer in on_route else 0
+        assert moved(before, after, "hearth_sessions_opened_total") == hops, peer
+        assert moved(before, after, "hearth_steps_total", kind="prefill") == hops
+        assert moved(before, after, "hearth_steps_total", kind="decode") == hops * (completion - 1)
+        assert moved(before, after, "hearth_step_tokens_total") == hops * (prompt + completion - 1)
+        assert moved(before, after, "hearth_step_compute_seconds_count") == hops * completion
+        assert total(after, "hearth_activation_bytes_total") - total(before, "hearth_activation_bytes_total") > 0 or not hops
+        assert after[("hearth_sessions_open", ())] == 0 and after[("hearth_kv_cache_reserved_bytes", ())] == 0
+        assert after[("hearth_kv_cache_budget_bytes", ())] > 0
+
+
+def test_errors_are_counted_by_type(api_swarm):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    api_metrics = api_swarm.url.removesuffix("/v1") + "/metrics"
+    before = scrape(api_metrics, auth)
+    post_raw(f"{api_swarm.url}/chat/completions", b"{", auth)
+    post_raw(f"{api_swarm.url}/chat/completions", b"{}", {})
+    after = scrape(api_metrics, auth)
+    assert moved(before, after, "hearth_api_errors_total", type="invalid_request_error", code="invalid_json") == 1
+    assert moved(before, after, "hearth_api_errors_total", type="invalid_request_error", code="invalid_api_key") == 1
+    assert moved(before, after, "hearth_api_requests_total", route="/v1/chat/completions", status="401") == 1
+
+
+@pytest.mark.parametrize("headers, status, code", [
+    ({"Host": "attacker.example"}, 403, "host_not_allowed"),  # DNS rebinding: a name that resolves here
+    ({"Origin": "http://attacker.example"}, 403, "origin_not_allowed"),
+    ({"Sec-Fetch-Site": "cross-site"}, 403, "origin_not_allowed"),
+    ({"Content-Type": "text/plain"}, 415, "unsupported_media_type"),  # what a page may POST without preflight
+], ids=["host", "origin", "sec-fetch-site", "text-plain"])
+def test_web_pages_of_other_origins_cannot_drive_the_api(api_swarm, headers, status, code):
+    body = json.dumps({"model": api_swarm.model, "messages": MESSAGES, "max_tokens": 2}).encode()
+    answer_status, answer = post_raw(f"{api_swarm.lone_url}/chat/completions", body, headers)  # no key needed there
+    assert (answer_status, answer["error"]["code"]) == (status, code)
+
+
+def test_the_pages_are_public_but_their_data_needs_the_key(api_swarm):
+    base = api_swarm.url.removesuffix("/v1")
+    for path in ("/", "/swarm", "/static/chat.js", "/static/swarm.js", "/static/hearth.css"):
+        status, headers, body = get_raw(base + path, {"Sec-Fetch-Site": "cross-site"})  # a link from elsewhere
+        assert status == 200 and body, path
+        assert "default-src 'self'" in headers["content-security-policy"] and headers["x-frame-options"] == "DENY"
+    assert get_raw(base + "/api/swarm")[0] == 401
+    assert get_raw(base + "/metrics")[0] == 401
+    status, _, body = get_raw(base + "/api/swarm", {"Authorization": f"Bearer {KEY}"})
+    view = json.loads(body)
+    live = [node for node in api_swarm.swarm.nodes if node.running]
+    coverage = [sum(int(node.args[node.args.index("--blocks") + 1].split(":")[0]) <= block
+                    < int(node.args[node.args.index("--blocks") + 1].split(":")[1]) for node in live) for block in range(6)]
+    assert status == 200 and view["model"]["blocks"] == 6 and view["gaps"] == [] and view["coverage"] == coverage
+    online = [peer for peer in view["peers"] if peer["online"]]
+    assert {peer["peer_id"] for peer in online} == {node.peer_id for node in live}
+    assert sum(peer["self"] for peer in online) == 1 and all(peer["rtt_ms"] > 0 for peer in online)
+
+
+def test_json_logs_are_one_object_per_line_and_no_log_holds_text(api_swarm):
+    secret = "marmalade"
+    client = openai_client(api_swarm.url)
+    answer = client.chat.completions.create(model=api_swarm.model, max_tokens=8, temperature=0,
+                                            messages=[{"role": "user", "content": f"My secret is {secret}"}])
+    head = api_swarm.swarm.nodes[0]
+    assert any(answer.id in line for line in head.lines)  # -v: the request was logged...
+    assert not any(secret in line or answer.choices[0].message.content in line for line in head.lines)  # ...not its text
+
+    with pytest.raises(openai.InternalServerError):  # the lone node logs a request and its failure
+        openai_client(api_swarm.lone_url, key="unused").chat.completions.create(
+            model=api_swarm.model, messages=[{"role": "user", "content": secret}], max_tokens=2)
+    events = [json.loads(line) for line in api_swarm.lone.lines if line.strip()]
+    assert {"time", "level", "logger", "message"} <= set(events[0])
+    messages = [event["message"] for event in events]
+    assert any(m.startswith("listening on ") for m in messages) and any("prompt tokens" in m for m in messages)
+    assert not any(secret in m for m in messages)
