@@ -263,12 +263,16 @@ async def test_a_streamed_answer_survives_sigkill_of_a_route_node(api_swarm, mon
         monkeypatch.setattr(HopSession, "step", step)
 
         def stream_text():
-            chunks = client.chat.completions.create(**args, stream=True)
-            return "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+            chunks = list(client.chat.completions.create(**args, stream=True))
+            return "".join(chunk.choices[0].delta.content or "" for chunk in chunks), chunks[-1].model_extra["hearth"]
 
-        text = await trio.to_thread.run_sync(stream_text)
+        text, hearth = await trio.to_thread.run_sync(stream_text)
     assert answer.usage.completion_tokens > 8 and killed  # the kill happened mid-answer
     assert text == answer.choices[0].message.content
+    (recovery,) = hearth["recoveries"]  # the last chunk says what the answer survived...
+    assert recovery["failed_peer"] == killed[0].peer_id and recovery["blocks"] == [3, 6]
+    assert killed[0].peer_id not in {hop["peer_id"] for hop in hearth["route"]}
+    assert [event["kind"] for event in api.watch.events] == ["failover"]  # ...and so does the swarm page
     assert await api_swarm.shared.run(killed[0].wait, 5) == -signal.SIGKILL
 
 

@@ -2,10 +2,10 @@
 chromedriver (no browser download; `.ci/run` installs both), on a 3-node swarm of the bundled demo
 model (blocks 0:2, 2:4 and 4:6; node0 serves the pages and the API).
 
-The chat page streams an answer equal to the API's own; its Stop button ends a long answer and
-frees the session on every hop (each node's /metrics says so). The swarm page shows three nodes and
+The chat page streams an answer equal to the API's own, with its route; its Stop button ends a
+long answer and frees the session on every hop (each node's /metrics says so). The swarm page shows three nodes and
 full coverage, a gap within seconds of a node's SIGKILL, and coverage again once a replacement
-answers. Screenshots of both pages land in build/screenshots/ (README shows copies of them).
+answers. At a phone's width neither page scrolls sideways. Screenshots of both pages land in build/screenshots/ (README shows copies of them).
 """
 
 from __future__ import annotations
@@ -81,13 +81,34 @@ def wait_covered(base: str, timeout: float = 30.0) -> None:
         time.sleep(0.5)
 
 
-def send(driver, prompt: str, max_tokens: int) -> None:
+def send(driver, prompt: str, max_tokens: int, *, keyboard: bool = False) -> None:
+    """Type the settings and the prompt; send with the button, or with Enter in the message box."""
+    from selenium.webdriver.common.keys import Keys
+
     for css, value in (("#temperature", "0"), ("#max-tokens", str(max_tokens))):
         field = driver.find_element("css selector", css)
         field.clear()
         field.send_keys(value)
-    driver.find_element("css selector", "#prompt").send_keys(prompt)
-    driver.find_element("css selector", "#send").click()
+    driver.find_element("css selector", "#prompt").send_keys(prompt + (Keys.ENTER if keyboard else ""))
+    if not keyboard:
+        driver.find_element("css selector", "#send").click()
+
+
+UNLABELLED = "return [...document.querySelectorAll('input, textarea, select')].filter(e => !e.labels.length).length"
+OVERFLOW = "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+
+
+def readable_on_a_phone(driver, base: str) -> None:
+    """At a phone's width neither page scrolls sideways, and every field has a label."""
+    driver.set_window_size(390, 844)
+    try:
+        for path, ready in (("/", "#model-name"), ("/swarm", "#summary[data-online]")):
+            driver.get(base + path)
+            wait(driver, lambda d: d.find_elements("css selector", ready), 20, f"{path} did not load")
+            assert driver.execute_script(OVERFLOW) <= 0, path
+            assert driver.execute_script(UNLABELLED) == 0, path
+    finally:
+        driver.set_window_size(1100, 1000)
 
 
 def chat_answers_and_stops(driver, base: str, api: str, node_metrics: list[str]) -> None:
@@ -104,7 +125,7 @@ def chat_answers_and_stops(driver, base: str, api: str, node_metrics: list[str])
     driver.save_screenshot(str(SCREENSHOTS / "chat.png"))
 
     driver.find_element("css selector", "#new-chat").click()
-    send(driver, PROMPT, 450)
+    send(driver, PROMPT, 450, keyboard=True)
     streaming = "article.message.assistant.streaming .content"
     wait(driver, lambda d: len(d.find_element("css selector", streaming).text) > 20, 60, "no streamed text")
     assert all(scrape(url)[("hearth_sessions_open", ())] == 1 for url in node_metrics)  # a session per hop
@@ -166,5 +187,6 @@ async def test_the_chat_and_swarm_pages_in_a_browser(browser, tmp_path):
         await replacement.wait_ready(120)
         await trio.to_thread.run_sync(swarm_page_shows, browser, "3", "0", 30)
         await trio.to_thread.run_sync(browser.save_screenshot, str(SCREENSHOTS / "swarm-healed.png"))
+        await trio.to_thread.run_sync(readable_on_a_phone, browser, base)
         assert await middle.wait(5) == -signal.SIGKILL
     print(f"the swarm page showed the gap {seconds_to_gap:.1f} s after the SIGKILL")
