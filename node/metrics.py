@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -22,6 +22,8 @@ from mesh.discovery import Discovery, PeerRecord
 from node.sessions import SessionManager
 from protocol import ErrorCode, Step, StepResult
 from shard.interfaces import Span
+
+disable_created_metrics()  # no `_created` series beside each counter: Prometheus has no use for them
 
 COMPUTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LOOKUP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -37,8 +39,12 @@ class Serving(Protocol):
     token_seconds: float
 
 
-def _code(code: ErrorCode | str) -> str:
-    return code.value if isinstance(code, ErrorCode) else str(code)
+def _code(code: ErrorCode | int) -> str:
+    """An error code as a label: its name (`shutting_down`), or the number of one we do not know."""
+    try:
+        return ErrorCode(code).name.lower()
+    except ValueError:
+        return str(int(code))
 
 
 class NodeMetrics:
@@ -74,7 +80,7 @@ class NodeMetrics:
     def session_opened(self) -> None:
         self.sessions_opened.inc()
 
-    def session_refused(self, code: ErrorCode | str, *, opened: bool) -> None:
+    def session_refused(self, code: ErrorCode | int, *, opened: bool) -> None:
         (self.sessions_ended if opened else self.sessions_refused).labels(_code(code)).inc()
 
     def step(self, message: Step, result: StepResult, *, first: bool) -> None:
