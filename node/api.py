@@ -66,6 +66,10 @@ PLAN_TIMEOUT_S = 15.0  # to find out whether any route covers the model
 SEND_TIMEOUT_S = 60.0  # for an HTTP client to take one more chunk of its stream
 GRACEFUL_SHUTDOWN_S = 2.0  # requests still running then are cancelled (their hops closed)
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_CONCURRENT = 8  # generations at once; more get 429 (each holds a session on every hop)
+PROMPT_CHARS_PER_POSITION = 32  # a prompt longer than this many characters per context position cannot fit
+TOKENIZING_THREADS = 2  # prompts tokenized (and templated) at once, off the event loop
+RETRY_AFTER_S = 1
 
 
 @dataclass(frozen=True)
@@ -74,12 +78,15 @@ class ApiSettings:
     port: int = 8000
     api_key: str | None = None
     default_max_tokens: int = DEFAULT_MAX_TOKENS  # when a request gives no max_tokens
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise InvalidInput(f"the API port must be in 0..65535, got {self.port}")
         if self.default_max_tokens < 1:
             raise InvalidInput(f"the default max_tokens must be positive, got {self.default_max_tokens}")
+        if self.max_concurrent < 1:
+            raise InvalidInput(f"the cap on concurrent generations must be positive, got {self.max_concurrent}")
         if self.api_key is not None and not self.api_key.strip():
             raise InvalidInput("the API key must not be empty")
         if self.api_key is None and not is_loopback(self.host):
@@ -117,7 +124,8 @@ class ApiServer:
         self.client, self.settings, self.wall_clock = client, settings, wall_clock
         self.model = client.model_id
         self.created = int(wall_clock())
-        self.active = 0  # generations running now
+        self.active = 0  # generations admitted and not yet ended
+        self._tokenizing = trio.CapacityLimiter(TOKENIZING_THREADS)
         self.metrics = ApiMetrics(registry)  # a node's API shares the node's registry: one /metrics
         self.metrics.watch_active(lambda: self.active)
         self.watch = SwarmWatch(client, wall_clock=wall_clock)
@@ -183,20 +191,24 @@ class ApiServer:
     # --- generation -----------------------------------------------------------------------------
 
     async def _complete(self, request: Request, parsed: CompletionRequest, id_prefix: str) -> Response:
-        arrived = trio.current_time()
-        header = ResponseHeader(id_prefix + secrets.token_hex(12), int(self.wall_clock()), self.model, parsed.chat)
-        ids = self._encode(parsed)
-        context = self.client.config.max_position_embeddings
-        params = parsed.sampling(fmt.max_new_tokens(parsed, len(ids), context, self.settings.default_max_tokens))
-        log.info("%s: %d prompt tokens, up to %d new, stream=%s", header.id, len(ids), params.max_new_tokens,
-                 parsed.stream)
-        await self._check_route()
-        report = GenerationReport(ids)
-        self.metrics.prompt_tokens.inc(len(ids))
-        tokens = self._observed(self.client.generate(prompt_ids=ids, params=params, report=report), report, arrived)
+        if self.active >= self.settings.max_concurrent:
+            raise ApiError(429, f"this server runs at most {self.settings.max_concurrent} generations at once; "
+                           f"retry in {RETRY_AFTER_S} s", type="requests", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
         self.active += 1
         streaming = False
         try:
+            arrived = trio.current_time()
+            header = ResponseHeader(id_prefix + secrets.token_hex(12), int(self.wall_clock()), self.model, parsed.chat)
+            ids = await trio.to_thread.run_sync(self._encode, parsed, limiter=self._tokenizing)
+            context = self.client.config.max_position_embeddings
+            params = parsed.sampling(fmt.max_new_tokens(parsed, len(ids), context, self.settings.default_max_tokens))
+            log.info("%s: %d prompt tokens, up to %d new, stream=%s", header.id, len(ids), params.max_new_tokens,
+                     parsed.stream)
+            await self._check_route()
+            report = GenerationReport(ids)
+            self.metrics.prompt_tokens.inc(len(ids))
+            tokens = self._observed(self.client.generate(prompt_ids=ids, params=params, report=report), report, arrived)
             if not parsed.stream:
                 return await self._answer(request, header, tokens, report)
             first = await _first_token(request, tokens)
@@ -238,8 +250,14 @@ class ApiServer:
         self.active -= 1
 
     def _encode(self, parsed: CompletionRequest) -> list[int]:
+        """The prompt's token ids (in a worker thread: a long prompt takes seconds to tokenize)."""
         messages = list(parsed.messages) if parsed.messages is not None else None
         prompt_ids = list(parsed.prompt_ids) if parsed.prompt_ids is not None else None
+        context = self.client.config.max_position_embeddings
+        chars = len(parsed.prompt or "") + sum(len(str(m.get("content") or "")) for m in messages or ())
+        if chars > PROMPT_CHARS_PER_POSITION * context:
+            raise fmt.invalid(parsed.prompt_param, f"the prompt has {chars} characters: more than this model's "
+                              f"context of {context} tokens could hold", "context_length_exceeded")
         try:
             ids = self.client.encode_prompt(parsed.prompt, prompt_ids, messages)
         except (ChatTemplateError, InvalidInput, TokenizerFileError) as err:
@@ -438,6 +456,9 @@ async def read_json(request: Request) -> object:
         raise ApiError(408, f"The request body did not arrive within {BODY_TIMEOUT_S:g} s.", code="timeout")
     try:
         return json.loads(b"".join(chunks))
+    except RecursionError as err:
+        raise ApiError(400, "We could not parse the JSON body of your request: it nests too deeply.",
+                       code="invalid_json") from err
     except (ValueError, UnicodeDecodeError) as err:
         raise ApiError(400, f"We could not parse the JSON body of your request: {err}. The body must be JSON.",
                        code="invalid_json") from err
@@ -512,7 +533,7 @@ def _usage(report: GenerationReport) -> dict:
 
 
 def _error_response(error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    return JSONResponse(error.body(), status_code=error.status, headers={**error.headers, **(headers or {})})
 
 
 def _route_json(report: GenerationReport) -> dict:

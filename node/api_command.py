@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from mesh.client import ClientOptions
 from mesh.join import connect
-from node.api import DEFAULT_MAX_TOKENS, ApiServer, ApiSettings, check_model_dir
+from node.api import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_TOKENS, ApiServer, ApiSettings, check_model_dir
 from node.client_args import add_client_arguments, check_peer_sources, client_options
 from node.logs import say, setup_logging
 from node.metrics import TimedDiscovery, lookup_histogram
@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", metavar="KEY", help="requests must carry 'Authorization: Bearer KEY'")
     parser.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
                         help=f"tokens to generate when a request gives no max_tokens (default {DEFAULT_MAX_TOKENS})")
+    parser.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT, metavar="N",
+                        help=f"generations at once; more get 429 with Retry-After (default {DEFAULT_MAX_CONCURRENT})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     use_threads(args.threads)
     setup_logging(args.verbose, args.log_format)
     settings = ApiSettings(host=args.host, port=args.port, api_key=args.api_key,
-                           default_max_tokens=args.default_max_tokens)
+                           default_max_tokens=args.default_max_tokens, max_concurrent=args.max_concurrent)
     if args.timeout <= 0:
         raise InvalidInput(f"--timeout must be positive, got {args.timeout}")
     check_model_dir(args.model)

@@ -36,7 +36,7 @@ from mesh.data_channel import DataChannels
 from mesh.join import joined
 from mesh.libp2p_transport import Libp2pTransport
 from mesh.loopback import LoopbackTransport
-from node.api import ApiServer, ApiSettings, check_model_dir
+from node.api import DEFAULT_MAX_CONCURRENT, ApiServer, ApiSettings, check_model_dir
 from node.logs import add_log_arguments, say, setup_logging
 from node.metrics import NodeMetrics, TimedDiscovery
 from node.metrics_http import serve_metrics
@@ -117,6 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-host", default="127.0.0.1", metavar="HOST",
                         help="address the API binds (default 127.0.0.1; any other needs --api-key)")
     parser.add_argument("--api-key", metavar="KEY", help="API requests must carry 'Authorization: Bearer KEY'")
+    parser.add_argument("--api-max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT, metavar="N",
+                        help=f"API generations at once; more get 429 with Retry-After (default {DEFAULT_MAX_CONCURRENT})")
     parser.add_argument("--no-data-channel", action="store_true",
                         help="steps only over libp2p (by default clients may step over a sealed TCP channel "
                              "on the --listen host, which is about 4 ms per hop faster)")
@@ -164,7 +166,8 @@ def api_settings_from_args(args: argparse.Namespace) -> ApiSettings | None:
         if args.api_key is not None or args.api_host != "127.0.0.1":
             raise InvalidInput("--api-host and --api-key need --api-port")
         return None
-    return ApiSettings(host=args.api_host, port=args.api_port, api_key=args.api_key)
+    return ApiSettings(host=args.api_host, port=args.api_port, api_key=args.api_key,
+                       max_concurrent=args.api_max_concurrent)
 
 
 def data_channels(listen: tuple[str, ...], announced: list[str]) -> DataChannels | None:

@@ -34,9 +34,11 @@ class ApiError(Exception):
     """An error answer: HTTP `status` and OpenAI's error object (plus any `extra` fields)."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, extra: Mapping[str, object] | None = None):
+                 param: str | None = None, code: str | None = None, extra: Mapping[str, object] | None = None,
+                 headers: Mapping[str, str] | None = None):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.extra = dict(extra or {})
+        self.headers = dict(headers or {})  # HTTP headers of the answer (Retry-After, ...)
         super().__init__(message)
 
     def body(self) -> dict:

@@ -166,10 +166,22 @@ def _sliding_window(raw: dict[str, Any], architecture: str) -> int | None:
     return _int({"sliding_window": window}, "sliding_window")
 
 
+# Upper bounds on what a config may claim, far above any model released (the largest have a
+# vocabulary of ~256k, a hidden size of ~25k, ~130 layers and contexts of ~10M positions): a
+# config.json is untrusted input, and every size is later multiplied into an allocation.
+LIMITS = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 19, "num_hidden_layers": 1 << 10,
+    "num_attention_heads": 1 << 10, "num_key_value_heads": 1 << 10, "head_dim": 1 << 11,
+    "max_position_embeddings": 1 << 24, "original_max_position_embeddings": 1 << 24, "sliding_window": 1 << 24,
+}
+
+
 def _int(raw: dict[str, Any], key: str, default: Any = None) -> int:
     value = raw.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"config field {key!r} must be a positive integer, got {value!r}")
+    if value > LIMITS.get(key, value):
+        raise ConfigError(f"config field {key!r} is {value}, beyond the {LIMITS[key]} any supported model needs")
     return value
 
 

@@ -17,7 +17,7 @@ from shard.config import ModelConfig, load_config
 from shard.gguf_file import GGUFModel, is_gguf
 from shard.manifest import Manifest, build_manifest, load_manifest
 from shard.quant import QUANT_MODES
-from shard.tokenizer import TOKENIZER_FILE, Tokenizer
+from shard.tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_files
 
 AUTO_QUANT = "auto"  # what the model's own weights are: a GGUF file's block types, a directory's floats
 QUANT_CHOICES = (AUTO_QUANT, *QUANT_MODES)
@@ -69,8 +69,15 @@ class ModelDir:
         return self._checkpoint
 
     def tokenizer(self) -> Tokenizer | None:
-        """The directory's tokenizer, or None when it has no tokenizer.json (ids in, ids out)."""
-        return Tokenizer.from_dir(self.path) if (self.path / TOKENIZER_FILE).exists() else None
+        """The directory's tokenizer, or None when it has no tokenizer.json (ids in, ids out). With a
+        manifest, every file it reads (tokenizer, its config, generation config, chat templates: the
+        templates are code) is checked against it first, as the weights are."""
+        if not (self.path / TOKENIZER_FILE).exists():
+            return None
+        if self.verify and self.manifest is not None:
+            for path in tokenizer_files(self.path):
+                self.manifest.verify_file(self.path, path.relative_to(self.path).as_posix())
+        return Tokenizer.from_dir(self.path)
 
 
 OpenModel = ModelDir | GGUFModel

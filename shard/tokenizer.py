@@ -400,6 +400,14 @@ def _generation_eos_ids(generation: dict, path: Path) -> list[int]:
     return ids
 
 
+def tokenizer_files(model_dir: str | Path) -> list[Path]:
+    """Every file `Tokenizer.from_dir` reads from `model_dir` (those that exist)."""
+    model_dir = Path(model_dir)
+    named = [model_dir / name for name in (TOKENIZER_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, TEMPLATE_FILE)]
+    extra = sorted((model_dir / EXTRA_TEMPLATES_DIR).glob("*.jinja")) if (model_dir / EXTRA_TEMPLATES_DIR).is_dir() else []
+    return [path for path in named + extra if path.is_file()]
+
+
 def _load_chat_templates(model_dir: Path, config: dict) -> dict[str, str]:
     """Templates from chat_template.jinja / additional_chat_templates/*.jinja, else from the config.
 

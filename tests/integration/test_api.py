@@ -11,6 +11,8 @@ they can act at an exact step of a hop, as tests/integration/test_failover.py do
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import signal
 import time
@@ -407,3 +409,51 @@ def test_json_logs_are_one_object_per_line_and_no_log_holds_text(api_swarm):
     messages = [event["message"] for event in events]
     assert any(m.startswith("listening on ") for m in messages) and any("prompt tokens" in m for m in messages)
     assert not any(secret in m for m in messages)
+
+
+def test_malformed_and_oversized_bodies_get_400_not_a_traceback(api_swarm):
+    url = f"{api_swarm.lone_url}/chat/completions"
+    status, body = post_raw(url, b"[" * 100_000 + b"]" * 100_000, {})  # deeper than any parser's stack
+    assert (status, body["error"]["code"]) == (400, "invalid_json")
+    huge = json.dumps({"model": api_swarm.model, "messages": [{"role": "user", "content": "x" * (3 << 20)}]}).encode()
+    status, body = post_raw(url, huge, {})  # refused by its length, before any tokenizing
+    assert (status, body["error"]["code"], body["error"]["param"]) == (400, "context_length_exceeded", "messages")
+    assert "characters" in body["error"]["message"]
+
+
+async def test_generations_beyond_the_cap_get_429_with_retry_after(api_swarm, monkeypatch):
+    options = ClientOptions(codec=Codec.FP32)
+    original, stuck = HopSession.step, trio.Event()
+
+    async def step(self, hidden, position, **kwargs):
+        if self.step_number == 2:
+            stuck.set()
+            await trio.sleep_forever()  # hold the one generation the API may run
+        return await original(self, hidden, position, **kwargs)
+
+    monkeypatch.setattr(HopSession, "step", step)
+    async with connect(bootstrap=[api_swarm.swarm.nodes[0].addr], model=api_swarm.swarm.model_dir,
+                       options=options) as client:
+        api = ApiServer(client, ApiSettings(port=0, max_concurrent=1), wall_clock=time.time)
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(api.run)
+            body = json.dumps({"model": api_swarm.model, "messages": MESSAGES, "max_tokens": 8, "stream": True}).encode()
+
+            def held():  # its stream starts, then stalls until the server stops (or the reader's 10 s)
+                request = urllib.request.Request(f"{url}/chat/completions", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    with urllib.request.urlopen(request, timeout=10) as response:
+                        response.read()
+
+            nursery.start_soon(trio.to_thread.run_sync, held)
+            with trio.fail_after(10):
+                await stuck.wait()
+            request = urllib.request.Request(f"{url}/chat/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                await trio.to_thread.run_sync(lambda: urllib.request.urlopen(request, timeout=10))
+            with refused.value as err:
+                assert err.code == 429 and err.headers["Retry-After"] == "1"
+                assert json.load(err)["error"]["code"] == "rate_limit_exceeded"
+            api.stop()

@@ -178,7 +178,8 @@ def test_each_bad_file_is_one_error_naming_the_problem(gguf_model, tmp_path):
 def test_metadata_that_disagrees_with_the_tensors_is_refused(checkpoint_factory, tmp_path):
     source = checkpoint_factory("llama", **SHAPE)
     cases = {"block_count": ("llama.block_count", 3, "blk.2.attn_norm.weight"),
-             "hidden": ("llama.embedding_length", 1 << 40, "the metadata says"),
+             "hidden": ("llama.embedding_length", 4096, "the metadata says"),
+             "absurd": ("llama.embedding_length", 1 << 40, "beyond the 65536"),  # refused before any tensor is read
              "heads": ("llama.attention.head_count", 3, "not a multiple")}
     for name, (key, value, says) in cases.items():
         path = write_gguf(source, tmp_path / f"{name}.gguf", Q.F16, metadata={key: value})
