@@ -107,6 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer-cache", type=Path, metavar="PATH", help="where to remember peers for rejoining")
     parser.add_argument("--mdns", action="store_true", help="find peers on the LAN")
     parser.add_argument("--max-sessions", type=int, default=16, metavar="N")
+    parser.add_argument("--max-sessions-per-peer", type=int, default=8, metavar="N",
+                        help="sessions one peer may hold at once (default 8; an API server holds one per user)")
     parser.add_argument("--kv-cache-bytes", type=int, default=1 << 30, metavar="N")
     parser.add_argument("--max-length", type=int, default=4096, metavar="N", help="positions per session")
     parser.add_argument("--idle-timeout", type=float, default=300.0, metavar="S")
@@ -136,10 +138,11 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
         raise InvalidInput("--memory and --no-rebalance are for a node choosing its own blocks (no --blocks)")
     if args.rebalance_every <= 0:
         raise InvalidInput(f"--rebalance-every must be positive, got {args.rebalance_every}")
-    for name in ("max_sessions", "kv_cache_bytes", "max_length"):
+    for name in ("max_sessions", "max_sessions_per_peer", "kv_cache_bytes", "max_length"):
         if getattr(args, name) <= 0:
             raise InvalidInput(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    limits = SessionLimits(max_sessions=args.max_sessions, kv_cache_bytes=args.kv_cache_bytes,
+    limits = SessionLimits(max_sessions=args.max_sessions, max_sessions_per_peer=args.max_sessions_per_peer,
+                           kv_cache_bytes=args.kv_cache_bytes,
                            max_length=args.max_length, idle_timeout_s=args.idle_timeout)
     return NodeSettings(
         model_dir=Path(args.model), start=start, end=end, quant=args.quant, group_size=args.group_size,

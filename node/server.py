@@ -243,6 +243,7 @@ class InferenceServer:
     async def _step(self, session: ServedSession, message: Message) -> StepResult:
         if not isinstance(message, Step):
             raise refusal(ErrorCode.UNEXPECTED_MESSAGE, f"expected step, got {message.TYPE}")
+        self.manager.check_input(session, message.hidden.shape, message.start_position)
         hidden = decode_tensor(message.hidden)
         first = session.steps == 0
         output, seconds = await self.manager.step(session, hidden, message.start_position, message.chunks)

@@ -33,6 +33,9 @@ class SessionRefused(Exception):
 @dataclass(frozen=True)
 class SessionLimits:
     max_sessions: int = 16
+    # One peer may hold at most this many (an API server's client holds one per user it serves); a
+    # peer over it is refused, so no single peer can take every slot.
+    max_sessions_per_peer: int = 8
     kv_cache_bytes: int = 1 << 30
     max_length: int = 4096  # positions per session, also capped by the model's context
     idle_timeout_s: float = 300.0
@@ -134,12 +137,16 @@ class SessionManager:
             raise SessionRefused(ErrorCode.INVALID_MESSAGE, f"max_length {max_length} exceeds this node's {limit}")
         if batch > self.limits.max_batch:
             raise SessionRefused(ErrorCode.INVALID_MESSAGE, f"batch {batch} exceeds this node's {self.limits.max_batch}")
-        if len(self.sessions) >= self.limits.max_sessions:
-            raise SessionRefused(ErrorCode.OVERLOADED, f"all {self.limits.max_sessions} session slots are taken",
-                                 retry_elsewhere=True)
+        held = sum(1 for s in self.sessions.values() if s.peer_id == peer_id)
+        if held >= self.limits.max_sessions_per_peer:
+            raise SessionRefused(ErrorCode.OVERLOADED, f"peer {peer_id} holds {held} sessions here, this node's limit "
+                                 f"per peer; close one or go elsewhere", retry_elsewhere=True)
         view = self.span if (start, end) == (self.span.start, self.span.end) else self.span.sub_span(start, end)
         needed = view.cache_bytes(batch, max_length)
         self._evict_idle_for(needed)
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise SessionRefused(ErrorCode.OVERLOADED, f"all {self.limits.max_sessions} session slots are taken",
+                                 retry_elsewhere=True)
         if self.reserved_bytes + needed > self.limits.kv_cache_bytes:
             raise SessionRefused(ErrorCode.CACHE_FULL,
                                  f"session needs {needed} bytes of KV cache; {self.limits.kv_cache_bytes - self.reserved_bytes} free",
@@ -150,15 +157,20 @@ class SessionManager:
         return session
 
     def _evict_idle_for(self, needed: int) -> None:
-        """Evict the longest-idle sessions (idle at least `evict_idle_s`) until `needed` bytes fit."""
+        """Evict sessions idle at least `evict_idle_s` until a slot is free and `needed` bytes fit:
+        first those of the peers holding the most sessions, then the longest idle."""
         now = trio.current_time()
+        held: dict[str, int] = {}
+        for s in self.sessions.values():
+            held[s.peer_id] = held.get(s.peer_id, 0) + 1
         idle = sorted((s for s in self.sessions.values() if now - s.last_active >= self.limits.evict_idle_s),
-                      key=lambda s: s.last_active)
+                      key=lambda s: (-held[s.peer_id], s.last_active))
         for session in idle:
-            if self.reserved_bytes + needed <= self.limits.kv_cache_bytes:
+            if (self.reserved_bytes + needed <= self.limits.kv_cache_bytes
+                    and len(self.sessions) < self.limits.max_sessions):
                 return
-            self.end(session, SessionRefused(ErrorCode.CACHE_FULL, "session evicted to make room in this node's "
-                                             "KV cache; replay elsewhere", retry_elsewhere=True))
+            self.end(session, SessionRefused(ErrorCode.CACHE_FULL, "session evicted to make room on this node "
+                                             "(it was idle); replay elsewhere", retry_elsewhere=True))
 
     def end(self, session: ServedSession, reason: SessionRefused) -> None:
         """End `session` on the node's initiative; its stream tells the client `reason`."""
@@ -170,6 +182,20 @@ class SessionManager:
         if self.sessions.pop(session.session_id, None) is not None:
             self.reserved_bytes -= session.nbytes
 
+    def check_input(self, session: ServedSession, shape: tuple[int, ...], start_position: int) -> None:
+        """What a step's hidden states may be, checked on the tensor's header before a byte of it is
+        decompressed or decoded: [the session's batch, tokens that fit its room, the hidden size]."""
+        cache, hidden = session.cache, self.span.config.hidden_size
+        if len(shape) != 3 or shape[0] != cache.batch or shape[1] < 1 or shape[2] != hidden:
+            raise SessionRefused(ErrorCode.INVALID_TENSOR,
+                                 f"hidden states must be [{cache.batch}, tokens, {hidden}], got {list(shape)}")
+        if start_position > cache.length:
+            raise SessionRefused(ErrorCode.POSITION_MISMATCH,
+                                 f"step starts at position {start_position} but the cache holds {cache.length}")
+        if start_position + shape[1] > cache.max_length:
+            raise SessionRefused(ErrorCode.CACHE_FULL, f"{shape[1]} tokens at position {start_position} overflow "
+                                 f"the session's {cache.max_length} positions")
+
     async def step(self, session: ServedSession, hidden: np.ndarray, start_position: int,
                    chunks: tuple[int, ...] = ()) -> tuple[np.ndarray, float]:
         """Run the session's blocks on `hidden` [B, T, D] at `start_position`, as `chunks` (token
@@ -177,9 +203,7 @@ class SessionManager:
         if self.draining:
             raise SessionRefused(ErrorCode.SHUTTING_DOWN, "this node is shutting down; replay elsewhere",
                                  retry_elsewhere=True)
-        if start_position > session.cache.length:
-            raise SessionRefused(ErrorCode.POSITION_MISMATCH,
-                                 f"step starts at position {start_position} but the cache holds {session.cache.length}")
+        self.check_input(session, hidden.shape, start_position)
         rows = hidden.shape[0] * hidden.shape[1]
         if rows <= self.limits.inline_max_tokens and len(chunks) <= 1:
             output, seconds = await self._decode(_Step(session, hidden, start_position))

@@ -34,12 +34,13 @@ class FaultySwarm:
         self.nodes: dict[str, Node] = {}
         self.spans = {}
 
-    async def add_node(self, name: str, start: int, end: int, token_seconds: float = 0.001) -> Node:
+    async def add_node(self, name: str, start: int, end: int, token_seconds: float = 0.001, **limits) -> Node:
+        """A node serving [start, end) as peer `name`; `limits` override its `SessionLimits`."""
         transport = await self.nursery.start(self._transport, name)
         if (start, end) not in self.spans:
             self.spans[(start, end)] = load_span(self.model_dir, start, end)
         node = Node(self.spans[(start, end)], "tiny", self.digest, wall_clock=trio.current_time,
-                    token_seconds=token_seconds, limits=SessionLimits(compute_in_thread=False))
+                    token_seconds=token_seconds, limits=SessionLimits(compute_in_thread=False, **limits))
         await self.nursery.start(node.run, transport, self.directory)
         self.nodes[name] = node
         return node
