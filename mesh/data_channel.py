@@ -9,7 +9,10 @@ that the allow-list and the session checks saw. Both sides list the capability
 `protocol.DATA_CHANNEL` in their Hellos for a node to offer one; the token and key sizes are
 `protocol.DATA_TOKEN_BYTES` and `DATA_KEY_BYTES`.
 
-Channel layout: the client connects and sends the 16-byte token in clear, then records. A record
+Channel layout: the client connects and sends, in clear, a 16-byte nonce of its own and the first
+16 bytes of sha256(label, token, nonce), then records. The node finds the offer whose token gives
+that digest; the clear bytes are random, so a node cannot make a client write bytes of its choosing
+to whatever address it names (and the client only dials the address it reached the node on). A record
 is a 4-byte big-endian length and a ChaCha20-Poly1305 ciphertext (tag included) of up to
 `MAX_RECORD_BYTES` plaintext bytes; the nonce is one byte for the direction (0 client -> node,
 1 node -> client) and an 11-byte big-endian record counter, so records cannot be reordered,
@@ -17,12 +20,19 @@ replayed or reflected. The first client record must hold the token itself (proof
 After that the records carry the session's ordinary protocol frames. Anything that fails to
 authenticate closes the channel; the client then fails over, as for any broken stream.
 
+The listener holds at most `MAX_PENDING` connections that have not authenticated yet, and
+`MAX_PENDING_PER_IP` from one address; others, and any connection while no offer waits for its
+channel, are closed at once.
+
 A client that cannot reach the address keeps using the libp2p stream; the node serves whichever
 the client uses first.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
 import logging
 import secrets
 import struct
@@ -40,7 +50,11 @@ log = logging.getLogger("hearth.mesh")
 
 TAG_BYTES = 16
 MAX_RECORD_BYTES = 1 << 20  # plaintext per record; larger writes are split
-HANDSHAKE_TIMEOUT_S = 5.0
+HANDSHAKE_TIMEOUT_S = 3.0
+MAX_PENDING = 64  # connections not yet authenticated, in all
+MAX_PENDING_PER_IP = 8
+NONCE_BYTES = 16
+_LABEL = b"hearth data channel v2"
 TO_NODE, TO_CLIENT = 0, 1
 _LENGTH = struct.Struct(">I")
 
@@ -135,9 +149,31 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def token_proof(token: bytes, nonce: bytes) -> bytes:
+    """What the client sends in clear to name its offer: a digest the node cannot choose."""
+    return hashlib.sha256(_LABEL + token + nonce).digest()[:TOKEN_BYTES]
+
+
+def check_offered_host(address: str, reached: str | None) -> None:
+    """ValueError unless the offered address is on the host this client reached the node at over
+    libp2p (`reached`; unknown only on in-memory transports, where only loopback is accepted): a
+    node must not aim the client's connection at a third party."""
+    host, _ = _split_address(address)
+    try:
+        offered = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"data channel address {address!r} is not an IP address") from None
+    if reached is None:
+        if not offered.is_loopback:
+            raise ValueError(f"data channel address {address!r}: only loopback where the peer's address is unknown")
+    elif offered != ipaddress.ip_address(reached):
+        raise ValueError(f"data channel address {address!r} is not the host {reached} this node was reached at")
+
+
 async def connect(offer: Offer, peer_id: str, *, timeout: float) -> SealedStream:
     """Open the data channel a node offered; DialError or TransportTimeout if it cannot be reached."""
     host, port = _split_address(offer.address)
+    nonce = secrets.token_bytes(NONCE_BYTES)
     with trio.move_on_after(timeout):
         try:
             socket = await trio.open_tcp_stream(host, port)
@@ -145,7 +181,7 @@ async def connect(offer: Offer, peer_id: str, *, timeout: float) -> SealedStream
             raise DialError(peer_id, f"data channel {offer.address}: {err}") from err
         stream = SealedStream(socket, offer.key, peer_id, sending=TO_NODE)
         try:
-            await socket.send_all(offer.token)
+            await socket.send_all(nonce + token_proof(offer.token, nonce))
             await stream.send_all(offer.token)
         except (OSError, trio.BrokenResourceError, StreamClosed) as err:
             await socket.aclose()
@@ -161,6 +197,7 @@ class DataChannels:
         self.host, self.advertise_host = host, advertise_host or host
         self.port = 0
         self._offers: dict[bytes, tuple[bytes, str, trio.MemorySendChannel]] = {}
+        self._pending: dict[str, int] = {}  # remote IP -> connections not yet authenticated
 
     @property
     def address(self) -> str:
@@ -195,20 +232,43 @@ class DataChannels:
 
     async def _handshake(self, socket: trio.SocketStream) -> None:
         """Authenticate one connection and hand it to its session; trio closes the socket when
-        this returns, so it waits until the session has closed the stream."""
+        this returns, so it waits until the session has closed the stream. Connections beyond the
+        pending limits, or while no offer waits, are closed at once."""
+        try:
+            remote = socket.socket.getpeername()[0]
+        except OSError:
+            return
+        if not self._offers or sum(self._pending.values()) >= MAX_PENDING \
+                or self._pending.get(remote, 0) >= MAX_PENDING_PER_IP:
+            log.debug("data channel: connection from %s closed unread (pending limits)", remote)
+            return
+        self._pending[remote] = self._pending.get(remote, 0) + 1
         stream = None
-        with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
-            stream = await self._authenticate(socket)
+        try:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+                stream = await self._authenticate(socket)
+        finally:
+            self._pending[remote] -= 1
+            if not self._pending[remote]:
+                del self._pending[remote]
         if stream is None:
             return
         await stream.closed.wait()
 
+    def _offer_named(self, nonce: bytes, proof: bytes) -> bytes | None:
+        """The token of the pending offer whose proof this is (a node holds a few at a time)."""
+        for token in list(self._offers):
+            if hmac.compare_digest(token_proof(token, nonce), proof):
+                return token
+        return None
+
     async def _authenticate(self, socket: trio.SocketStream) -> SealedStream | None:
         try:
-            token = await _read_exactly(socket, TOKEN_BYTES)
+            hello = await _read_exactly(socket, NONCE_BYTES + TOKEN_BYTES)
+            token = self._offer_named(hello[:NONCE_BYTES], hello[NONCE_BYTES:]) if hello is not None else None
             entry = self._offers.pop(token, None) if token is not None else None
             if entry is None:
-                log.info("data channel: unknown session token; closing")
+                log.info("data channel: no offer matches; closing")
                 return None
             key, peer_id, deliver = entry
             stream = SealedStream(socket, key, peer_id, sending=TO_CLIENT)

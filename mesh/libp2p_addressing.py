@@ -85,8 +85,9 @@ class _ConcreteAddrs:
         return offered(concrete(self._host.get_transport_addrs(), self._interfaces()))
 
 
-def local_ip(conn) -> IpAddress | None:
-    """The local IP address of a libp2p connection (yamux over Noise over TCP); None if unknown."""
+def local_ip(conn, *, remote: bool = False) -> IpAddress | None:
+    """The local (or, `remote`, the peer's) IP address of a libp2p connection (yamux over Noise
+    over TCP); None if unknown."""
     import ipaddress
 
     node = conn
@@ -94,7 +95,8 @@ def local_ip(conn) -> IpAddress | None:
         sock = getattr(node, "socket", None)
         if sock is not None and hasattr(sock, "getsockname"):
             try:
-                return ipaddress.ip_address(sock.getsockname()[0].split("%")[0])
+                name = sock.getpeername() if remote else sock.getsockname()
+                return ipaddress.ip_address(name[0].split("%")[0])
             except (OSError, ValueError, IndexError):
                 return None
         node = next((getattr(node, a) for a in ("secured_conn", "conn", "read_writer", "stream")

@@ -91,6 +91,12 @@ class Libp2pByteStream(ByteStream):
         ip = libp2p_addressing.local_ip(getattr(self._stream, "muxed_conn", None))
         return None if ip is None else str(ip)
 
+    @property
+    def remote_host(self) -> str | None:
+        """The peer's IP address on this stream's connection."""
+        ip = libp2p_addressing.local_ip(getattr(self._stream, "muxed_conn", None), remote=True)
+        return None if ip is None else str(ip)
+
     async def send_all(self, data: bytes) -> None:
         try:
             await self._stream.write(bytes(data))

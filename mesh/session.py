@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
-from mesh.data_channel import Offer, connect as connect_data_channel
+from mesh.data_channel import Offer, check_offered_host, connect as connect_data_channel
 from mesh.errors import TransportError
 from mesh.transport import MessageStream, Transport
 from protocol import (
@@ -187,6 +187,7 @@ async def _to_data_channel(stream: MessageStream, opened: SessionOpened, *, time
     """The session continued on the data channel the node offered, or on `stream` if it cannot be reached."""
     offer = Offer(opened.data_address, opened.data_token, opened.data_key)
     try:
+        check_offered_host(offer.address, stream.raw.remote_host)
         sealed = await connect_data_channel(offer, stream.peer_id, timeout=timeout)
     except (TransportError, ValueError) as err:
         log.info("data channel to %s unreachable (%s); staying on libp2p", stream.peer_id, err)

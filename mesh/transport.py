@@ -30,6 +30,7 @@ class ByteStream(abc.ABC):
 
     peer_id: str
     local_host: str | None = None  # our IP address on the connection this stream runs over, if it has one
+    remote_host: str | None = None  # the peer's IP address on that connection, if it has one
 
     @abc.abstractmethod
     async def send_all(self, data: bytes) -> None: ...

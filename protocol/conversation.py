@@ -24,7 +24,7 @@ INFERENCE_PROTOCOL = "/hearth/inference/1"
 INFO_PROTOCOL = "/hearth/info/1"
 
 # Capabilities (Hello.capabilities): a feature runs only when both Hellos list it.
-DATA_CHANNEL = "data-channel"  # a session's steps may move to the sealed TCP channel offered in SessionOpened
+DATA_CHANNEL = "data-channel-2"  # a session's steps may move to the sealed TCP channel offered in SessionOpened
 REPLAY_CHUNKS = "replay-chunks"  # Step.chunks: several original steps replayed in one message
 CAPABILITIES = (DATA_CHANNEL, REPLAY_CHUNKS)  # every capability this version knows
 

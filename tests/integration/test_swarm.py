@@ -10,7 +10,9 @@ import sys
 import trio
 
 from mesh.client import ClientOptions
+from mesh.data_channel import SealedStream
 from mesh.join import connect
+from mesh.session import HopSession
 from protocol import Codec
 from shard.sampling import SamplingParams
 from tests.integration.conftest import local_tokens, run_command
@@ -23,13 +25,21 @@ async def generate(bootstrap: str, model_dir, *, codec=Codec.FP32, n=12, prompt=
         return await client.generate_text(prompt_ids=prompt, params=SamplingParams(max_new_tokens=n))
 
 
-async def test_three_nodes_equal_hearth_run_exactly(local_swarm):
+async def test_three_nodes_equal_hearth_run_exactly(local_swarm, monkeypatch):
     """One swarm of three spans, three ways in: the library (exact, and with the default codec) and
-    `hearth generate --json` against `hearth run --json`."""
+    `hearth generate --json` against `hearth run --json`. Steps take the nodes' data channels (the
+    client dials the host it reached each node at over libp2p)."""
     await local_swarm.start(local_swarm.spans(3))
     expected = local_tokens(local_swarm.model_dir, PROMPT, 12)
+    step, carried_by = HopSession.step, set()
+
+    async def spying(self, *args, **kwargs):
+        carried_by.add(type(self.stream.raw).__name__)
+        return await step(self, *args, **kwargs)
+
+    monkeypatch.setattr(HopSession, "step", spying)
     report = await generate(local_swarm.nodes[2].addr, local_swarm.model_dir)
-    assert report.token_ids == expected
+    assert report.token_ids == expected and carried_by == {SealedStream.__name__}
     assert [hop["peer_id"] for hop in report.route] == [node.peer_id for node in local_swarm.nodes]
 
     report = await generate(local_swarm.nodes[0].addr, local_swarm.model_dir, codec=ClientOptions().codec)

@@ -59,7 +59,10 @@ async def test_an_offer_binds_once(channels):
     offer, arrival = channels.offer("p")
     await data_channel.connect(offer, "n", timeout=5)
     await arrival.receive()
-    second = await data_channel.connect(offer, "n", timeout=5)  # the token is spent: the node hangs up
+    try:  # the token is spent (and no other offer waits): the node hangs up, perhaps before the client wrote
+        second = await data_channel.connect(offer, "n", timeout=5)
+    except DialError:
+        return
     await hung_up(second)
 
 
