@@ -10,6 +10,7 @@ import logging
 import pytest
 import trio
 
+from mesh.routing import NoRouteError
 from node.http_guard import host_allowed, host_name
 from node.logs import JsonFormatter
 from node.swarm_view import SwarmWatch, gaps
@@ -63,7 +64,7 @@ async def test_a_refusal_is_counted_by_its_code(autojump_clock, swarm):
     node = await swarm.add_node("a", 0, 6)
     node.manager.draining = True  # a node shutting down refuses new sessions
     client = await swarm.client(request_timeout_s=5.0)
-    with pytest.raises(Exception):
+    with pytest.raises(NoRouteError, match=r"nobody serves \[0, 6\)"):  # the refusing node is banned: none is left
         await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=2))
     assert sample(node, "hearth_sessions_refused_total", code="shutting_down") >= 1
     assert sample(node, "hearth_sessions_opened_total") == 0
