@@ -12,6 +12,11 @@ any one of them, the bootstrap host included. A record without addresses is a wi
 replaces the live record (validators prefer the later `expires_at`) until both would have
 expired anyway.
 
+Every value is sealed by its peer's key (`mesh.sealed_record`) and checked where it is stored
+and where it is read, so no one can announce, withdraw or pin another peer's record; and an
+expiry more than `MAX_TTL_S` (the record lifetime plus a clock allowance) ahead is refused, so a
+peer cannot pin even its own key for long.
+
 Works around two py-libp2p 0.8.1 behaviours: `find_providers` answers from the local store
 alone once it holds any provider (a node that announced itself would never see the others), so
 we query the closest peers ourselves; and `get_value` returns any local copy before asking the
@@ -34,14 +39,17 @@ from libp2p.peer.id import ID
 from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
-from mesh.discovery import Discovery, InvalidRecord, PeerRecord
+from mesh import provider_policy
+from mesh.discovery import RECORD_TTL_S, Discovery, InvalidRecord, PeerRecord
 from mesh.libp2p_transport import Libp2pTransport
+from mesh.sealed_record import seal, unseal
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "hearth"
 MAX_RECORD_BYTES = 8 << 10
-MAX_TTL_S = 3600.0  # the furthest ahead a record may expire (announcements use 30 s)
+CLOCK_ALLOWANCE_S = 30.0  # how far ahead of ours another peer's wall clock may run
+MAX_TTL_S = RECORD_TTL_S + CLOCK_ALLOWANCE_S  # the furthest ahead a record may expire
 DEFAULT_TIMEOUT_S = 10.0
 # A lookup that already holds unexpired records of the model waits this long for the network:
 # one frozen DHT peer can hold up every query that reaches it for the full timeout, which would
@@ -71,15 +79,16 @@ def parse_record_key(key: str) -> tuple[str, str]:
 
 
 def check_record(key: str, value: bytes, *, now: float | None = None) -> PeerRecord:
-    """The record stored under `key`, if it is well formed and belongs there; InvalidRecord otherwise.
+    """The record stored under `key`, if it is well formed, sealed by its peer and belongs
+    there; InvalidRecord otherwise.
 
     With `now`, an expiry more than `MAX_TTL_S` ahead is refused too: a far-future record would
-    otherwise win every `select` and pin a peer's key.
+    otherwise win every `select` and pin the key.
     """
     if len(value) > MAX_RECORD_BYTES:
         raise InvalidRecord(f"record of {len(value)} bytes exceeds {MAX_RECORD_BYTES}")
     model_key, peer_id = parse_record_key(key)
-    record = PeerRecord.from_bytes(value)
+    record = unseal(key, value)
     if record.peer_id != peer_id:
         raise InvalidRecord(f"record of peer {record.peer_id} stored under peer {peer_id}")
     if record.info.manifest_hash != model_key:
@@ -129,6 +138,7 @@ class DhtDiscovery(Discovery):
         self._seen: dict[str, dict[str, PeerRecord]] = {}  # model key -> peer id -> latest record found
         self.dht = KadDHT(transport.host, DHTMode.SERVER, strict_validation=True)
         self.dht.register_validator(NAMESPACE, PeerRecordValidator(clock))
+        self.providers = provider_policy.install(self.dht, transport.host)  # newcomers are never crowded out
         self._announced: dict[str, PeerRecord] = {}  # model key -> our latest record
         self._fetch_limiter = trio.CapacityLimiter(PARALLEL_FETCHES)
         self._stack: contextlib.AsyncExitStack | None = None
@@ -159,7 +169,8 @@ class DhtDiscovery(Discovery):
         here, and the next refresh pushes it again."""
         if record.peer_id != self.transport.peer_id:
             raise InvalidRecord(f"peer {self.transport.peer_id} cannot announce peer {record.peer_id}")
-        key, value = record_key(record.info.manifest_hash, record.peer_id), record.to_bytes()
+        key = record_key(record.info.manifest_hash, record.peer_id)
+        value = seal(record, key, self.transport.key_pair.private_key)
         check_record(key, value, now=self.clock())
         self._announced[record.info.manifest_hash] = record
         await self._publish(key, value, record.info.manifest_hash, "announce")
@@ -171,8 +182,8 @@ class DhtDiscovery(Discovery):
         if record is None or peer_id != self.transport.peer_id:
             return
         expires_at = max(record.expires_at, self.clock()) + WITHDRAWAL_NUDGE_S
-        withdrawal = PeerRecord(peer_id, (), record.info, expires_at)
-        await self._publish(record_key(model_key, peer_id), withdrawal.to_bytes(), model_key, "withdraw")
+        withdrawal, key = PeerRecord(peer_id, (), record.info, expires_at), record_key(model_key, peer_id)
+        await self._publish(key, seal(withdrawal, key, self.transport.key_pair.private_key), model_key, "withdraw")
 
     async def lookup(self, model_key: str) -> list[PeerRecord]:
         """Unexpired records with addresses; what arrived in time if the lookup times out."""

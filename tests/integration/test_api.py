@@ -451,9 +451,15 @@ async def test_generations_beyond_the_cap_get_429_with_retry_after(api_swarm, mo
                 await stuck.wait()
             request = urllib.request.Request(f"{url}/chat/completions", data=body,
                                              headers={"Content-Type": "application/json"})
-            with pytest.raises(urllib.error.HTTPError) as refused:
-                await trio.to_thread.run_sync(lambda: urllib.request.urlopen(request, timeout=10))
-            with refused.value as err:
-                assert err.code == 429 and err.headers["Retry-After"] == "1"
-                assert json.load(err)["error"]["code"] == "rate_limit_exceeded"
+
+            def refused() -> tuple[int, str, dict]:  # read in the thread: a blocking read here would stall
+                try:                                 # the server that has yet to send the body
+                    urllib.request.urlopen(request, timeout=10).close()
+                except urllib.error.HTTPError as err:
+                    with err:
+                        return err.code, err.headers["Retry-After"], json.load(err)
+                raise AssertionError("a generation beyond the cap was admitted")
+
+            code, retry_after, answer = await trio.to_thread.run_sync(refused)
+            assert (code, retry_after, answer["error"]["code"]) == (429, "1", "rate_limit_exceeded")
             api.stop()

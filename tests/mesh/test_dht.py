@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
+import msgpack
 import pytest
 import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.records.validator import BlankValidator
 
@@ -20,9 +23,11 @@ from mesh.dht import (
     provider_key,
     record_key,
 )
-from mesh.discovery import InvalidRecord, MemoryDirectory, PeerRecord
+from mesh.discovery import RECORD_TTL_S, InvalidRecord, MemoryDirectory, PeerRecord
+from mesh.identity import peer_id_of
 from mesh.errors import StreamClosed
 from mesh.libp2p_transport import Libp2pTransport
+from mesh.sealed_record import seal
 from protocol import SpanInfo
 from tests.mesh.conftest import LOOPBACK
 
@@ -172,34 +177,74 @@ async def test_announcing_another_peers_record_is_refused():
             await da.announce(record_of(other, 0, 3, clock.now + 30))
 
 
-def test_validator_checks_key_size_and_contents():
-    info = SpanInfo(model_id="tiny", manifest_hash=MODEL, start=0, end=3)
-    good = PeerRecord("12D3KooWpeer", ("/ip4/127.0.0.1/tcp/1/p2p/12D3KooWpeer",), info, 100.0)
-    key = record_key(MODEL, good.peer_id)
-    assert check_record(key, good.to_bytes()) == good
-    with pytest.raises(InvalidRecord):
+def identity() -> tuple[KeyPair, str]:
+    key_pair = create_new_key_pair()
+    return key_pair, peer_id_of(key_pair)
+
+
+def sealed_record(key_pair: KeyPair, expires_at: float, *, model: str = MODEL, addrs=("/a",),
+                  key: str | None = None) -> tuple[str, bytes, PeerRecord]:
+    info = SpanInfo(model_id="tiny", manifest_hash=model, start=0, end=3)
+    record = PeerRecord(peer_id_of(key_pair), tuple(addrs), info, expires_at)
+    key = key or record_key(model, record.peer_id)
+    return key, seal(record, key, key_pair.private_key), record
+
+
+def test_validator_checks_key_size_seal_and_contents():
+    key_pair, peer = identity()
+    key, value, good = sealed_record(key_pair, 100.0)
+    assert check_record(key, value) == good
+    with pytest.raises(InvalidRecord, match="not a sealed record"):
         check_record(key, b"\xc1 not msgpack")
+    with pytest.raises(InvalidRecord, match="not a sealed record"):
+        check_record(key, good.to_bytes())  # the unsigned records of the first round
     with pytest.raises(InvalidRecord, match="exceeds"):
         check_record(key, b"\x00" * (MAX_RECORD_BYTES + 1))
+    other_pair, other = identity()
     with pytest.raises(InvalidRecord, match="stored under peer"):
-        check_record(record_key(MODEL, "12D3KooWother"), good.to_bytes())
+        check_record(record_key(MODEL, other), sealed_record(key_pair, 100.0, key=record_key(MODEL, other))[1])
+    with pytest.raises(InvalidRecord, match="does not verify"):
+        check_record(record_key(MODEL, other), value)  # moved to another key: the signature covers the key
+    other_model = record_key("othermodel", peer)
     with pytest.raises(InvalidRecord, match="stored under model"):
-        check_record(record_key("othermodel", good.peer_id), good.to_bytes())
+        check_record(other_model, sealed_record(key_pair, 100.0, key=other_model)[1])
     for bad_key in ("/hearth/only-model", "/other/m/p", "hearth/m/p", "/hearth//p", "/hearth/m/p/extra"):
         with pytest.raises(InvalidRecord):
-            check_record(bad_key, good.to_bytes())
-    assert check_record(key, good.to_bytes(), now=100.0 - MAX_TTL_S) == good
+            check_record(bad_key, value)
+    assert check_record(key, value, now=100.0 - MAX_TTL_S) == good
     with pytest.raises(InvalidRecord, match="the limit is"):
-        check_record(key, good.to_bytes(), now=100.0 - MAX_TTL_S - 1)  # would pin the key too long
+        check_record(key, value, now=100.0 - MAX_TTL_S - 1)  # would pin the key too long
+    assert MAX_TTL_S <= RECORD_TTL_S + 30.0
     for never in (float("inf"), float("nan")):
         with pytest.raises(InvalidRecord, match="expires at"):
-            check_record(key, dataclasses.replace(good, expires_at=never).to_bytes())
+            check_record(key, sealed_record(key_pair, never)[1])
+
+
+def test_a_record_signed_by_another_key_or_tampered_with_is_refused():
+    victim, victim_id = identity()
+    forger, _ = identity()
+    key, honest, record = sealed_record(victim, 100.0)
+    forged = msgpack.packb({"record": dataclasses.replace(record, addrs=()).to_bytes(), "signature": b"\0" * 64,
+                            "author": victim.public_key.serialize()}, use_bin_type=True)
+    with pytest.raises(InvalidRecord, match="does not verify"):
+        check_record(key, forged)  # the victim's key named, the signature made up
+    wrapped = msgpack.unpackb(seal(dataclasses.replace(record, addrs=()), key, forger.private_key))
+    with pytest.raises(InvalidRecord, match="signed by"):
+        check_record(key, msgpack.packb(wrapped, use_bin_type=True))  # the forger's own signature
+    tampered = msgpack.unpackb(honest)
+    tampered["record"] = dataclasses.replace(record, expires_at=130.0).to_bytes()
+    with pytest.raises(InvalidRecord, match="does not verify"):
+        check_record(key, msgpack.packb(tampered, use_bin_type=True))
+    for junk in ({"record": b"x", "signature": b"y"}, {"record": "x", "signature": b"y", "author": b"z"},
+                 {"record": b"x", "signature": b"y", "author": b"z" * 2000}):
+        with pytest.raises(InvalidRecord):
+            check_record(key, msgpack.packb(junk, use_bin_type=True))
 
 
 def test_validator_selects_the_record_that_expires_last():
-    info = SpanInfo(model_id="tiny", manifest_hash=MODEL, start=0, end=3)
-    key = record_key(MODEL, "12D3KooWpeer")
-    older, newer, pinned = (PeerRecord("12D3KooWpeer", ("/a",), info, t).to_bytes() for t in (100.0, 130.0, 1e12))
+    key_pair, _ = identity()
+    (key, older, _), (_, newer, _) = sealed_record(key_pair, 100.0), sealed_record(key_pair, 130.0)
+    _, pinned, _ = sealed_record(key_pair, 1e12)
     validator = PeerRecordValidator(FakeClock(90.0))
     assert validator.select(key, [older, newer]) == 1
     assert validator.select(key, [newer, older]) == 0
