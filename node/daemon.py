@@ -109,6 +109,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sessions", type=int, default=16, metavar="N")
     parser.add_argument("--max-sessions-per-peer", type=int, default=8, metavar="N",
                         help="sessions one peer may hold at once (default 8; an API server holds one per user)")
+    parser.add_argument("--max-prefill-tokens-per-minute", type=int, metavar="N",
+                        help="prompt tokens one peer may have computed a minute (rewinds and replays count, "
+                             "decoding does not); past it the peer is told to go elsewhere "
+                             "(default 8 x --max-length, 32768: eight whole contexts; 0: unlimited)")
     parser.add_argument("--kv-cache-bytes", type=int, default=1 << 30, metavar="N")
     parser.add_argument("--max-length", type=int, default=4096, metavar="N", help="positions per session")
     parser.add_argument("--idle-timeout", type=float, default=300.0, metavar="S")
@@ -143,7 +147,8 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
             raise InvalidInput(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     limits = SessionLimits(max_sessions=args.max_sessions, max_sessions_per_peer=args.max_sessions_per_peer,
                            kv_cache_bytes=args.kv_cache_bytes,
-                           max_length=args.max_length, idle_timeout_s=args.idle_timeout)
+                           max_length=args.max_length, idle_timeout_s=args.idle_timeout,
+                           max_prefill_tokens_per_minute=prefill_budget_from_args(args))
     return NodeSettings(
         model_dir=Path(args.model), start=start, end=end, quant=args.quant, group_size=args.group_size,
         listen=tuple(args.listen or NodeSettings.listen), bootstrap=tuple(args.bootstrap),
@@ -152,6 +157,17 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
         api=api_settings_from_args(args), data_channel=not args.no_data_channel, memory_bytes=args.memory,
         rebalance=not args.no_rebalance, rebalance_every_s=args.rebalance_every,
         metrics=metrics_bind_from_args(args))
+
+
+def prefill_budget_from_args(args: argparse.Namespace) -> int:
+    """--max-prefill-tokens-per-minute: 8 whole contexts by default; 0 (unlimited) or at least one."""
+    budget = args.max_prefill_tokens_per_minute
+    if budget is None:
+        return 8 * args.max_length
+    if budget != 0 and budget < args.max_length:
+        raise InvalidInput(f"--max-prefill-tokens-per-minute must be 0 (unlimited) or at least --max-length "
+                           f"{args.max_length}, so one whole prompt fits, got {budget}")
+    return budget
 
 
 def metrics_bind_from_args(args: argparse.Namespace) -> tuple[str, int] | None:

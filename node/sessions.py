@@ -4,11 +4,14 @@ A session holds a KV cache for a sub-range of the node's span. Opening reserves 
 against the node's budget up front, so a node never runs out of memory mid-answer; closing (or
 the session's stream ending for any reason) gives them back. Compute runs one forward pass at a
 time: decode steps of concurrent sessions batched into one pass, prefill in a worker thread, in
-chunks, so the event loop keeps answering pings and other sessions.
+chunks, so the event loop keeps answering pings and other sessions. Each remote peer's prefill
+(steps of more than one position) is paid from a token bucket of its own (`PrefillBudgets`), so no
+peer monopolizes the compute by re-prefilling long prompts.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,6 +56,65 @@ class SessionLimits:
     batch_wait_s: float = 0.015
     batch_window_s: float = 2.0
     evict_idle_s: float = 30.0  # a session idle this long may be evicted to make room for a new one
+    # Positions of prefill (steps of more than one: prompts, rewinds, replays; decode steps are free)
+    # one peer may have computed a minute, saved up to a minute's worth; a peer past it is refused,
+    # go elsewhere. 8 whole default contexts: an honest long prompt always fits. 0: unlimited.
+    max_prefill_tokens_per_minute: int = 8 * 4096
+
+
+class PrefillBudgets:
+    """A token bucket per remote peer: `per_minute` tokens a minute, refilled continuously, holding
+    at most a minute's worth. Pure: callers pass the time (trio's clock, virtual in the simulator).
+
+    Memory is bounded: a peer whose bucket is full again is forgotten (a new bucket is the same),
+    and at most `max_peers` are kept; past that the peer charged longest ago is forgotten.
+    """
+
+    def __init__(self, per_minute: int, *, max_peers: int = 4096):
+        if per_minute < 0 or max_peers < 1:
+            raise ValueError(f"per_minute must be >= 0 and max_peers >= 1, got {per_minute}, {max_peers}")
+        self.per_minute, self.max_peers = per_minute, max_peers
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # peer -> (level, when), oldest first
+
+    def __len__(self) -> int:
+        """Peers remembered now."""
+        return len(self._buckets)
+
+    @property
+    def unlimited(self) -> bool:
+        return self.per_minute == 0
+
+    def level(self, peer_id: str, now: float) -> float:
+        """Tokens `peer_id` may spend at `now`; below zero, its debt (see `charge`)."""
+        if peer_id not in self._buckets:
+            return float(self.per_minute)
+        level, when = self._buckets[peer_id]
+        return min(float(self.per_minute), level + (now - when) * self.per_minute / 60.0)
+
+    def charge(self, peer_id: str, tokens: int, now: float) -> float:
+        """Spend `tokens` of `peer_id`'s budget at `now`: 0.0 when spent, else the seconds until the
+        peer has enough (nothing is spent then). A full bucket pays even for more than it holds (a
+        batch of whole contexts) and goes into debt, repaid before the peer's next prefill."""
+        if self.unlimited:
+            return 0.0
+        self._forget_full(now)
+        level = self.level(peer_id, now)
+        needed = min(tokens, self.per_minute)
+        if level < needed:
+            return (needed - level) * 60.0 / self.per_minute
+        self._buckets.pop(peer_id, None)
+        self._buckets[peer_id] = (level - tokens, now)
+        while len(self._buckets) > self.max_peers:
+            self._buckets.popitem(last=False)
+        return 0.0
+
+    def _forget_full(self, now: float) -> None:
+        """Drop the longest-charged peers while their buckets have refilled."""
+        while self._buckets:
+            peer_id = next(iter(self._buckets))
+            if self.level(peer_id, now) < self.per_minute:
+                return
+            del self._buckets[peer_id]
 
 
 class ServedSession:
@@ -102,6 +164,7 @@ class SessionManager:
         self.draining = False
         self.compute_lock = trio.Lock()
         self.decoder = MicroBatcher(self._run_batch, lock=self.compute_lock)
+        self.prefill_budgets = PrefillBudgets(limits.max_prefill_tokens_per_minute)
         self.tokens_served = 0
         self.compute_seconds = 0.0
         self.on_end: Callable[[ServedSession], None] = lambda session: None  # the server ends its stream
@@ -205,6 +268,8 @@ class SessionManager:
                                  retry_elsewhere=True)
         self.check_input(session, hidden.shape, start_position)
         rows = hidden.shape[0] * hidden.shape[1]
+        if hidden.shape[1] > 1:
+            self._charge_prefill(session.peer_id, rows)
         if rows <= self.limits.inline_max_tokens and len(chunks) <= 1:
             output, seconds = await self._decode(_Step(session, hidden, start_position))
         else:
@@ -212,6 +277,16 @@ class SessionManager:
         session.steps += 1
         session.last_active = trio.current_time()
         return output, seconds
+
+    def _charge_prefill(self, peer_id: str, tokens: int) -> None:
+        """Pay for `tokens` of prefill from `peer_id`'s budget, or refuse the step: go elsewhere."""
+        wait_s = self.prefill_budgets.charge(peer_id, tokens, trio.current_time())
+        if wait_s > 0:
+            per_minute = self.prefill_budgets.per_minute
+            raise SessionRefused(ErrorCode.OVERLOADED,
+                                 f"peer {peer_id} has used its prefill budget here ({per_minute} tokens a minute); "
+                                 f"{min(tokens, per_minute)} tokens refill in {wait_s:.1f} s; go elsewhere",
+                                 retry_elsewhere=True)
 
     async def _decode(self, step: _Step) -> tuple[np.ndarray, float]:
         root = step.session.root

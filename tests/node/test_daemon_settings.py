@@ -52,3 +52,23 @@ def test_int4_group_size_reaches_the_span_and_its_record(tmp_path):
              for quant, group in (("none", 32), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128))]
     assert names == ["none", "int8", "int4", "int4-g64", "int4-g128"]
     assert quantization_name(SimpleNamespace(quant="int8")) == "int8"  # the simulator's stand-in spans
+
+
+def test_prefill_budget_flag(tmp_path):
+    from shard.errors import InvalidInput
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--model", str(tmp_path), "--blocks", "0:2"]
+
+    def budget(*flags: str) -> int:
+        return settings_from_args(parser.parse_args([*base, *flags])).limits.max_prefill_tokens_per_minute
+
+    assert budget() == 8 * 4096  # eight whole contexts a minute
+    assert budget("--max-length", "2048") == 8 * 2048
+    assert budget("--max-prefill-tokens-per-minute", "0") == 0  # unlimited
+    assert budget("--max-prefill-tokens-per-minute", "4096") == 4096
+    with pytest.raises(InvalidInput, match="at least --max-length 4096, so one whole prompt fits, got 1000"):
+        budget("--max-prefill-tokens-per-minute", "1000")
+    with pytest.raises(InvalidInput, match="got -1"):
+        budget("--max-prefill-tokens-per-minute", "-1")
