@@ -24,7 +24,7 @@ from mesh.pipeline import Recovery, RoutePipeline, StepTiming
 from mesh.routing import DEFAULT_RTT_S, ROUTING_MODES, NoRouteError, Route, ServerSpan, plan_route
 from mesh.session import CLIENT_SOFTWARE, HopSession, LinkBook, open_hop
 from mesh.transport import MessageStream, Transport
-from protocol import AUTO, INFO_PROTOCOL, Codec, Exchange, Hello, ProtocolError, Role, SpanInfo
+from protocol import AUTO, INFO_PROTOCOL, Codec, Error, Exchange, Hello, ProtocolError, Role, SpanInfo
 from shard.errors import InvalidInput, PromptTooLong
 from shard.generate import Decoding, Emitted
 from shard.head import load_head
@@ -107,6 +107,7 @@ class Client:
         self.manifest_hash = opened.digest
         self.model_id = opened.name
         self.rtts: dict[str, float] = {}
+        self.refusals: dict[str, str] = {}  # peer -> why it refused our last probe (an allow-list)
         self.links = LinkBook()  # each peer's link, as probes and steps timed it (for the wire codec)
         self.bans = BanList(base_s=options.ban_s)
         self.rng = random.Random(options.seed)
@@ -148,8 +149,9 @@ class Client:
                 try:  # within the probe's one deadline
                     asked = trio.current_time()
                     await stream.send_unbounded(Hello(software=CLIENT_SOFTWARE, codecs=tuple(Codec)))
-                    await stream.receive_unbounded()  # the node's Hello
-                    info = await stream.receive_unbounded()
+                    info = await stream.receive_unbounded()  # the node's Hello
+                    if not isinstance(info, Error):
+                        info = await stream.receive_unbounded()
                 finally:
                     await stream.aclose()
             self.rtts[record.peer_id] = trio.current_time() - started
@@ -157,6 +159,13 @@ class Client:
         except (trio.TooSlowError, TransportError, ProtocolError) as err:
             log.info("peer %s does not answer: %s", record.peer_id, err)
             return None
+        if len(self.refusals) > SPAN_CACHE_MAX:
+            self.refusals.clear()
+        if isinstance(info, Error):  # refused (not on its allow-list, say): said if no route is left
+            log.info("peer %s refuses us: %s", record.peer_id, info.reason)
+            self.refusals[record.peer_id] = info.reason
+            return None
+        self.refusals.pop(record.peer_id, None)
         if not isinstance(info, SpanInfo) or info.manifest_hash != self.manifest_hash:
             return None
         return info
@@ -178,7 +187,15 @@ class Client:
         peers that answered, when they cover the blocks. Each round probes at least one peer not
         probed before, so planning ends.
         """
-        end = self.config.num_layers if end is None else end
+        try:
+            return await self._plan(start, self.config.num_layers if end is None else end, banned, need_tokens)
+        except NoRouteError as err:
+            refused = {peer: reason for peer, reason in self.refusals.items() if peer not in banned}
+            if not refused or err.refused:
+                raise
+            raise NoRouteError(err.start, err.end, err.missing, refused=refused) from None
+
+    async def _plan(self, start: int, end: int, banned: frozenset[str], need_tokens: int) -> Route:
         weighed = dict(mode=ROUTING_MODES[self.options.routing], need_tokens=need_tokens)
         records = [r for r in await self.discovery.lookup(self.manifest_hash) if r.peer_id not in banned]
         if len(records) <= self.options.probe_all_up_to:
@@ -256,6 +273,7 @@ class Client:
         pipeline = self._pipeline(max_length)
         report.recoveries = pipeline.recoveries
         self._generating += 1
+        completed = False
         try:
             await pipeline.open(0, self.config.num_layers)
             inputs, position = ids, 0
@@ -268,12 +286,14 @@ class Client:
                 report.token_ids = decoding.token_ids
                 report.finish_reason = decoding.finish.value if decoding.finish else "length"
                 report.text = decoding.text if self.tokenizer is not None else None
+                completed = emitted.finish is not None or position >= max_length  # a consumer may stop here
                 yield emitted
-                if emitted.finish is not None or position >= max_length:
+                if completed:
                     break
                 inputs = [emitted.token_id]
         finally:
             self._generating -= 1
+            self._report_service(pipeline, completed=completed)
             await pipeline.close()
 
     async def generate_text(self, prompt: str | None = None, **kwargs) -> GenerationReport:
@@ -281,6 +301,15 @@ class Client:
         async for _ in self.generate(prompt, report=report, **kwargs):
             pass
         return report
+
+    def _report_service(self, pipeline: RoutePipeline, *, completed: bool) -> None:
+        """Tell the transport whose hops failed during a generation and, once it completed, who
+        carried it to the end (`Transport.report_service`: a peer cache keeps the peers that served)."""
+        for recovery in pipeline.recoveries:
+            self.transport.report_service(recovery.failed_peer, ok=False)
+        if completed:
+            for peer_id in dict.fromkeys(hop.peer_id for hop in pipeline.hops):
+                self.transport.report_service(peer_id, ok=True)
 
     def _pipeline(self, max_length: int) -> RoutePipeline:
         async def plan(start: int, end: int, banned: frozenset[str]) -> Route:

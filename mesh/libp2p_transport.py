@@ -11,7 +11,10 @@
   `connect` sets 120 s), and the 60 s negative dial cache is cleared for the peer we dial, so a
   peer that comes back can be redialled at once.
 - Incoming streams run in the transport's nursery; a handler's exception is logged and resets
-  that stream, never the host; a stream whose handler returns is closed (the peer reads EOF).
+  that stream, never the host; a stream whose handler returns is closed (the peer reads EOF), and
+  reset if the peer has not closed its side within `LINGER_S` (yamux would keep what it sends).
+- Inbound connections per IP, pending handshakes and streams per peer are limited, and libp2p's
+  inbound connection slots are given back when a connection closes: `mesh.inbound_guard`.
 - libp2p's own cleanup, cancelled on exit, leaves the listener accepting: the host is closed
   explicitly. A listen address that cannot be bound raises `ListenError` (libp2p only logs it).
 - The host announces concrete addresses (never the bound 0.0.0.0) and dials every address a
@@ -49,6 +52,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from mesh import libp2p_addressing
 from mesh.errors import DialError, StreamClosed, TransportError
 from mesh.identity import load_or_create_identity
+from mesh.inbound_guard import InboundGuard, InboundLimits
 from mesh.peer_cache import PeerCache
 from mesh.transport import ByteStream, StreamHandler, Transport
 
@@ -56,6 +60,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/0",)
 CLOSE_TIMEOUT_S = 2.0  # closing or resetting a stream, which may write a frame
+LINGER_S, LINGER_BYTES = 2.0, 1 << 16  # a served stream the peer has not closed by then is reset
 SHUTDOWN_TIMEOUT_S = 5.0
 MDNS_POLL_S = 1.0
 MDNS_RETRY_S = 30.0
@@ -147,11 +152,12 @@ class Libp2pTransport(Transport):
     listen: multiaddrs to listen on (port 0 picks a free port; `addrs` shows the real one).
     enable_mdns: announce and discover peers on the LAN, and connect to those found.
     peer_cache: remembers the peers we reached, for rejoining without bootstrap hosts.
+    inbound_limits: what remote peers may hold here (`mesh.inbound_guard`); household defaults.
     """
 
     def __init__(self, *, identity_path: os.PathLike | str | None = None, listen: Sequence[str] = DEFAULT_LISTEN,
                  enable_mdns: bool = False, peer_cache: PeerCache | None = None,
-                 connection_config: ConnectionConfig | None = None):
+                 connection_config: ConnectionConfig | None = None, inbound_limits: InboundLimits | None = None):
         route_libp2p_logging()
         self.key_pair = load_or_create_identity(identity_path)
         self.listen = [multiaddr.Multiaddr(addr) for addr in listen]
@@ -172,6 +178,8 @@ class Libp2pTransport(Transport):
         libp2p_addressing.install(self.host, given=lambda peer: self._known.get(str(peer), []))
         # One quick retry: a refused dial should fail over fast, not back off for ~0.7 s.
         self.host.get_network().retry_config = RetryConfig(max_retries=1, initial_delay=0.1)
+        self.guard = InboundGuard(inbound_limits)  # connections per IP, handshakes, streams per peer
+        self.guard.install(self.host.get_network())
         self.peer_id = str(self.host.get_id())
         self._nursery: trio.Nursery | None = None
         self._stack: contextlib.AsyncExitStack | None = None
@@ -284,14 +292,31 @@ class Libp2pTransport(Transport):
             try:
                 await self.host.connect(PeerInfo(peer, addrs or _peerstore_addrs(self.host, peer)))
             except Exception as err:  # SwarmException and friends
+                self.report_service(str(peer), ok=False)
                 raise DialError(target, _describe(err)) from err
         if addrs:
             peerstore.add_addrs(peer, addrs, PERMANENT_ADDR_TTL)  # connect() set a 120 s TTL
         if scope.cancelled_caught:
+            self.report_service(str(peer), ok=False)
             raise DialError(target, f"no connection within {timeout:g} s")
         if self.peer_cache is not None:
             reached = addrs or _peerstore_addrs(self.host, peer)
             self.peer_cache.remember(str(peer), [f"{a}/p2p/{peer}" for a in reached])
+
+    def report_service(self, peer_id: str, *, ok: bool) -> None:
+        """Credit or fault `peer_id` in the peer cache, if there is one (`mesh.peer_cache`); a peer
+        that served over a connection it opened is cached at the addresses known for it."""
+        if self.peer_cache is None:
+            return
+        if not ok:
+            self.peer_cache.fault(peer_id)
+            return
+        try:
+            peer = _parse_peer_id(peer_id)
+        except DialError:
+            return
+        known = [str(a) for a in self._known.get(peer_id) or _peerstore_addrs(self.host, peer)]
+        self.peer_cache.credit(peer_id, [a if a.endswith(f"/p2p/{peer}") else f"{a}/p2p/{peer}" for a in known])
 
     def _connected(self, peer: ID) -> bool:
         return any(not conn.is_closed for conn in self.host.get_network().get_connections(peer))
@@ -304,15 +329,19 @@ class Libp2pTransport(Transport):
         self.host.get_peerstore().add_addrs(ID.from_base58(peer_id), known, PERMANENT_ADDR_TTL)
 
     async def _hand_over(self, handler: StreamHandler, protocol_id: str, stream: INetStream) -> None:
-        """Run the handler in our nursery; libp2p's task waits so the stream's accounting holds."""
+        """Run the handler in our nursery; libp2p's task waits so the stream's accounting holds.
+        A peer past its streams (`InboundLimits.max_streams_per_peer`) has the new one reset."""
         peer_id = str(stream.muxed_conn.peer_id)
         wrapped = Libp2pByteStream(stream, peer_id)
-        if self._nursery is None:
+        if self._nursery is None or not self.guard.open_stream(peer_id):
             await wrapped.reset()
             return
-        done = trio.Event()
-        self._nursery.start_soon(self._run_handler, handler, protocol_id, wrapped, done)
-        await done.wait()
+        try:
+            done = trio.Event()
+            self._nursery.start_soon(self._run_handler, handler, protocol_id, wrapped, done)
+            await done.wait()
+        finally:
+            self.guard.close_stream(peer_id)
 
     @staticmethod
     async def _run_handler(handler: StreamHandler, protocol_id: str, stream: Libp2pByteStream,
@@ -326,6 +355,7 @@ class Libp2pTransport(Transport):
         else:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+            await _linger(stream)  # unshielded: a host that is closing drops its connections anyway
         finally:
             done.set()
 
@@ -353,6 +383,22 @@ class Libp2pTransport(Transport):
             log.info("connected to LAN peer %s found by mDNS", peer)
         except DialError as err:
             log.info("LAN peer found by mDNS is unreachable: %s", err)
+
+
+async def _linger(stream: Libp2pByteStream) -> None:
+    """After our side is closed, wait briefly for the peer to close its side, then reset: yamux keeps
+    whatever a peer sends on a stream nobody reads until both sides have closed (and 60 s more)."""
+    drained = 0
+    with trio.move_on_after(LINGER_S):
+        try:
+            while drained <= LINGER_BYTES:
+                data = await stream.receive_some(1 << 14)
+                if not data:
+                    return  # closed both ways
+                drained += len(data)
+        except StreamClosed:
+            return
+    await stream.reset()
 
 
 def _parse_peer_id(peer_id: str) -> ID:

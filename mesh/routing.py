@@ -76,10 +76,12 @@ class Route:
 class NoRouteError(Exception):
     """No chain of reachable servers covers the blocks; `missing` names the uncovered ones."""
 
-    def __init__(self, start: int, end: int, missing: list[tuple[int, int]]):
-        self.start, self.end, self.missing = start, end, missing
+    def __init__(self, start: int, end: int, missing: list[tuple[int, int]], *,
+                 refused: dict[str, str] | None = None):
+        self.start, self.end, self.missing, self.refused = start, end, missing, dict(refused or {})
         spans = ", ".join(f"[{a}, {b})" for a, b in missing)
-        super().__init__(f"no route covers blocks [{start}, {end}): nobody serves {spans}")
+        why = "".join(f"; {peer} refused us: {reason}" for peer, reason in list(self.refused.items())[:3])
+        super().__init__(f"no route covers blocks [{start}, {end}): nobody serves {spans}{why}")
 
 
 def plan_route(servers: Iterable[ServerSpan], start: int, end: int, *,

@@ -72,6 +72,11 @@ class Transport(abc.ABC):
     def add_peer_addrs(self, peer_id: str, addrs: list[str]) -> None:
         """Remember where a peer can be reached (from discovery)."""
 
+    def report_service(self, peer_id: str, *, ok: bool) -> None:
+        """How `peer_id` served us: `ok` for a generation it carried to the end, not `ok` for a hop
+        on it that failed. A transport with a peer cache keeps the peers that served over newcomers
+        (`mesh.peer_cache`); by default, nothing."""
+
 
 class MessageStream:
     """Protocol messages over a `ByteStream`; each read and write is bounded by `io_timeout`.

@@ -6,7 +6,9 @@ OpenSession -> SessionOpened, then Step -> StepResult until CloseSession. Info s
 Pong (clients measure round trips with them). The order is the session machine's
 (`protocol.session`); what the two Hellos agree on (`protocol.negotiate`) decides the data channel
 offer. Whatever a peer gets wrong earns it an `Error` reply naming the problem, with the retry hint
-`protocol.retry` gives its code; the node logs it and keeps serving everyone else.
+`protocol.retry` gives its code; the node logs it and keeps serving everyone else. A peer off the
+allow-list is refused on both protocols before a byte it sent is read; frames stay small until a
+session is open, and unfinished ones are paid for from a memory budget (`node.intake`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import trio
 from mesh.data_channel import DataChannels, Offer
 from mesh.errors import TransportError, TransportTimeout
 from mesh.transport import ByteStream, MessageStream
+from node.intake import BudgetedStream, BufferBudget, IntakeLimits
 from node.metrics import NodeMetrics
 from node.sessions import ServedSession, SessionManager, SessionRefused
 from protocol import (
@@ -44,13 +47,16 @@ def refusal(code: ErrorCode, reason: str) -> SessionRefused:
 class InferenceServer:
     def __init__(self, manager: SessionManager, span_info: Callable[[], SpanInfo], *,
                  allowed_peers: Collection[str] | None = None, io_timeout: float = 30.0,
-                 data_channels: DataChannels | None = None, metrics: NodeMetrics | None = None):
+                 data_channels: DataChannels | None = None, metrics: NodeMetrics | None = None,
+                 intake: IntakeLimits | None = None):
         self.manager = manager
         self.metrics = metrics if metrics is not None else NodeMetrics()
         self.data_channels = data_channels
         self.span_info = span_info
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
         self.io_timeout = io_timeout
+        self.intake = intake or IntakeLimits()
+        self.buffers = BufferBudget(self.intake.max_buffered_bytes_per_peer, self.intake.max_buffered_bytes)
         self._live: dict[str, trio.CancelScope] = {}
         self._stepping: dict[str, bool] = {}  # session id -> whether to stop once the step in flight is answered
         capabilities = (REPLAY_CHUNKS, DATA_CHANNEL) if data_channels is not None else (REPLAY_CHUNKS,)
@@ -62,9 +68,21 @@ class InferenceServer:
     def hello(self) -> Hello:
         return HELLO
 
+    def _stream(self, raw: ByteStream) -> BudgetedStream:
+        """Messages from a peer: small frames until its session is open, unfinished ones budgeted."""
+        return BudgetedStream(raw, Role.HOP, budget=self.buffers, limits=self.intake, io_timeout=self.io_timeout)
+
+    def _check_allowed(self, peer_id: str) -> None:
+        """Refuse a peer not on the allow-list, on every protocol, before a byte it sent is read."""
+        if self.allowed_peers is not None and peer_id not in self.allowed_peers:
+            # who the peer is, not how busy we are: its client should not wait for another node
+            raise SessionRefused(ErrorCode.OVERLOADED, f"peer {peer_id} is not on this node's allow-list",
+                                 retry_elsewhere=False)
+
     async def handle_info(self, raw: ByteStream) -> None:
-        stream = MessageStream(raw, Role.HOP, io_timeout=self.io_timeout)
+        stream = self._stream(raw)
         try:
+            self._check_allowed(raw.peer_id)
             while True:
                 message = await stream.receive(timeout=self.io_timeout)
                 if isinstance(message, Ping):
@@ -75,18 +93,25 @@ class InferenceServer:
                     await self._refuse(stream, ErrorCode.UNEXPECTED_MESSAGE,
                                        f"{type(message).__name__} is not allowed on an info stream")
                     return
-        except (TransportError, ProtocolError) as err:
+        except SessionRefused as err:
+            log.debug("info stream from %s refused: %s", raw.peer_id, err.reason)
+            await self._refuse(stream, err.code, err.reason, retry_elsewhere=err.retry_elsewhere)
+        except ProtocolError as err:  # a frame over the limit, bad bytes: the peer is told which
+            log.debug("info stream from %s sent bad data: %s", raw.peer_id, err)
+            await self._refuse(stream, err.code, str(err))
+        except TransportError as err:
             log.debug("info stream from %s ended: %s", raw.peer_id, err)
         finally:
             await stream.aclose()
 
     async def handle_inference(self, raw: ByteStream) -> None:
-        stream = control = MessageStream(raw, Role.HOP, io_timeout=self.io_timeout)
+        stream = control = self._stream(raw)
         session: ServedSession | None = None
         offer: Offer | None = None
         arrival: trio.MemoryReceiveChannel | None = None
         try:
-            session, offer, arrival = await self._open(stream)
+            self._check_allowed(raw.peer_id)
+            session, offer, arrival = await self._open(control)
             first = None
             if offer is not None:
                 stream, first = await self._take_channel(control, session, arrival)
@@ -115,7 +140,7 @@ class InferenceServer:
             if stream is not control:
                 await control.aclose()
 
-    async def _open(self, stream: MessageStream) -> tuple[ServedSession, Offer | None, trio.MemoryReceiveChannel | None]:
+    async def _open(self, stream: BudgetedStream) -> tuple[ServedSession, Offer | None, trio.MemoryReceiveChannel | None]:
         message = await stream.receive(timeout=self.io_timeout)  # the machine admits Hello first, or a Ping
         if not isinstance(message, Hello):
             raise refusal(ErrorCode.UNEXPECTED_MESSAGE, f"expected hello, got {message.TYPE}")
@@ -123,10 +148,6 @@ class InferenceServer:
         message = await stream.receive(timeout=self.io_timeout)
         if not isinstance(message, OpenSession):
             raise refusal(ErrorCode.UNEXPECTED_MESSAGE, f"expected open_session, got {message.TYPE}")
-        if self.allowed_peers is not None and stream.peer_id not in self.allowed_peers:
-            # who the peer is, not how busy we are: its client should not wait for another node
-            raise SessionRefused(ErrorCode.OVERLOADED, f"peer {stream.peer_id} is not on this node's allow-list",
-                                 retry_elsewhere=False)
         info = self.span_info()
         if message.manifest_hash != info.manifest_hash:
             raise refusal(ErrorCode.MODEL_MISMATCH,
@@ -134,6 +155,7 @@ class InferenceServer:
         session = self.manager.open(message.session_id, stream.peer_id, message.start, message.end,
                                     message.max_length, message.batch_size)
         session.codec = message.codec
+        stream.allow_session_frames()  # the peer is allowed and its session open: frames of any size now
         self.metrics.session_opened()
         offer, arrival = None, None
         if stream.agreement.supports(DATA_CHANNEL) and self.data_channels is not None:
@@ -175,11 +197,11 @@ class InferenceServer:
                 chosen = (control, await control.receive(timeout=idle + 1))
             except TransportError:
                 await trio.sleep_forever()  # the client closed the libp2p stream: it went to the channel
-            except ProtocolError as err:
+            except (ProtocolError, SessionRefused) as err:
                 failure = err  # raised below, outside the nursery, to be answered like any bad message
             cancel.cancel()
 
-        failure: ProtocolError | None = None
+        failure: ProtocolError | SessionRefused | None = None
         with trio.move_on_after(idle):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(bound, nursery.cancel_scope)

@@ -7,11 +7,13 @@ import time
 import subprocess
 import sys
 
+import pytest
 import trio
 
 from mesh.client import ClientOptions
 from mesh.data_channel import SealedStream
 from mesh.join import connect
+from mesh.routing import NoRouteError
 from mesh.session import HopSession
 from protocol import Codec
 from shard.sampling import SamplingParams
@@ -102,7 +104,6 @@ async def test_raw_libp2p_garbage_gets_error_replies_and_the_node_keeps_serving(
 
 
 async def test_allow_list_refuses_other_peers(checkpoint_factory, tmp_path):
-    from mesh.session import HopFailed
     from node.swarm import LocalSwarm
 
     allow = tmp_path / "allow.txt"
@@ -111,12 +112,9 @@ async def test_allow_list_refuses_other_peers(checkpoint_factory, tmp_path):
         await swarm.start([(0, 6)])
         options = ClientOptions(codec=Codec.FP32, request_timeout_s=3)
         async with connect(bootstrap=[swarm.nodes[0].addr], model=swarm.model_dir, options=options) as client:
-            try:
+            with pytest.raises(NoRouteError, match="allow-list") as refused:  # refused at the probe, and told why
                 await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=2))
-            except HopFailed as err:
-                assert "allow-list" in str(err)
-            else:
-                raise AssertionError("a peer off the allow-list was served")
+            assert list(refused.value.refused) == [swarm.nodes[0].peer_id]
 
 
 async def test_sync_client_for_plain_python_and_mesh_connect_for_async(local_swarm):

@@ -178,9 +178,10 @@ async def test_session_limits_and_kv_budget(served):
 
 
 async def test_peer_not_on_the_allow_list(served):
-    stream = await stream_to_node(served["stranger"])
-    await stream.send(open_message(served["digest"]))
-    await expect_error(stream, ErrorCode.OVERLOADED, "stranger")
+    """Refused before the node reads a byte of it: the stranger's Hello gets the error."""
+    raw = await served["stranger"].open_stream("node", INFERENCE_PROTOCOL, timeout=5)
+    reply = await MessageStream(raw, Role.CLIENT, io_timeout=5).request(Hello(software="test"))
+    assert isinstance(reply, Error) and reply.code == ErrorCode.OVERLOADED and "stranger" in reply.reason
 
 
 async def test_idle_session_expires(served, autojump_clock):
