@@ -4,7 +4,8 @@ A node announces a `PeerRecord` (its addresses and a `protocol.SpanInfo`) and re
 it expires; a client looks up the records of a model and ignores expired ones. Expiry is in wall
 clock seconds (records cross machines), read from a clock passed in: the node passes the system
 clock, tests and the simulator pass trio's. Implementations: `MemoryDirectory` (tests, simulator)
-and the Kademlia DHT one in `mesh.dht`.
+and the Kademlia DHT one in `mesh.dht`; `SealedView` is one peer's way into a `MemoryDirectory`
+that, like the DHT's sealed records, takes only that peer's own records.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from protocol.messages import message_from_wire
 
 RECORD_TTL_S = 30.0  # a record outlives a dead node by at most this long
 REFRESH_EVERY_S = 10.0
+MAX_AHEAD_S = RECORD_TTL_S + 30.0  # the furthest ahead a record may expire (mesh.dht.MAX_TTL_S: plus a clock allowance)
 
 
 class InvalidRecord(ValueError):
@@ -119,3 +121,33 @@ class MemoryDirectory(Discovery):
 
 def _peer_id(record: PeerRecord) -> str:
     return record.peer_id
+
+
+class SealedView(Discovery):
+    """One peer's way into a shared directory (a `MemoryDirectory`) that takes what the sealed DHT
+    takes (`mesh.sealed_record`, `mesh.dht.check_record`): only a key's owner can sign a record
+    that verifies, and none may expire more than `max_ahead_s` ahead. Announcing a record of
+    another peer, withdrawing another peer's, or announcing one that expires too far ahead raises
+    `InvalidRecord`, as every honest DHT peer and client refuses such a value. Lookups pass through."""
+
+    def __init__(self, directory: Discovery, peer_id: str, *, clock: Callable[[], float],
+                 max_ahead_s: float = MAX_AHEAD_S):
+        self.directory, self.peer_id, self.clock, self.max_ahead_s = directory, peer_id, clock, max_ahead_s
+
+    def _check_author(self, peer_id: str) -> None:
+        if peer_id != self.peer_id:
+            raise InvalidRecord(f"record of peer {peer_id} signed by {self.peer_id}")
+
+    async def announce(self, record: PeerRecord) -> None:
+        self._check_author(record.peer_id)
+        ahead = record.expires_at - self.clock()
+        if not ahead <= self.max_ahead_s:  # NaN too
+            raise InvalidRecord(f"record expires {ahead:.0f} s from now; the limit is {self.max_ahead_s:g} s")
+        await self.directory.announce(record)
+
+    async def withdraw(self, peer_id: str, model_key: str) -> None:
+        self._check_author(peer_id)
+        await self.directory.withdraw(peer_id, model_key)
+
+    async def lookup(self, model_key: str) -> list[PeerRecord]:
+        return await self.directory.lookup(model_key)

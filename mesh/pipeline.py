@@ -11,6 +11,11 @@ sent the same values the failed hop was. The step in flight then continues from 
 replacement, so greedy output is identical to a run without failure. What a node's `Error` means
 (retry elsewhere, busy, fatal) is `protocol.classify`'s reading, carried by `HopFailed.retry`. Without any route the client
 waits for coverage, with backoff, until its deadline, then raises `NoRouteError`.
+
+A peer that failed this request (not merely busy) is left out of its later plans even once its ban
+has run out, as long as a route exists without it: a ban is short (15 s at first), a step timeout is
+not (10 s), and a peer that over-announces its throughput and then stalls would otherwise be planned
+again and again within one request (issue 18; the simulator's `hostile` scenario).
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ class RoutePipeline:
         self.deadline, self.rng, self.bans, self.timing = deadline, rng, bans, timing
         self.hops: list[HopSession] = []
         self.recoveries: list[Recovery] = []
+        self.failed: set[str] = set()  # peers that failed this request (not merely busy)
 
     async def open(self, start: int, end: int) -> None:
         self.hops = await self._cover(start, end, [])
@@ -97,7 +103,7 @@ class RoutePipeline:
     async def _replace(self, index: int, err: HopFailed) -> None:
         failed = self.hops[index]
         started = trio.current_time()
-        length = self.bans.ban(failed.peer_id, started, busy=err.busy)
+        length = self._ban(failed.peer_id, started, busy=err.busy)
         log.warning("%s; banned for %.0f s, replaying %d tokens elsewhere", err, length, failed.length)
         with trio.CancelScope(shield=True):
             await failed.close()
@@ -115,7 +121,7 @@ class RoutePipeline:
         while True:
             try:
                 with trio.fail_at(self.deadline):
-                    route = await self.plan(start, end, self.bans.banned(trio.current_time()))
+                    route = await self._plan(start, end)
                     return await self._open_and_replay(route, history, codec)
             except trio.TooSlowError as err:
                 raise GenerationFailed(f"the request's deadline passed while covering blocks [{start}, {end})") from err
@@ -124,7 +130,7 @@ class RoutePipeline:
             except HopFailed as err:
                 if err.retry is Retry.FATAL:
                     raise
-                self.bans.ban(err.peer_id, trio.current_time(), busy=err.busy)
+                self._ban(err.peer_id, trio.current_time(), busy=err.busy)
                 log.warning("%s while recovering; banned", err)
                 failure = err
             delay = backoff_delay(attempt, self.rng)
@@ -135,6 +141,21 @@ class RoutePipeline:
                                        f"last failure: {failure}") from failure
             await trio.sleep(delay)
             attempt += 1
+
+    def _ban(self, peer_id: str, now: float, *, busy: bool) -> float:
+        if not busy:
+            self.failed.add(peer_id)
+        return self.bans.ban(peer_id, now, busy=busy)
+
+    async def _plan(self, start: int, end: int) -> Route:
+        """A route avoiding banned peers and, while one exists without them, those that failed this request."""
+        banned = self.bans.banned(trio.current_time())
+        if not self.failed <= banned:
+            try:
+                return await self.plan(start, end, banned | self.failed)
+            except NoRouteError:
+                pass  # only peers that failed this request cover some blocks: they may have recovered
+        return await self.plan(start, end, banned)
 
     async def _open_and_replay(self, route: Route, history: list[StepRecord], codec: Codec | None) -> list[HopSession]:
         hops: list[HopSession] = []

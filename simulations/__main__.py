@@ -2,9 +2,10 @@
 
 Runs the scenario (a path, or the name of one in `simulations/scenarios/`), writes `report.json`,
 `sessions.json` and PNG plots to `--out`, prints a summary table, and exits 1 naming the seed to
-replay if an invariant was violated (2 for a bad scenario or argument). `sweep SCENARIO --seeds N`
-runs seeds 0..N-1 and names every seed that violated an invariant; `list` names the built-in
-scenarios.
+replay if an invariant was violated (2 for a bad scenario or argument). `--hostile F` sets the
+share of hostile hosts; `--baseline` also runs the same scenario and seed without them and
+reports both. `sweep SCENARIO --seeds N` runs seeds 0..N-1 and names every seed that violated an
+invariant; `list` names the built-in scenarios.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", help="virtual time, e.g. 30m or 2h")
     run.add_argument("--spans", choices=("weakest", "balanced", "random"),
                      help="overrides how household hosts choose spans (the scenario's [balance] spans)")
+    run.add_argument("--hostile", type=float, metavar="FRACTION",
+                     help="overrides the share of hostile hosts (the scenario's [hostile] fraction; 0: none)")
+    run.add_argument("--baseline", action="store_true",
+                     help="also run the same scenario and seed without hostile hosts, and compare")
     run.add_argument("--out", type=Path, help="where report.json and the plots go (default sim-out/NAME-seedN)")
     run.add_argument("--checkpoint", type=Path, help="model directory for compute = 'torch' scenarios")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -40,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--nodes", type=int)
     sweep.add_argument("--clients", type=int)
     sweep.add_argument("--duration")
+    sweep.add_argument("--hostile", type=float, metavar="FRACTION")
     commands.add_parser("list", help="name the built-in scenarios")
     return parser
 
@@ -52,7 +58,8 @@ def sweep(args: argparse.Namespace) -> int:
     from simulations.runner import run_scenario
 
     duration = parse_duration(args.duration, "--duration") if args.duration else None
-    base = load_scenario(args.scenario).scaled(nodes=args.nodes, clients=args.clients, duration_s=duration)
+    base = load_scenario(args.scenario).scaled(nodes=args.nodes, clients=args.clients, duration_s=duration,
+                                               hostile=args.hostile)
     started, failed = time.perf_counter(), []
     for seed in range(args.seeds):
         result = run_scenario(base.scaled(seed=seed))
@@ -69,12 +76,12 @@ def sweep(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from simulations.plots import write_plots
-    from simulations.report import build_report, summary, write_report
+    from simulations.report import baseline_summary, build_report, summary, write_report
     from simulations.runner import run_scenario
 
     duration = parse_duration(args.duration, "--duration") if args.duration else None
     scenario = load_scenario(args.scenario).scaled(nodes=args.nodes, clients=args.clients, duration_s=duration,
-                                                   seed=args.seed, spans=args.spans)
+                                                   seed=args.seed, spans=args.spans, hostile=args.hostile)
     level = getattr(logging, args.log_level.upper(), None)
     if not isinstance(level, int):
         raise ScenarioError("--log-level", f"{args.log_level!r} is not a logging level")
@@ -83,12 +90,18 @@ def run(args: argparse.Namespace) -> int:
                           keep_trace=args.trace, log_level=level)
     out = args.out or Path("sim-out") / f"{scenario.name}-seed{scenario.seed}"
     report = build_report(result, scenario_arg=args.scenario)
+    ok = result.ok
+    if args.baseline:
+        base = run_scenario(scenario.scaled(hostile=0.0), checkpoint=args.checkpoint, progress=not args.no_progress,
+                            log_level=level)
+        report["baseline"] = baseline_summary(base, report, scenario_arg=args.scenario)
+        ok = ok and base.ok
     written = write_report(report, result, out)
     if not args.no_plots:
         written += write_plots(result, out)
     print(summary(report))
     print("wrote " + ", ".join(str(p) for p in written))
-    return 0 if result.ok else 1
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ over its own `MemoryTransport`, and after
 a Weibull session ends it one way or another: drained on shutdown, crashed (streams reset,
 record left to expire), or frozen (silent; then it thaws or dies). A crashed host may restart
 with its identity and span. Data-center ("cloud") hosts serve the whole model until an outage.
-A frozen or clogged host's announcements do not get out (`HostDirectory`), as on a real network.
+A frozen or clogged host's announcements do not get out (`HostDirectory`), as on a real network;
+and a host can announce only its own records, as only a peer's key seals a record that verifies.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import trio
 
 from mesh.balance import choose_span
-from mesh.discovery import Discovery, PeerRecord
+from mesh.discovery import Discovery, PeerRecord, SealedView
 from mesh.memory_transport import MemoryTransport
 from node.node import Node
 from node.rebalance import BalanceSettings, served_from
@@ -33,7 +34,7 @@ class Host:
     peer_id: str
     region: str
     device: DeviceProfile
-    kind: str  # "household" or "cloud"
+    kind: str  # "household", "cloud" or "hostile" (`simulations.hostile`: not in `Swarm.hosts`)
     span: tuple[int, int]
     rng: random.Random
     state: str = "starting"  # starting, up, frozen, down
@@ -44,10 +45,13 @@ class Host:
 
 
 class HostDirectory(Discovery):
-    """One host's way to discovery: while it is frozen or clogged, what it says does not get out."""
+    """One host's way to discovery: while it is frozen or clogged, what it says does not get out;
+    a record of another peer (or one pinned too far ahead) is refused with `InvalidRecord`, as the
+    sealed DHT refuses it (`mesh.discovery.SealedView`)."""
 
     def __init__(self, directory: Discovery, host: Host, swarm: Swarm):
-        self.directory, self.host, self.swarm = directory, host, swarm
+        self.directory = SealedView(directory, host.peer_id, clock=trio.current_time)
+        self.host, self.swarm = host, swarm
 
     def _heard(self) -> bool:
         return self.host.state != "frozen" and self.host.peer_id not in self.swarm.network.clogged

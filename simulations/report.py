@@ -112,10 +112,26 @@ def after_first_fault(result: RunResult) -> dict | None:
     return {"since_s": round(first, 1), **session_summary(later)}
 
 
-def replay_command(result: RunResult, scenario_arg: str) -> str:
+def replay_command(result: RunResult, scenario_arg: str, *, hostile_flag: bool = False) -> str:
+    """The command that replays `result` (with `--hostile`, its fraction, when it has hostile hosts
+    or `hostile_flag` says the scenario's own fraction was overridden)."""
     s = result.scenario
+    hostile = f" --hostile {s.hostile.fraction:g}" if s.hostile.fraction > 0 or hostile_flag else ""
     return (f"python -m simulations run {scenario_arg} --seed {s.seed} --nodes {s.churn.nodes} "
-            f"--clients {s.clients.count} --duration {s.duration_s:g}s")
+            f"--clients {s.clients.count} --duration {s.duration_s:g}s{hostile}")
+
+
+def baseline_summary(base: RunResult, report: dict, *, scenario_arg: str) -> dict:
+    """The same scenario and seed without hostile hosts (`base`), beside `report` (the run with them):
+    its sessions, and the change in completion rate, in percentage points."""
+    sessions = session_summary(base.sessions)
+    with_rate, without_rate = report["sessions"]["completion_rate"], sessions["completion_rate"]
+    change = None if with_rate is None or without_rate is None else round(100 * (with_rate - without_rate), 2)
+    return {"trace_hash": base.trace_hash, "wall_s": round(base.wall_s, 2), "sessions": sessions,
+            "recovery": recovery_summary(base.sessions), "tokens_per_s_per_client": throughput_summary(base.sessions),
+            "completion_rate_change_points": change,
+            "invariants": {"ok": base.ok, "violations": base.violations[:50], "count": len(base.violations)},
+            "replay": replay_command(base, scenario_arg, hostile_flag=True)}
 
 
 def build_report(result: RunResult, *, scenario_arg: str = "") -> dict:
@@ -130,7 +146,7 @@ def build_report(result: RunResult, *, scenario_arg: str = "") -> dict:
         "tokens_per_s_per_client": throughput_summary(result.sessions),
         "recovery": recovery_summary(result.sessions), "coverage": coverage_summary(result),
         "balance": balance_summary(result),
-        "hosts": result.hosts, "network": result.network,
+        "hosts": result.hosts, "network": result.network, "hostile": result.hostile or None,
         "events": {k: v for k, v in sorted(result.counts.items()) if not k.startswith(("session", "sample"))},
         "marks": [{"t": round(t, 1), "label": label} for t, label in result.marks],
         "invariants": {"ok": result.ok, "violations": result.violations[:50], "count": len(result.violations)},
@@ -188,6 +204,10 @@ def summary(report: dict) -> str:
                      + (f"every block served again after {r['after_s']:g} s" if r["restored"] else "NOT restored"))
     if report["sessions"]["errors"]:
         lines.append("errors: " + ", ".join(f"{k} x{v}" for k, v in report["sessions"]["errors"].items()))
+    if report.get("hostile"):
+        lines.append(hostile_line(report["hostile"]))
+    if report.get("baseline"):
+        lines.extend(baseline_lines(report["baseline"], report))
     if report["invariants"]["ok"]:
         lines.append(f"invariants hold; trace hash {report['trace_hash']}")
     else:
@@ -195,3 +215,37 @@ def summary(report: dict) -> str:
         lines.extend(f"  {v}" for v in report["invariants"]["violations"][:10])
         lines.append(f"replay with: {report['replay']}")
     return "\n".join(lines)
+
+
+def hostile_line(h: dict) -> str:
+    """What the hostile hosts tried, and what the defences did with it."""
+    c = h["counts"]
+
+    def total(prefix: str) -> int:
+        return sum(v for k, v in c.items() if k.startswith(prefix))
+
+    return (f"hostile: {h['hosts']} hosts ({100 * h['fraction']:g}% of the swarm; {', '.join(h['behaviours'])}): "
+            f"forgeries refused {c.get('forgeries_refused', 0)}, accepted {c.get('forgeries_accepted', 0)}; "
+            f"hoarded sessions opened {c.get('hoard_opened', 0)}, refused {total('hoard_refused_')} "
+            f"({c.get('hoard_refused_per_peer', 0)} at the per-peer cap), evicted "
+            f"{c.get('keepalive_lost_evicted', 0)}, expired {c.get('keepalive_lost_expired', 0)}; "
+            f"rewinds {c.get('rewinds', 0)}, refused by the prefill budget {c.get('rewind_lost_prefill_budget', 0)}; "
+            f"stalls {c.get('stalls', 0)} ({c.get('stalls_half_frame', 0)} after half a frame); clients failed over "
+            f"from hostile hops {h['failovers_from_hostile']} times in "
+            f"{h['sessions_failed_over_from_hostile']} sessions")
+
+
+def baseline_lines(b: dict, report: dict) -> list[str]:
+    s, mine = b["sessions"], report["sessions"]
+    rate = "-" if mine["completion_rate"] is None else f"{100 * mine['completion_rate']:.2f}%"
+    base_rate = "-" if s["completion_rate"] is None else f"{100 * s['completion_rate']:.2f}%"
+    lines = [f"without the hostile hosts (same seed, trace hash {b['trace_hash']}, {b['wall_s']:.0f} s wall): "
+             f"sessions {s['started']}, completed {s['completed']}, failed {s['failed_with_error']}, hung {s['hung']}, "
+             f"recoveries {b['recovery']['count']}",
+             f"completion rate with them {rate}, without {base_rate}: "
+             f"{b['completion_rate_change_points']:+g} points"]
+    if not b["invariants"]["ok"]:
+        lines.append(f"BASELINE INVARIANTS VIOLATED ({b['invariants']['count']}):")
+        lines.extend(f"  {v}" for v in b["invariants"]["violations"][:10])
+        lines.append(f"replay with: {b['replay']}")
+    return lines

@@ -47,6 +47,7 @@ class RunResult:
     trace_lines: list[str] = field(default_factory=list)
     joins: list[dict] = field(default_factory=list)
     restorations: list[dict] = field(default_factory=list)
+    hostile: dict = field(default_factory=dict)  # `HostileSwarm.summary`; empty without hostile hosts
 
     @property
     def ok(self) -> bool:
@@ -131,4 +132,5 @@ def _result(world: World, wall: float) -> RunResult:
     return RunResult(world.scenario, world.trace.digest, wall, world.ended_at, world.sessions, world.samples,
                      world.violations, world.marks, dict(world.trace.counts), hosts, network,
                      {h.peer_id: h.region for h in world.swarm.hosts.values()}, world.trace.lines,
-                     world.joins, world.restorations)
+                     world.joins, world.restorations,
+                     world.hostile.summary(world.sessions) if world.hostile is not None else {})

@@ -2,9 +2,10 @@
 
 A scenario names the model (its real shape: blocks, widths, bytes), the regions and their round
 trips, device profiles (compute per block per token, memory, links), household churn (Weibull
-session lengths, how sessions end), the day/night pattern, data-center nodes, the users, and
-scheduled fault events. Durations are written "250ms", "30s", "20m", "2h"; the times of events
-may also be a share of the run ("25%"), so a scenario keeps its shape at any `--duration`.
+session lengths, how sessions end), the day/night pattern, data-center nodes, the users,
+scheduled fault events, and hostile hosts (`[hostile]`, `simulations.hostile`). Durations are
+written "250ms", "30s", "20m", "2h"; the times of events may also be a share of the run ("25%"),
+so a scenario keeps its shape at any `--duration`.
 Unknown keys are errors (a typo must not silently fall back to a default).
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 EVENT_KINDS = ("datacenter-outage", "partition", "flash-crowd", "swizzle-clog", "mass-departure")
 SPAN_POLICIES = ("weakest", "balanced", "random")
+HOSTILE_BEHAVIOURS = ("forge", "hoard", "stall")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)\s*$")
 
@@ -191,6 +193,28 @@ class ChecksSpec:
 
 
 @dataclass(frozen=True)
+class HostileSpec:
+    """Hostile hosts (`simulations.hostile`): `fraction` of the swarm at the start, each doing every
+    behaviour listed. "forge": records under honest peers' ids and its own pinned for an hour (the
+    sealed directory refuses them); "hoard": many tiny sessions on honest nodes kept alive by rare
+    steps, and a prefill rewound in a loop; "stall": a real node announcing `lie` x its throughput
+    that stalls every session after a few frames (silent, or half a frame, then silent)."""
+
+    fraction: float = 0.0  # share of the swarm at the start: round(nodes * f / (1 - f)) join the honest ones
+    behaviours: list[str] = field(default_factory=lambda: list(HOSTILE_BEHAVIOURS))
+    device: str = "desktop-gpu"  # what a stalling node runs (how many blocks it serves)
+    lie: float = 100.0  # a stalling node announces this many times its real throughput
+    stall_frames: list[int] = field(default_factory=lambda: [0, 4])  # answered after its Hello, then it stalls
+    half_frame: float = 0.5  # share of stalls that send half of the next frame first
+    forge_every_s: float = _duration(10.0)
+    hoard_targets: int = 3  # honest nodes each hoarder works on at once
+    hoard_sessions: int = 12  # sessions it tries to hold on each (a node allows 8 per peer)
+    keepalive_s: float = _duration(250.0)  # a 1-token step on each hoarded session this often
+    rewind_tokens: int = 256  # the prefill rewound to position 0 in a loop on each target; 0: none
+    retarget_s: float = _duration(60.0)  # how often a hoarder looks for targets to replace lost ones
+
+
+@dataclass(frozen=True)
 class Event:
     kind: str
     at: Moment
@@ -221,12 +245,16 @@ class Scenario:
     clients: ClientSpec = ClientSpec()
     balance: BalanceSpec = BalanceSpec()
     checks: ChecksSpec = ChecksSpec()
+    hostile: HostileSpec = HostileSpec()
     events: tuple[Event, ...] = ()
 
     def scaled(self, *, nodes: int | None = None, clients: int | None = None,
-               duration_s: float | None = None, seed: int | None = None, spans: str | None = None) -> Scenario:
-        """This scenario with the command line's overrides applied."""
+               duration_s: float | None = None, seed: int | None = None, spans: str | None = None,
+               hostile: float | None = None) -> Scenario:
+        """This scenario with the command line's overrides applied (`hostile`: its fraction)."""
         changed = self
+        if hostile is not None:
+            changed = dataclasses.replace(changed, hostile=dataclasses.replace(changed.hostile, fraction=hostile))
         if spans is not None:
             changed = dataclasses.replace(changed, balance=dataclasses.replace(changed.balance, spans=spans))
         if nodes is not None:
@@ -282,7 +310,8 @@ def scenario_from_dict(raw: dict[str, Any], where: str = "scenario", *, default_
         devices[name] = _build(DeviceProfile, {**base, **_table(table, f"{where}: devices.{name}")},
                                f"{where}: devices.{name}")
     sections = {"model": ModelShape, "network": NetworkSpec, "churn": ChurnSpec, "day_night": DayNight,
-                "cloud": CloudSpec, "clients": ClientSpec, "balance": BalanceSpec, "checks": ChecksSpec}
+                "cloud": CloudSpec, "clients": ClientSpec, "balance": BalanceSpec, "checks": ChecksSpec,
+                "hostile": HostileSpec}
     built: dict[str, Any] = {name: _build(cls, _table(raw.pop(name, {}), f"{where}: {name}"), f"{where}: {name}")
                              for name, cls in sections.items()}
     events = tuple(_event(e, f"{where}: events[{i}]") for i, e in enumerate(raw.pop("events", [])))
@@ -365,6 +394,33 @@ def _check(s: Scenario, where: str) -> None:
         raise ScenarioError(f"{where}: balance", f"spans must be one of {', '.join(SPAN_POLICIES)}, not {s.balance.spans!r}")
     if s.balance.every_s <= 0 or s.balance.threshold < 0:
         raise ScenarioError(f"{where}: balance", "every must be positive and threshold >= 0")
+    _check_hostile(s.hostile, f"{where}: hostile")
+    if s.hostile.rewind_tokens > s.model.max_length:
+        raise ScenarioError(f"{where}: hostile", f"rewind_tokens {s.hostile.rewind_tokens} exceed model.max_length "
+                            f"{s.model.max_length}")
+    s.device(s.hostile.device)
     for event in s.events:
         if event.kind == "mass-departure" and not 0 < event.share <= 1:
             raise ScenarioError(f"{where}: events", f"mass-departure needs 0 < share <= 1, got {event.share}")
+
+
+def _check_hostile(h: HostileSpec, where: str) -> None:
+    if not 0 <= h.fraction < 1:
+        raise ScenarioError(where, f"fraction must be in [0, 1), got {h.fraction}")
+    unknown = sorted(set(h.behaviours) - set(HOSTILE_BEHAVIOURS))
+    if unknown or not h.behaviours:
+        raise ScenarioError(where, f"behaviours must be some of {', '.join(HOSTILE_BEHAVIOURS)}, got {h.behaviours}")
+    low, high = h.stall_frames
+    if not 0 <= low <= high:
+        raise ScenarioError(where, f"stall_frames needs 0 <= low <= high, got [{low}, {high}]")
+    if h.lie <= 0 or not 0 <= h.half_frame <= 1 or h.hoard_targets < 0 or h.hoard_sessions < 0 or h.rewind_tokens < 0:
+        raise ScenarioError(where, "lie must be positive, half_frame in [0, 1], hoard_targets, hoard_sessions and "
+                            "rewind_tokens >= 0")
+    if min(h.forge_every_s, h.keepalive_s, h.retarget_s) <= 0:
+        raise ScenarioError(where, "forge_every, keepalive and retarget must be positive")
+
+
+def hostile_hosts(s: Scenario) -> int:
+    """How many hostile hosts join: `fraction` of the swarm at the start (honest and hostile)."""
+    f = s.hostile.fraction
+    return round((s.churn.nodes + s.cloud.nodes) * f / (1 - f)) if f > 0 else 0

@@ -1,9 +1,10 @@
 """One simulated world: the network, discovery, hosts, users and faults of a run, and its clock.
 
-`World.simulate` is the whole run inside `trio.run` under a virtual clock (`simulations.runner`): hosts start,
-churn and faults are scheduled, users ask for completions until the scenario's duration, then the
-world waits for the sessions in flight (each bounded by its deadline plus the hang grace) and
-stops. A sampler records block coverage, throughput and the KV-budget invariant as it goes.
+`World.simulate` is the whole run inside `trio.run` under a virtual clock (`simulations.runner`): hosts start
+(then the hostile ones, if the scenario has any: `simulations.hostile`), churn and faults are
+scheduled, users ask for completions until the scenario's duration, then the world waits for the
+sessions in flight (each bounded by its deadline plus the hang grace) and stops. A sampler records
+block coverage, throughput and the KV-budget invariant as it goes.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import trio
 
 from mesh.discovery import MemoryDirectory
 from simulations import churn, faults
+from simulations.hostile import HostileSwarm
 from simulations.hosts import Swarm
 from simulations.network import VirtualNetwork
 from simulations.progress import Progress
-from simulations.scenario import Scenario
+from simulations.scenario import Scenario, hostile_hosts
 from simulations.trace import Trace
 from simulations.users import SessionRecord, User
 
@@ -41,6 +43,7 @@ class World:
         self.network = VirtualNetwork(scenario.network, self.rng("network"), bandwidth_scale=model.bandwidth_scale)
         self.directory = MemoryDirectory(trio.current_time)
         self.swarm = Swarm(self)
+        self.hostile = HostileSwarm(self) if hostile_hosts(scenario) else None  # none: not a draw taken
         self.sessions: list[SessionRecord] = []
         self.samples: list[Sample] = []
         self.violations: list[str] = []
@@ -69,6 +72,8 @@ class World:
         end = self.scenario.duration_s
         async with trio.open_nursery() as nursery:
             await self.swarm.start(nursery)
+            if self.hostile is not None:
+                await self.hostile.start(nursery)
             nursery.start_soon(self.swarm.keep_arriving, nursery, end)
             nursery.start_soon(faults.connection_resets, self, end)
             for event in self.scenario.events:
