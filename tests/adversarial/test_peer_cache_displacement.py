@@ -23,20 +23,10 @@ from shard.generate import generate_local
 from shard.pipeline import LocalPipeline
 from shard.sampling import SamplingParams
 from tests.mesh.test_failover_memory import PROMPT, FaultySwarm, two_routes
+from tests.mesh.test_peer_cache import Ticker
 
 THROWAWAYS = 200
 TOKENS = 4
-
-
-class Ticker:
-    """A wall clock that moves one second per reading."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        self.now += 1
-        return self.now
 
 
 class CachingTransport(MemoryTransport):
