@@ -6,6 +6,7 @@ so tests and the simulator replay the exact same decisions.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -34,8 +35,15 @@ class BanList:
             return self.busy_s
         self.strikes[peer_id] = self.strikes.get(peer_id, 0) + 1
         length = min(self.cap_s, self.base_s * 2 ** (self.strikes[peer_id] - 1))
-        self.until[peer_id] = now + length
+        self.until[peer_id] = max(self.until.get(peer_id, now), now + length)  # a ban for good stays
         return length
+
+    def ban_for_good(self, peer_id: str) -> None:
+        """Never use `peer_id` again (it was caught returning wrong results: `mesh.spot_check`)."""
+        self.until[peer_id] = math.inf
+
+    def banned_for_good(self, peer_id: str) -> bool:
+        return self.until.get(peer_id) == math.inf
 
     def banned(self, now: float) -> frozenset[str]:
         return frozenset(peer for peer, end in self.until.items() if end > now)

@@ -1,7 +1,10 @@
 """The client library: find peers, plan a route, open a session per hop, generate text.
 
 Embeddings, LM head, sampling and the tokenizer run here, from the user's own model directory, so
-token ids and text never leave the device: only hidden states travel, hop by hop.
+token ids and text never leave the device: only hidden states travel, hop by hop. With
+`local_blocks` K the first K blocks run here too (`mesh.first_blocks`), so no peer receives token
+embeddings; `trusted_peers` and a household's `swarm_secret` (`mesh.swarm_secret`) limit which
+nodes receive hidden states at all.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ from mesh.discovery import Discovery, PeerRecord
 from mesh.errors import TransportError
 from mesh.backoff import BanList
 from mesh.batcher import Job, MicroBatcher
+from mesh.first_blocks import FirstBlocks, LocalRun, check_local_blocks
 from mesh.pipeline import Recovery, RoutePipeline, StepTiming
 from mesh.routing import DEFAULT_RTT_S, ROUTING_MODES, NoRouteError, Route, ServerSpan, plan_route
-from mesh.session import CLIENT_SOFTWARE, HopSession, LinkBook, open_hop
+from mesh.session import CLIENT_SOFTWARE, HopFailed, HopSession, LinkBook, open_hop
+from mesh.spot_check import SpotChecks, VerificationReport
+from mesh.swarm_secret import SwarmSecret, proof_of, refusal_reason
 from mesh.transport import MessageStream, Transport
+from mesh.verify import DEFAULT_TOLERANCE, LocalBlocks, RecomputeVerifier
 from protocol import AUTO, INFO_PROTOCOL, Codec, Error, Exchange, Hello, ProtocolError, Role, SpanInfo
 from shard.errors import InvalidInput, PromptTooLong
 from shard.generate import Decoding, Emitted
@@ -57,12 +64,33 @@ class ClientOptions:
     seed: int = 0  # for backoff jitter
     routing: str = "latency"  # "latency" (interactive chat) or "throughput" (batch jobs): mesh.routing
     head_quant: str = "none"  # the LM head on this device: "int8" reads 4x fewer bytes per token
+    # spot checks (mesh.spot_check): after this share of steps (and the first and last) a second node
+    # recomputes every hop's latest steps; tokens are released once checked. 0: off (it doubles the
+    # swarm's compute per token and needs two nodes per span with the same quantization)
+    verify_rate: float = 0.0
+    verify_tolerance: float = DEFAULT_TOLERANCE  # relative RMS per token row; docs/security.md
+    # the first blocks run here (mesh.first_blocks): a count, or "auto" (one when memory allows); the
+    # commands default to "auto", the library to 0
+    local_blocks: int | str = 0
+    local_quant: str = "auto"  # how the local blocks are loaded ("auto": as the model's own weights, as nodes do)
+    trusted_peers: frozenset[str] | None = None  # route (and spot-check) only through these node peer ids
+    swarm_secret: SwarmSecret | None = None  # household mode: only nodes proving this secret (mesh.swarm_secret)
 
     def __post_init__(self):
         if self.codec != AUTO and not isinstance(self.codec, Codec):
             raise InvalidInput(f"codec {self.codec!r} is not a protocol.Codec or {AUTO!r}")
         if self.routing not in ROUTING_MODES:
             raise InvalidInput(f"routing mode {self.routing!r} is not one of {', '.join(ROUTING_MODES)}")
+        if not 0 <= self.verify_rate <= 1:
+            raise InvalidInput(f"verify rate must be in [0, 1] (0: off), got {self.verify_rate}")
+        if not self.verify_tolerance > 0:
+            raise InvalidInput(f"verify tolerance must be positive, got {self.verify_tolerance}")
+        check_local_blocks(self.local_blocks)
+        if self.trusted_peers is not None and not (
+                isinstance(self.trusted_peers, frozenset) and all(isinstance(p, str) for p in self.trusted_peers)):
+            raise InvalidInput(f"trusted peers must be a frozenset of peer ids, got {self.trusted_peers!r}")
+        if self.swarm_secret is not None and not isinstance(self.swarm_secret, SwarmSecret):
+            raise InvalidInput(f"swarm secret must be a mesh.swarm_secret.SwarmSecret, got {type(self.swarm_secret)}")
 
 
 @dataclass
@@ -84,6 +112,8 @@ class GenerationReport:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     recoveries: list[Recovery] = field(default_factory=list)
+    verification: VerificationReport = field(default_factory=VerificationReport)
+    local_blocks: int = 0  # blocks [0, local_blocks) ran on this device; the route covers the rest
 
     @property
     def tokens_per_s(self) -> float:
@@ -94,6 +124,11 @@ class GenerationReport:
     def route(self) -> list[dict]:
         return [{"peer_id": h.peer_id, "start": h.start, "end": h.end} for h in self.hops]
 
+    def route_text(self) -> str:
+        """The route as a log line shows it: `here[0:1] -> 3xYz9a[1:4] -> ...` (here: the local blocks)."""
+        local = [f"here[0:{self.local_blocks}]"] if self.local_blocks else []
+        return " -> ".join(local + [f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in self.hops])
+
 
 class Client:
     def __init__(self, transport: Transport, discovery: Discovery, model_dir: OpenModel | str | Path, *,
@@ -103,17 +138,21 @@ class Client:
         opened = open_model_dir(model_dir)
         self.model_dir, self.config = opened.path, opened.config
         self.head: Head = head if head is not None else load_head(opened, quant=options.head_quant)
+        self.first_blocks = None if options.local_blocks == 0 else FirstBlocks.load(
+            opened, options.local_blocks, quant=options.local_quant)  # None: none (auto may find no room)
         self.tokenizer = tokenizer if tokenizer is not None else opened.tokenizer()
         self.manifest_hash = opened.digest
         self.model_id = opened.name
         self.rtts: dict[str, float] = {}
         self.refusals: dict[str, str] = {}  # peer -> why it refused our last probe (an allow-list)
+        self.untrusted: set[str] = set()  # peers left out of routes: off `trusted_peers`, or without the swarm's proof
         self.links = LinkBook()  # each peer's link, as probes and steps timed it (for the wire codec)
         self.bans = BanList(base_s=options.ban_s)
         self.rng = random.Random(options.seed)
         self._head_batcher = MicroBatcher(self._run_head, eager=False)  # concurrent generations' last hidden states
         self._generating = 0  # generations running now: alone, one has nobody to share the head with
         self._span_cache: dict[str, tuple[SpanInfo, ServerSpan]] = {}  # peer -> its last info seen, as planned on
+        self._local_blocks = LocalBlocks(self.model_dir)  # spot checks' arbiter of last resort; loads only if used
 
     async def servers(self) -> list[tuple[PeerRecord, SpanInfo]]:
         """Every record of a peer serving this model that answers now, with its fresh span info."""
@@ -148,10 +187,10 @@ class Client:
                 stream = MessageStream(raw, Role.CLIENT, io_timeout=timeout)
                 try:  # within the probe's one deadline
                     asked = trio.current_time()
-                    await stream.send_unbounded(Hello(software=CLIENT_SOFTWARE, codecs=tuple(Codec)))
-                    info = await stream.receive_unbounded()  # the node's Hello
-                    if not isinstance(info, Error):
-                        info = await stream.receive_unbounded()
+                    await stream.send_unbounded(Hello(software=CLIENT_SOFTWARE, codecs=tuple(Codec),
+                                                      swarm_proof=self._proof))
+                    hello = await stream.receive_unbounded()  # the node's Hello, or an Error
+                    info = hello if isinstance(hello, Error) else await stream.receive_unbounded()
                 finally:
                     await stream.aclose()
             self.rtts[record.peer_id] = trio.current_time() - started
@@ -166,14 +205,43 @@ class Client:
             self.refusals[record.peer_id] = info.reason
             return None
         self.refusals.pop(record.peer_id, None)
+        if isinstance(hello, Hello) and (unproven := refusal_reason(self.options.swarm_secret, raw.peer_id,
+                                                                    hello.swarm_proof)):
+            log.info("not routing through %s: %s", record.peer_id, unproven)
+            self._distrust(record.peer_id)
+            return None
         if not isinstance(info, SpanInfo) or info.manifest_hash != self.manifest_hash:
             return None
         return info
 
-    async def plan(self, start: int = 0, end: int | None = None, *, banned: frozenset[str] = frozenset(),
+    @property
+    def _proof(self) -> bytes:
+        """What our Hello carries to prove the swarm's secret (household mode), else nothing."""
+        return proof_of(self.options.swarm_secret, self.transport.peer_id)
+
+    @property
+    def local_blocks(self) -> int:
+        """How many first blocks this client runs itself (`mesh.first_blocks`)."""
+        return 0 if self.first_blocks is None else self.first_blocks.count
+
+    def trusts(self, peer_id: str) -> bool:
+        """Whether hidden states may go to `peer_id` as far as `trusted_peers` says (the swarm
+        secret's proof is checked on each Hello)."""
+        trusted = self.options.trusted_peers is None or peer_id in self.options.trusted_peers
+        if not trusted:
+            self._distrust(peer_id)
+        return trusted
+
+    def _distrust(self, peer_id: str) -> None:
+        if len(self.untrusted) > SPAN_CACHE_MAX:
+            self.untrusted.clear()
+        self.untrusted.add(peer_id)
+
+    async def plan(self, start: int | None = None, end: int | None = None, *, banned: frozenset[str] = frozenset(),
                    need_tokens: int = 0) -> Route:
-        """The cheapest route over peers that answer now, for a session of `need_tokens` positions,
-        weighed by `options.routing`; NoRouteError names missing blocks.
+        """The cheapest route over peers that answer now for blocks [start, end) (by default those
+        this client does not run itself: [local_blocks, n_blocks)), for a session of `need_tokens`
+        positions, weighed by `options.routing`; NoRouteError names missing blocks.
 
         A small swarm (up to `probe_all_up_to` records) is probed whole, so every candidate's round
         trip and span are fresh. In a larger one, probing everyone for every request would cost a
@@ -188,16 +256,22 @@ class Client:
         probed before, so planning ends.
         """
         try:
-            return await self._plan(start, self.config.num_layers if end is None else end, banned, need_tokens)
+            return await self._plan(self.local_blocks if start is None else start,
+                                    self.config.num_layers if end is None else end, banned, need_tokens)
         except NoRouteError as err:
-            refused = {peer: reason for peer, reason in self.refusals.items() if peer not in banned}
-            if not refused or err.refused:
+            refused = err.refused or {peer: reason for peer, reason in self.refusals.items() if peer not in banned}
+            who = err.who
+            if self.options.trusted_peers is not None or self.options.swarm_secret is not None:
+                left_out = len(self.untrusted - banned)
+                who = "no trusted peer" + (f" ({left_out} untrusted peers left out)" if left_out else "")
+            if refused == err.refused and who == err.who:
                 raise
-            raise NoRouteError(err.start, err.end, err.missing, refused=refused) from None
+            raise NoRouteError(err.start, err.end, err.missing, refused=refused, who=who) from None
 
     async def _plan(self, start: int, end: int, banned: frozenset[str], need_tokens: int) -> Route:
         weighed = dict(mode=ROUTING_MODES[self.options.routing], need_tokens=need_tokens)
-        records = [r for r in await self.discovery.lookup(self.manifest_hash) if r.peer_id not in banned]
+        records = [r for r in await self.discovery.lookup(self.manifest_hash)
+                   if r.peer_id not in banned and self.trusts(r.peer_id)]
         if len(records) <= self.options.probe_all_up_to:
             probed = await self._probe_all(records)
             return plan_route(self._spans(probed.items()), start, end, rtts=self.rtts, **weighed)
@@ -221,6 +295,21 @@ class Client:
             ask = [by_peer[peer] for peer in route.peers if peer not in probed]
             if not ask:  # every peer on the route answered just now, with the span it was planned on
                 return route
+
+    async def covering(self, start: int, end: int, *, fresh: bool = False) -> list[tuple[str, str]]:
+        """(peer id, quantization) of every peer serving blocks [start, end) of this model, nearest
+        first: where spot checks find checkers (`mesh.verify`). From what planning last saw of each
+        peer (no network), or with `fresh` from a discovery lookup."""
+        if fresh:
+            infos = []
+            for record in await self.discovery.lookup(self.manifest_hash):
+                self.transport.add_peer_addrs(record.peer_id, list(record.addrs))
+                infos.append((record.peer_id, record.info))
+        else:
+            infos = [(peer, info) for peer, (info, _) in self._span_cache.items()]
+        found = sorted((self.rtts.get(peer, float("inf")), peer, info.quantization) for peer, info in infos
+                       if info.start <= start and end <= info.end and self.trusts(peer))
+        return [(peer, quantization) for _, peer, quantization in found]
 
     def _spans(self, infos: Iterable[tuple[str, SpanInfo | None]]) -> list[ServerSpan]:
         """The planner's view of each peer's span info (a thousand per plan in a large swarm: each
@@ -272,28 +361,42 @@ class Client:
         max_length = min(limit, len(ids) + params.max_new_tokens)
         pipeline = self._pipeline(max_length)
         report.recoveries = pipeline.recoveries
+        report.verification = VerificationReport(self.options.verify_rate)
+        checks = self._spot_checks(pipeline, decoding, report.verification)
+        local = self.first_blocks.start(max_length) if self.first_blocks is not None else None
+        report.local_blocks = self.local_blocks
         self._generating += 1
         completed = False
         try:
-            await pipeline.open(0, self.config.num_layers)
+            await pipeline.open(self.local_blocks, self.config.num_layers)
+            if checks is not None:
+                await checks.prepare()  # checkers' sessions open beside the route's, not in the first check
             inputs, position = ids, 0
             while True:
                 started = trio.current_time()
-                logits = await self._forward(pipeline, inputs, position, report)
+                logits = await self._forward(pipeline, inputs, position, report, local)
                 position += len(inputs)
                 emitted = decoding.accept(logits)
-                _account(report, trio.current_time() - started, first=position == len(ids))
+                completed = emitted.finish is not None or position >= max_length  # a consumer may stop here
+                released = [emitted] if checks is None else await checks.after_step(emitted, position, last=completed)
+                _account(report, trio.current_time() - started, first=position == len(ids))  # checks included
                 report.token_ids = decoding.token_ids
                 report.finish_reason = decoding.finish.value if decoding.finish else "length"
                 report.text = decoding.text if self.tokenizer is not None else None
-                completed = emitted.finish is not None or position >= max_length  # a consumer may stop here
-                yield emitted
+                if released is None:  # a liar was caught: on from the last verified step, through honest peers
+                    position, inputs = checks.resume(ids)
+                    completed = False
+                    continue
+                for verified in released:
+                    yield verified
                 if completed:
                     break
                 inputs = [emitted.token_id]
         finally:
             self._generating -= 1
             self._report_service(pipeline, completed=completed)
+            if checks is not None:
+                await checks.aclose()
             await pipeline.close()
 
     async def generate_text(self, prompt: str | None = None, **kwargs) -> GenerationReport:
@@ -311,24 +414,39 @@ class Client:
             for peer_id in dict.fromkeys(hop.peer_id for hop in pipeline.hops):
                 self.transport.report_service(peer_id, ok=True)
 
+    def _spot_checks(self, pipeline: RoutePipeline, decoding: Decoding, report: VerificationReport) -> SpotChecks | None:
+        if self.options.verify_rate == 0:
+            return None
+        verifier = RecomputeVerifier(self, pipeline.open_hop, banned=lambda: self.bans.banned(trio.current_time()),
+                                     timeout=pipeline.step_timeout, tolerance=self.options.verify_tolerance,
+                                     local=self._local_blocks)
+        return SpotChecks(self.options.verify_rate, random.Random(self.rng.getrandbits(64)), verifier, pipeline,
+                          decoding, report)
+
     def _pipeline(self, max_length: int) -> RoutePipeline:
         async def plan(start: int, end: int, banned: frozenset[str]) -> Route:
             return await self.plan(start, end, banned=banned, need_tokens=max_length)
 
         async def open_one(peer_id: str, start: int, end: int, codec: Codec | None) -> HopSession:
+            if not self.trusts(peer_id):  # planning left it out already; a checker's list may not have
+                raise HopFailed(peer_id, start, end, "not on this client's trusted peers")
             return await open_hop(
                 self.transport, peer_id, start, end, model_id=self.model_id, manifest_hash=self.manifest_hash,
                 max_length=max_length, batch=1, codec=self.options.codec if codec is None else codec,
                 timeout=self.options.open_timeout_s, io_timeout=self.options.io_timeout_s,
-                data_channel=self.options.data_channel, hidden_size=self.config.hidden_size, links=self.links)
+                data_channel=self.options.data_channel, hidden_size=self.config.hidden_size, links=self.links,
+                swarm=self.options.swarm_secret)
 
         timing = StepTiming(self.options.step_timeout_s, self.options.step_timeout_per_token_s)
         return RoutePipeline(plan, open_one, deadline=trio.current_time() + self.options.request_timeout_s,
                              rng=self.rng, bans=self.bans, timing=timing)
 
     async def _forward(self, pipeline: RoutePipeline, ids: list[int], position: int,
-                       report: GenerationReport) -> np.ndarray:
-        hidden = await pipeline.forward(self.head.embed_tokens(ids), position)
+                       report: GenerationReport, local: LocalRun | None = None) -> np.ndarray:
+        hidden = self.head.embed_tokens(ids)
+        if local is not None:  # blocks [0, K) here: what leaves the device is their output
+            hidden = await local.run(hidden, position)
+        hidden = await pipeline.forward(hidden, position)
         report.hops = _hop_reports(pipeline.hops)
         return await self._logits(hidden[:, -1])
 

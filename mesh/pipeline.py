@@ -37,6 +37,7 @@ log = logging.getLogger("hearth.client")
 
 Planner = Callable[[int, int, frozenset[str]], Awaitable[Route]]
 Opener = Callable[[str, int, int, Codec | None], Awaitable[HopSession]]  # codec None: the client's choice
+Observer = Callable[[HopSession, int, np.ndarray], None]  # (hop, start position, its output) of each forward step
 
 
 class GenerationFailed(Exception):
@@ -76,6 +77,7 @@ class RoutePipeline:
         self.deadline, self.rng, self.bans, self.timing = deadline, rng, bans, timing
         self.hops: list[HopSession] = []
         self.recoveries: list[Recovery] = []
+        self.observe: Observer | None = None  # sees every hop's output of `forward` (not replays): mesh.spot_check
         self.failed: set[str] = set()  # peers that failed this request (not merely busy)
 
     async def open(self, start: int, end: int) -> None:
@@ -88,12 +90,27 @@ class RoutePipeline:
             hop = self.hops[index]
             try:
                 hidden = await hop.step(hidden, position, timeout=self._timeout(hidden.shape[1]))
+                if self.observe is not None:
+                    self.observe(hop, position, hidden)
                 index += 1
             except HopFailed as err:
                 if err.retry is Retry.FATAL:
                     raise
                 await self._replace(index, err)
         return hidden
+
+    def rewind(self, position: int) -> None:
+        """Go back to `position` (a step boundary): every hop forgets its inputs from there, and the
+        next `forward` starts there (each node cuts its cache when a step starts before its end)."""
+        for hop in self.hops:
+            hop.rewind(position)
+
+    async def evict(self, peer_id: str, reason: str) -> None:
+        """Ban `peer_id` for good and replace every hop it serves, replaying their history elsewhere."""
+        self.bans.ban_for_good(peer_id)
+        while (index := next((i for i, hop in enumerate(self.hops) if hop.peer_id == peer_id), None)) is not None:
+            hop = self.hops[index]
+            await self._replace(index, HopFailed(peer_id, hop.start, hop.end, reason))
 
     async def close(self) -> None:
         with trio.CancelScope(shield=True):
@@ -104,7 +121,8 @@ class RoutePipeline:
         failed = self.hops[index]
         started = trio.current_time()
         length = self._ban(failed.peer_id, started, busy=err.busy)
-        log.warning("%s; banned for %.0f s, replaying %d tokens elsewhere", err, length, failed.length)
+        banned = "for good" if self.bans.banned_for_good(failed.peer_id) else f"for {length:.0f} s"
+        log.warning("%s; banned %s, replaying %d tokens elsewhere", err, banned, failed.length)
         with trio.CancelScope(shield=True):
             await failed.close()
         replacements = await self._cover(failed.start, failed.end, failed.history, codec=failed.codec)
@@ -187,6 +205,10 @@ class RoutePipeline:
             for hop in hops:
                 hidden = await hop.step(hidden, record.start_position, replay=True,
                                         timeout=self._timeout(hidden.shape[1]))
+
+    def step_timeout(self, tokens: int) -> float:
+        """How long a step of `tokens` positions may take: the timing's, within the request's deadline."""
+        return self._timeout(tokens)
 
     def _timeout(self, tokens: int) -> float:
         remaining = self.deadline - trio.current_time()

@@ -77,11 +77,12 @@ class NoRouteError(Exception):
     """No chain of reachable servers covers the blocks; `missing` names the uncovered ones."""
 
     def __init__(self, start: int, end: int, missing: list[tuple[int, int]], *,
-                 refused: dict[str, str] | None = None):
+                 refused: dict[str, str] | None = None, who: str = "nobody"):
         self.start, self.end, self.missing, self.refused = start, end, missing, dict(refused or {})
+        self.who = who  # whom the planner looked among: "nobody", or "no trusted peer" (a client's trust list)
         spans = ", ".join(f"[{a}, {b})" for a, b in missing)
         why = "".join(f"; {peer} refused us: {reason}" for peer, reason in list(self.refused.items())[:3])
-        super().__init__(f"no route covers blocks [{start}, {end}): nobody serves {spans}{why}")
+        super().__init__(f"no route covers blocks [{start}, {end}): {who} serves {spans}{why}")
 
 
 def plan_route(servers: Iterable[ServerSpan], start: int, end: int, *,

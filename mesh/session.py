@@ -20,10 +20,11 @@ import trio
 
 from mesh.data_channel import Offer, check_offered_host, connect as connect_data_channel
 from mesh.errors import TransportError
+from mesh.swarm_secret import SwarmSecret, proof_of, refusal_reason
 from mesh.transport import MessageStream, Transport
 from protocol import (
     CAPABILITIES, DATA_CHANNEL, INFERENCE_PROTOCOL, REFERENCE_SPEEDS, REPLAY_CHUNKS, CloseSession, Codec, Error,
-    Exchange, Hello, LinkEstimate, OpenSession, ProtocolError, Retry, Role, SessionOpened, Step, StepResult,
+    Exchange, Hello, LinkEstimate, Message, OpenSession, ProtocolError, Retry, Role, SessionOpened, Step, StepResult,
     classify, decode_tensor, encode_tensor, estimate_link, session_codec,
 )
 
@@ -77,6 +78,17 @@ class StepRecord:
     hidden: np.ndarray  # the input sent, [B, T, D] float32
 
 
+@dataclass(frozen=True)
+class SentStep:
+    """A step sent and not yet answered (`HopSession.send_step`)."""
+
+    hidden: np.ndarray
+    start_position: int
+    chunks: tuple[int, ...]
+    started: float  # trio clock
+    wire_before: int  # the stream's bytes before it
+
+
 @dataclass
 class HopSession:
     peer_id: str
@@ -96,17 +108,56 @@ class HopSession:
     def length(self) -> int:
         return sum(record.hidden.shape[1] for record in self.history)
 
+    def rewind(self, position: int) -> None:
+        """Forget the inputs from `position` on (a step boundary): the next step starts there, and the
+        node, seeing a step start before its cache's end, cuts its cache there too."""
+        if position >= self.length:
+            return
+        kept = [record for record in self.history if record.start_position < position]
+        if kept and kept[-1].start_position + kept[-1].hidden.shape[1] != position:
+            raise ValueError(f"position {position} is inside a step of hop {self.peer_id} "
+                             f"(from {kept[-1].start_position}, {kept[-1].hidden.shape[1]} tokens)")
+        self.history = kept
+
     async def step(self, hidden: np.ndarray, start_position: int, *, timeout: float, replay: bool = False,
                    chunks: tuple[int, ...] = ()) -> np.ndarray:
         """Send `hidden` [B, T, D] at `start_position` (as `chunks` of the original steps, when
         replaying several at once); the hop's output. Raises HopFailed."""
-        message = Step(session_id=self.session_id, step=self.step_number, start_position=start_position,
-                       hidden=encode_tensor(hidden, self.codec), replay=replay, chunks=chunks)
-        started, wire_before = trio.current_time(), self.stream.bytes_sent + self.stream.bytes_received
+        sent = self._sent(hidden, start_position, chunks)
         try:
-            reply = await self.stream.request(message, timeout=timeout)
+            reply = await self.stream.request(self._message(sent, replay), timeout=timeout)
         except (TransportError, ProtocolError) as err:
             raise HopFailed(self.peer_id, self.start, self.end, str(err)) from err
+        return self._answer(sent, reply, timed=True)
+
+    async def send_step(self, hidden: np.ndarray, start_position: int, *, timeout: float,
+                        chunks: tuple[int, ...] = ()) -> SentStep:
+        """`step` in two halves (a spot check's checker computes while the client goes on): send it
+        now, `receive_step` its output later, before this session's next step. Raises HopFailed."""
+        sent = self._sent(hidden, start_position, chunks)
+        try:
+            await self.stream.send(self._message(sent, replay=False), timeout=timeout)
+        except (TransportError, ProtocolError) as err:
+            raise HopFailed(self.peer_id, self.start, self.end, str(err)) from err
+        return sent
+
+    async def receive_step(self, sent: SentStep, *, timeout: float) -> np.ndarray:
+        try:
+            reply = await self.stream.receive(timeout=timeout)
+        except (TransportError, ProtocolError) as err:
+            raise HopFailed(self.peer_id, self.start, self.end, str(err)) from err
+        return self._answer(sent, reply, timed=False)  # its time is the client's, not the link's
+
+    def _sent(self, hidden: np.ndarray, start_position: int, chunks: tuple[int, ...]) -> SentStep:
+        return SentStep(hidden, start_position, chunks, trio.current_time(),
+                        self.stream.bytes_sent + self.stream.bytes_received)
+
+    def _message(self, sent: SentStep, replay: bool) -> Step:
+        return Step(session_id=self.session_id, step=self.step_number, start_position=sent.start_position,
+                    hidden=encode_tensor(sent.hidden, self.codec), replay=replay, chunks=sent.chunks)
+
+    def _answer(self, sent: SentStep, reply: Message, *, timed: bool) -> np.ndarray:
+        """The output a `reply` to `sent` carries, checked; the input joins the history."""
         answered = trio.current_time()  # the link's time: our encoding before `started`, decoding after this
         self.step_number += 1
         if isinstance(reply, Error):
@@ -117,6 +168,7 @@ class HopSession:
             output = decode_tensor(reply.hidden).astype(np.float32, copy=False)
         except ProtocolError as err:
             raise HopFailed(self.peer_id, self.start, self.end, f"bad step result: {err}") from err
+        hidden, start_position, chunks = sent.hidden, sent.start_position, sent.chunks
         if output.shape != hidden.shape:
             raise HopFailed(self.peer_id, self.start, self.end,
                             f"step result has shape {list(output.shape)}, sent {list(hidden.shape)}")
@@ -127,10 +179,11 @@ class HopSession:
             offsets = np.cumsum((0, *chunks))
             self.history.extend(StepRecord(start_position + int(a), hidden[:, a:b]) for a, b in zip(offsets, offsets[1:]))
         self.compute_seconds += reply.compute_seconds
-        self.wall_seconds += trio.current_time() - started
-        if self.links is not None:
-            wire = self.stream.bytes_sent + self.stream.bytes_received - wire_before
-            self.links.record(self.peer_id, Exchange(wire, answered - started - reply.compute_seconds))
+        if timed:
+            self.wall_seconds += trio.current_time() - sent.started
+            if self.links is not None:
+                wire = self.stream.bytes_sent + self.stream.bytes_received - sent.wire_before
+                self.links.record(self.peer_id, Exchange(wire, answered - sent.started - reply.compute_seconds))
         return output
 
     async def close(self) -> None:
@@ -145,14 +198,17 @@ class HopSession:
 async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, model_id: str,
                    manifest_hash: str, max_length: int, batch: int, codec: Codec | str, timeout: float,
                    io_timeout: float, data_channel: bool = True, hidden_size: int = 0,
-                   links: LinkBook | None = None) -> HopSession:
+                   links: LinkBook | None = None, swarm: SwarmSecret | None = None) -> HopSession:
     """Open a session for blocks [start, end) on `peer_id`; its steps go over the node's data
     channel when both Hellos list it and the node offers one this client can reach. `codec` is a
     `Codec` or `protocol.AUTO` (chosen for messages of `batch` x `hidden_size` values on the link
-    `links` has measured to this peer; steps are recorded there). Raises HopFailed."""
+    `links` has measured to this peer; steps are recorded there). With a `swarm` secret, our Hello
+    carries our proof and a node whose Hello carries no valid proof is sent nothing more (household
+    mode, `mesh.swarm_secret`). Raises HopFailed."""
     session_id = secrets.token_hex(8)
     hello = Hello(software=CLIENT_SOFTWARE, codecs=tuple(Codec), codec_speeds=REFERENCE_SPEEDS,
-                  capabilities=CAPABILITIES if data_channel else (REPLAY_CHUNKS,))
+                  capabilities=CAPABILITIES if data_channel else (REPLAY_CHUNKS,),
+                  swarm_proof=proof_of(swarm, transport.peer_id))
     link = links.estimate(peer_id) if links is not None and hidden_size > 0 else None
     stream = None
     try:
@@ -160,6 +216,9 @@ async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, 
             raw = await transport.open_stream(peer_id, INFERENCE_PROTOCOL, timeout=timeout)
             stream = MessageStream(raw, Role.CLIENT, io_timeout=io_timeout)
             reply = await stream.request(hello, timeout=timeout)  # the machine lets only Hello or Error through
+            if isinstance(reply, Hello) and (unproven := refusal_reason(swarm, stream.peer_id, reply.swarm_proof)):
+                await stream.aclose()
+                raise HopFailed(peer_id, start, end, f"not trusted: {unproven}")
             if isinstance(reply, Hello):
                 codec = session_codec(stream.agreement, codec, n_values=batch * hidden_size, link=link)
                 reply = await stream.request(OpenSession(

@@ -354,9 +354,9 @@ class ApiServer:
                                                        type="server_error"))
 
     def _log_done(self, header: ResponseHeader, report: GenerationReport) -> None:
-        log.info("%s: %d tokens (%s), %.1f tokens/s, route %s, %d recoveries", header.id, len(report.token_ids),
-                 report.finish_reason, report.tokens_per_s,
-                 " -> ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in report.hops), len(report.recoveries))
+        log.info("%s: %d tokens (%s), %.1f tokens/s, route %s, %d recoveries%s", header.id, len(report.token_ids),
+                 report.finish_reason, report.tokens_per_s, report.route_text(), len(report.recoveries),
+                 f"; {report.verification.text()}" if report.verification.rate else "")
 
 
 class EventStreamResponse(StreamingResponse):
@@ -537,8 +537,11 @@ def _error_response(error: ApiError, headers: dict[str, str] | None = None) -> J
 
 
 def _route_json(report: GenerationReport) -> dict:
-    """The `hearth` object of an answer: the route it took, the failovers it survived, its speed."""
-    return {"route": report.route, "recoveries": [r.to_json() for r in report.recoveries],
+    """The `hearth` object of an answer: the route it took, the failovers it survived, what spot
+    checks found, its speed."""
+    return {"route": report.route, "local_blocks": report.local_blocks,
+            "recoveries": [r.to_json() for r in report.recoveries],
+            "verification": report.verification.to_json(),
             "tokens": len(report.token_ids), "tokens_per_s": round(report.tokens_per_s, 2)}
 
 

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from mesh.client import ClientOptions
 from mesh.join import connect
 from node.api import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_TOKENS, ApiServer, ApiSettings, check_model_dir
-from node.client_args import add_client_arguments, check_peer_sources, client_options
+from node.client_args import add_client_arguments, check_peer_sources, client_options, privacy_line
 from node.logs import say, setup_logging
 from node.metrics import TimedDiscovery, lookup_histogram
 from shard.compute import use_threads
@@ -59,6 +59,7 @@ async def serve(bootstrap: list[str], model_dir: Path, settings: ApiSettings, op
         registry = CollectorRegistry()  # the client's DHT lookups beside the API's metrics, on one /metrics
         client.discovery = TimedDiscovery(client.discovery, lookup_histogram(registry))
         api = ApiServer(client, settings, wall_clock=time.time, registry=registry)
+        say(privacy_line(client), "hearth.api")
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 url = await nursery.start(api.run)

@@ -1,14 +1,18 @@
 """What the commands that join the swarm as a client (`hearth generate`, `hearth api`) share:
-their flags, and the checks and `ClientOptions` made from them."""
+their flags, and the checks and `ClientOptions` made from them. The privacy flags (local blocks,
+trusted peers, the swarm secret) serve `hearth node --api-port` and `hearth demo` too."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from mesh.client import ClientOptions
+from mesh.client import Client, ClientOptions
+from mesh.first_blocks import AUTO_BLOCKS
+from mesh.verify import DEFAULT_TOLERANCE
 from node.logs import add_log_arguments
 from node.run_local import add_threads_argument
+from node.trust_files import read_peer_ids, read_swarm_secret
 from protocol import AUTO, Codec
 from shard.errors import InvalidInput
 
@@ -28,8 +32,97 @@ def add_client_arguments(parser: argparse.ArgumentParser, *, model_help: str, ti
     parser.add_argument("--timeout", type=float, default=300.0, metavar="S", help=timeout_help)
     parser.add_argument("--routing", choices=("latency", "throughput"), default="latency",
                         help="route for the lowest latency (chat) or around busy nodes (batch jobs)")
+    add_privacy_arguments(parser)
     add_threads_argument(parser, what=" for the embeddings and LM head")
     add_log_arguments(parser)
+
+
+def add_local_blocks_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--local-blocks", metavar="K|auto",
+                        help="run the model's first K blocks on this device, so no peer receives token "
+                             "embeddings (which give the prompt away); auto, the default: 1 when this device "
+                             "has memory for it; 0: off. Hidden states after K blocks still reveal much of "
+                             "the prompt to a determined node: see docs/security.md")
+
+
+def add_verify_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verify-rate", type=float, default=0.0, metavar="R",
+                        help="spot checks: after this share of steps (and the first and last) a second node with the "
+                             "same blocks recomputes each hop's latest steps; a peer caught lying is banned and its "
+                             "work redone; tokens are shown once checked (0, the default: off; 0.1 costs a second "
+                             "computation of every hop on a spare node)")
+    parser.add_argument("--verify-tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="T",
+                        help=f"spot checks: how far (relative RMS per token row) a hop's answer may be from its "
+                             f"checker's (default {DEFAULT_TOLERANCE:g}, for checkers on the same kind of CPU; "
+                             f"mixed hardware with int8 spans needs about 0.015: docs/security.md)")
+
+
+def parse_verify_rate(rate: float) -> float:
+    if not 0 <= rate <= 1:
+        raise InvalidInput(f"--verify-rate must be in [0, 1] (0: off), got {rate}")
+    return rate
+
+
+def verify_options(args: argparse.Namespace) -> dict:
+    """`ClientOptions` fields from --verify-rate and --verify-tolerance."""
+    if not args.verify_tolerance > 0:
+        raise InvalidInput(f"--verify-tolerance must be positive, got {args.verify_tolerance}")
+    return dict(verify_rate=parse_verify_rate(args.verify_rate), verify_tolerance=args.verify_tolerance)
+
+
+def add_privacy_arguments(parser: argparse.ArgumentParser, *, node: bool = False) -> None:
+    """--local-blocks, --trust-peers, --verify-rate and (for a client) --swarm-secret: what stays on
+    this device, which nodes receive hidden states and how their answers are checked. A node
+    (`hearth node`) has its own --swarm-secret; these serve its API's client."""
+    add_local_blocks_argument(parser)
+    add_verify_argument(parser)
+    parser.add_argument("--trust-peers", type=Path, metavar="FILE",
+                        help=("the API's client " if node else "") + "routes only through these node peer ids "
+                             "(one per line, # comments, as --allow-peers)")
+    if not node:
+        parser.add_argument("--swarm-secret", type=Path, metavar="FILE",
+                            help="household mode: route only through nodes proving they hold the secret in FILE "
+                                 "(at least 16 bytes, e.g. head -c 32 /dev/urandom | base64 > FILE); the nodes "
+                                 "serve only peers proving it too")
+
+
+def parse_local_blocks(text: str | None) -> int | str:
+    """--local-blocks: a block count or "auto" (also when not given)."""
+    if text is None or text == AUTO_BLOCKS:
+        return AUTO_BLOCKS
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise InvalidInput(f"--local-blocks must be a block count (0: off) or {AUTO_BLOCKS!r}, got {text!r}")
+    return count
+
+
+def privacy_line(client: Client) -> str:
+    """What a client keeps here and whom it trusts, for the API's log at start."""
+    local = client.local_blocks
+    parts = [f"blocks [0, {local}) run here: no peer receives token embeddings" if local else
+             "no block runs here: the first hop receives token embeddings (--local-blocks)"]
+    if client.options.trusted_peers is not None:
+        parts.append(f"routes only through {len(client.options.trusted_peers)} trusted peers")
+    if client.options.swarm_secret is not None:
+        parts.append("household mode: only nodes proving the swarm secret")
+    if client.options.verify_rate:
+        parts.append(f"spot checks after {client.options.verify_rate:g} of steps")
+    return "; ".join(parts)
+
+
+def privacy_options(args: argparse.Namespace) -> dict:
+    """`ClientOptions` fields from the privacy and verification flags."""
+    trusted = None
+    if args.trust_peers is not None:
+        trusted = read_peer_ids(args.trust_peers, flag="--trust-peers")
+        if not trusted:
+            raise InvalidInput(f"--trust-peers file {args.trust_peers} lists no peer id: no node could be used")
+    secret = getattr(args, "swarm_secret", None)
+    return dict(local_blocks=parse_local_blocks(args.local_blocks), trusted_peers=trusted,
+                swarm_secret=read_swarm_secret(secret) if secret is not None else None, **verify_options(args))
 
 
 def check_peer_sources(args: argparse.Namespace) -> None:
@@ -38,4 +131,5 @@ def check_peer_sources(args: argparse.Namespace) -> None:
 
 
 def client_options(args: argparse.Namespace) -> ClientOptions:
-    return ClientOptions(codec=CODECS[args.codec], request_timeout_s=args.timeout, routing=args.routing)
+    return ClientOptions(codec=CODECS[args.codec], request_timeout_s=args.timeout, routing=args.routing,
+                         **privacy_options(args))

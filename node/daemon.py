@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import random
 import signal
 import time
@@ -31,12 +30,16 @@ from pathlib import Path
 import trio
 
 from mesh.balance import choose_span, max_blocks_for
-from mesh.client import Client
+from mesh.client import Client, ClientOptions
+from mesh.first_blocks import AUTO_BLOCKS
+from mesh.swarm_secret import SwarmSecret
 from mesh.data_channel import DataChannels
 from mesh.join import joined
 from mesh.libp2p_transport import Libp2pTransport
 from mesh.loopback import LoopbackTransport
 from node.api import DEFAULT_MAX_CONCURRENT, ApiServer, ApiSettings, check_model_dir
+from node.chaos import Chaos, ChaosSpec, parse_chaos
+from node.client_args import add_privacy_arguments, privacy_line, privacy_options
 from node.logs import add_log_arguments, say, setup_logging
 from node.metrics import NodeMetrics, TimedDiscovery
 from node.metrics_http import serve_metrics
@@ -44,7 +47,8 @@ from node.node import Node, measure_token_seconds
 from node.rebalance import BalanceSettings, served_from
 from node.run_local import add_threads_argument
 from node.sessions import SessionLimits
-from shard.compute import describe, use_threads
+from node.trust_files import read_peer_ids
+from shard.compute import available_memory, describe, use_threads
 from shard.config import ModelConfig
 from shard.errors import InvalidInput
 from shard.model_dir import QUANT_CHOICES, OpenModel, open_model_dir, resolve_quant
@@ -70,12 +74,15 @@ class NodeSettings:
     mdns: bool = False
     limits: SessionLimits = SessionLimits()
     allowed_peers: frozenset[str] | None = None
+    swarm_secret: SwarmSecret | None = None  # household mode: serve only peers proving it (mesh.swarm_secret)
+    api_client: ClientOptions = ClientOptions(local_blocks=AUTO_BLOCKS)  # the API's own client
     api: ApiSettings | None = None  # serve the OpenAI-compatible API too
     data_channel: bool = True  # offer clients a sealed TCP channel for their steps (mesh.data_channel)
     memory_bytes: int | None = None  # budget for weights + KV cache when choosing a span; None: available now
     rebalance: bool = True  # a node that chose its span moves it when the swarm needs (node.rebalance)
     rebalance_every_s: float = 120.0
     metrics: tuple[str, int] | None = None  # (host, port) to serve /metrics on
+    chaos: ChaosSpec | None = None  # faults on purpose (`--chaos`, node.chaos); only ever from the flag
 
     @property
     def auto_span(self) -> bool:
@@ -133,6 +140,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                         help="address the metrics endpoint binds (default 127.0.0.1; metrics carry no text, "
                              "only counts, peer ids and blocks)")
+    parser.add_argument("--chaos", metavar="FAULT",
+                        help="FOR TESTS AND DEMOS ONLY: misbehave on purpose, as a lying or sick node would: "
+                             "corrupt:REL (noise of relative size REL on every output), corrupt-sometimes:REL:P "
+                             "(on each output with probability P) or stall:SECONDS (every step late)")
+    parser.add_argument("--chaos-seed", type=int, default=0, metavar="N", help="seed of --chaos's noise (default 0)")
+    parser.add_argument("--swarm-secret", type=Path, metavar="FILE",
+                        help="household mode: serve only peers proving they hold the secret in FILE (at least 16 "
+                             "bytes, e.g. head -c 32 /dev/urandom | base64 > FILE), prove it to them, and route "
+                             "the API's requests only through nodes proving it")
+    add_privacy_arguments(parser, node=True)
     add_log_arguments(parser)
 
 
@@ -156,7 +173,25 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
         allowed_peers=read_allow_list(args.allow_peers) if args.allow_peers else None,
         api=api_settings_from_args(args), data_channel=not args.no_data_channel, memory_bytes=args.memory,
         rebalance=not args.no_rebalance, rebalance_every_s=args.rebalance_every,
-        metrics=metrics_bind_from_args(args))
+        metrics=metrics_bind_from_args(args), chaos=chaos_from_args(args), **household_from_args(args))
+
+
+def household_from_args(args: argparse.Namespace) -> dict:
+    """--swarm-secret for the node and its API's client; --local-blocks, --trust-peers and --verify-rate
+    for that client."""
+    if args.api_port is None and (args.local_blocks is not None or args.trust_peers is not None or args.verify_rate):
+        raise InvalidInput("--local-blocks, --trust-peers and --verify-rate are for the API's client: "
+                           "they need --api-port")
+    client = privacy_options(args)  # the node's --swarm-secret is its API client's too
+    return dict(swarm_secret=client["swarm_secret"], api_client=ClientOptions(**client))
+
+
+def chaos_from_args(args: argparse.Namespace) -> ChaosSpec | None:
+    if args.chaos is None:
+        if args.chaos_seed != 0:
+            raise InvalidInput("--chaos-seed needs --chaos")
+        return None
+    return parse_chaos(args.chaos, args.chaos_seed)
 
 
 def prefill_budget_from_args(args: argparse.Namespace) -> int:
@@ -228,18 +263,6 @@ def parse_bytes(text: str) -> int:
     return value
 
 
-def available_memory() -> int:
-    """Bytes of memory available now (MemAvailable; the free pages where /proc is missing)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def span_capacity(settings: NodeSettings, config: ModelConfig) -> int:
     """How many blocks of the model this node's memory holds; InvalidInput when not even one fits."""
     n_blocks = config.num_layers
@@ -254,11 +277,7 @@ def span_capacity(settings: NodeSettings, config: ModelConfig) -> int:
 
 
 def read_allow_list(path: Path) -> frozenset[str]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as err:
-        raise InvalidInput(f"cannot read --allow-peers file {path}: {err.strerror}") from err
-    return frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    return read_peer_ids(path, flag="--allow-peers")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -275,8 +294,18 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--blocks {settings.start}:{settings.end} is outside the model's {config.num_layers} blocks")
     if settings.api is not None:
         check_model_dir(settings.model_dir)
+    if settings.chaos is not None:
+        warn_chaos(settings.chaos)
     trio.run(serve, settings, model)
     return 0
+
+
+def warn_chaos(spec: ChaosSpec) -> None:
+    """Say loudly, at start, that this node misbehaves on purpose: in its log and on its console."""
+    text = (f"CHAOS: this node misbehaves on purpose (--chaos {spec.kind}): {spec.describe()}; "
+            f"for tests and demos only, never in a swarm whose answers matter")
+    log.warning(text)
+    say(text)
 
 
 async def load(settings: NodeSettings, model: OpenModel, start: int, end: int):
@@ -319,7 +348,9 @@ async def serve(settings: NodeSettings, model: OpenModel) -> None:
         node = Node(span, model.name, digest, limits=settings.limits,
                     allowed_peers=settings.allowed_peers, wall_clock=time.time, token_seconds=token_seconds,
                     data_channels=channels, balance=balance, seed=rng.random(),
-                    load_span=(lambda a, b: load(settings, model, a, b)) if balance else None, metrics=metrics)
+                    load_span=(lambda a, b: load(settings, model, a, b)) if balance else None, metrics=metrics,
+                    chaos=Chaos(settings.chaos) if settings.chaos is not None else None,
+                    swarm_secret=settings.swarm_secret)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.run, transport, discovery)
@@ -369,8 +400,9 @@ async def start_api(nursery: trio.Nursery, settings: NodeSettings, model: OpenMo
                     metrics: NodeMetrics) -> ApiServer:
     """The OpenAI-compatible API over a client of this node's own model, joined through its host;
     its metrics join the node's."""
-    client = await trio.to_thread.run_sync(lambda: Client(transport, discovery, model))
+    client = await trio.to_thread.run_sync(lambda: Client(transport, discovery, model, options=settings.api_client))
     api = ApiServer(client, settings.api, wall_clock=time.time, registry=metrics.registry)
+    say(f"api: {privacy_line(client)}")
     url = await nursery.start(api.run)
     say(f"api listening on {url}")
     return api

@@ -24,6 +24,7 @@ import trio
 
 from mesh.client import ClientOptions, GenerationReport
 from mesh.join import connect
+from node.client_args import add_local_blocks_argument, add_verify_argument, parse_local_blocks, verify_options
 from node.run_local import add_threads_argument
 from node.swarm import LocalSwarm
 from shard.compute import use_threads
@@ -65,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="1 = off (a chat model's default); the bundled model's default 1.2 discourages "
                              "its loops; output stays greedy")
     parser.add_argument("--kill-one", action="store_true", help="kill a node on the route mid-answer")
+    add_local_blocks_argument(parser)
+    add_verify_argument(parser)
     add_threads_argument(parser, default=1, what=" per node")
 
 
@@ -75,6 +78,8 @@ def say(text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise InvalidInput(f"--nodes must be at least 1, got {args.nodes}")
+    args.local_blocks = parse_local_blocks(args.local_blocks)
+    args.verify = verify_options(args)
     if args.model is None:
         args.model = chat_model() or DEMO_MODEL
     use_threads(args.threads)  # checks it; the nodes get it too
@@ -99,7 +104,7 @@ async def _demo(args: argparse.Namespace) -> GenerationReport:
 
 
 async def _generate(swarm: LocalSwarm, args: argparse.Namespace) -> GenerationReport:
-    options = ClientOptions(step_timeout_s=5.0)
+    options = ClientOptions(step_timeout_s=5.0, local_blocks=args.local_blocks, **args.verify)
     async with connect(bootstrap=swarm.bootstrap, model=args.model, options=options) as client:
         # a chat template makes a chat, except the bundled model's: it only turns a chat into a code prompt
         chat = client.tokenizer is not None and bool(client.tokenizer.chat_templates) and args.model != DEMO_MODEL
@@ -135,7 +140,7 @@ async def _answer(client, swarm: LocalSwarm, args: argparse.Namespace, params: S
     async for emitted in client.generate(params=params, report=report, **prompt):
         if not route_shown:
             route_shown = True
-            say("route: " + " -> ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in report.hops))
+            say("route: " + report.route_text())
         sys.stdout.write(emitted.text)
         sys.stdout.flush()
         if kill_at is not None and len(report.token_ids) == kill_at:
@@ -156,6 +161,10 @@ def _kill_middle_hop(swarm: LocalSwarm, report: GenerationReport) -> None:
 def _summary(report: GenerationReport) -> None:
     say(f"{len(report.token_ids)} tokens, {report.tokens_per_s:.1f} tokens/s "
         f"(prefill {report.prefill_s * 1e3:.0f} ms, decode {report.decode_s:.2f} s)")
+    if report.local_blocks:
+        say(f"  blocks [0, {report.local_blocks}) ran here: no node saw the token embeddings")
+    if report.verification.rate:
+        say(f"  {report.verification.text()}")
     for hop in report.hops:
         say(f"  hop {hop.peer_id[-6:]} blocks [{hop.start}, {hop.end}): compute {hop.compute_s * 1e3:.0f} ms, "
             f"round trips {hop.total_s * 1e3:.0f} ms")

@@ -43,8 +43,9 @@ async def _generate(args: argparse.Namespace) -> int:
         print(json.dumps(report_json(report)))
     else:
         print(f"\n[{len(report.token_ids)} tokens, {report.tokens_per_s:.1f} tokens/s, {report.finish_reason}; "
-              f"route {' -> '.join(f'{h.peer_id[-6:]}[{h.start}:{h.end}]' for h in report.hops)}; "
-              f"{len(report.recoveries)} recoveries]", file=sys.stderr)
+              f"route {report.route_text()}; "
+              f"{len(report.recoveries)} recoveries"
+              f"{'; ' + report.verification.text() if report.verification.rate else ''}]", file=sys.stderr)
     return 0
 
 
@@ -52,8 +53,9 @@ def report_json(report: GenerationReport) -> dict:
     return {
         "prompt_ids": report.prompt_ids, "token_ids": report.token_ids, "text": report.text,
         "finish_reason": report.finish_reason, "tokens_per_s": round(report.tokens_per_s, 2),
-        "route": report.route,
+        "route": report.route, "local_blocks": report.local_blocks,
         "hops": [{"peer_id": h.peer_id, "start": h.start, "end": h.end, "compute_s": round(h.compute_s, 4),
                   "round_trip_s": round(h.total_s, 4)} for h in report.hops],
         "recoveries": [r.to_json() for r in report.recoveries],
+        "verification": report.verification.to_json(),
     }

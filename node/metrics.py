@@ -125,6 +125,14 @@ class _NodeState(Collector):
         batches = CounterMetricFamily("hearth_decode_batches", "Decode passes run (several sessions may share one)")
         batches.add_metric([], manager.batches)
         yield batches
+        if manager.chaos is not None:  # `hearth node --chaos`: this node misbehaves on purpose
+            chaos = GaugeMetricFamily("hearth_chaos_enabled", "1: this node injects faults on purpose "
+                                      "(hearth node --chaos), by kind", labels=["kind"])
+            chaos.add_metric([manager.chaos.spec.kind], 1)
+            yield chaos
+            corrupted = CounterMetricFamily("hearth_chaos_corrupted_steps", "Step outputs this node corrupted on purpose")
+            corrupted.add_metric([], manager.chaos.steps_corrupted)
+            yield corrupted
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -17,7 +17,9 @@ import trio
 from mesh import virtual_time
 from mesh.data_channel import DataChannels
 from mesh.discovery import RECORD_TTL_S, REFRESH_EVERY_S, Discovery, PeerRecord
+from mesh.swarm_secret import SwarmSecret
 from mesh.transport import Transport
+from node.chaos import Chaos
 from node.metrics import NodeMetrics
 from node.rebalance import BalanceSettings, Rebalancer
 from node.server import InferenceServer
@@ -53,13 +55,15 @@ class Node:
                  record_ttl_s: float = RECORD_TTL_S, refresh_every_s: float = REFRESH_EVERY_S,
                  data_channels: DataChannels | None = None, balance: BalanceSettings | None = None,
                  load_span: Callable[[int, int], Awaitable[Span]] | None = None, seed: int | str = 0,
-                 metrics: NodeMetrics | None = None):
+                 metrics: NodeMetrics | None = None, chaos: Chaos | None = None,
+                 swarm_secret: SwarmSecret | None = None):
         self.span, self.model_id, self.manifest_hash = span, model_id, manifest_hash
-        self.manager = SessionManager(span, limits)
+        self.manager = SessionManager(span, limits, chaos=chaos)  # chaos: faults on purpose (`node.chaos`)
         self.data_channels = data_channels
         self.metrics = metrics if metrics is not None else NodeMetrics()
         self.server = InferenceServer(self.manager, self.span_info, allowed_peers=allowed_peers,
-                                      data_channels=data_channels, metrics=self.metrics)
+                                      data_channels=data_channels, metrics=self.metrics,
+                                      swarm_secret=swarm_secret)  # household mode: mesh.swarm_secret
         self.wall_clock = wall_clock
         self.token_seconds = token_seconds if token_seconds is not None else measure_token_seconds(span)
         self.metrics.watch(self)
@@ -95,6 +99,7 @@ class Node:
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until `stop()`; then drain: withdraw the record, tell open sessions to go elsewhere."""
         self.transport, self.discovery = transport, discovery
+        self.server.identify(transport.peer_id)
         transport.set_handler(INFERENCE_PROTOCOL, self.server.handle_inference)
         transport.set_handler(INFO_PROTOCOL, self.server.handle_info)
         async with trio.open_nursery() as nursery:

@@ -8,11 +8,15 @@ Pong (clients measure round trips with them). The order is the session machine's
 offer. Whatever a peer gets wrong earns it an `Error` reply naming the problem, with the retry hint
 `protocol.retry` gives its code; the node logs it and keeps serving everyone else. A peer off the
 allow-list is refused on both protocols before a byte it sent is read; frames stay small until a
-session is open, and unfinished ones are paid for from a memory budget (`node.intake`).
+session is open, and unfinished ones are paid for from a memory budget (`node.intake`). In
+household mode (a swarm secret, `mesh.swarm_secret`) a peer whose Hello carries no valid proof of
+the secret is refused on both protocols before the node says anything of its own, and the node's
+Hellos carry its own proof.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Collection
@@ -21,6 +25,7 @@ import trio
 
 from mesh.data_channel import DataChannels, Offer
 from mesh.errors import TransportError, TransportTimeout
+from mesh.swarm_secret import SwarmSecret, proof_of, refusal_reason
 from mesh.transport import ByteStream, MessageStream
 from node.intake import BudgetedStream, BufferBudget, IntakeLimits
 from node.metrics import NodeMetrics
@@ -48,12 +53,14 @@ class InferenceServer:
     def __init__(self, manager: SessionManager, span_info: Callable[[], SpanInfo], *,
                  allowed_peers: Collection[str] | None = None, io_timeout: float = 30.0,
                  data_channels: DataChannels | None = None, metrics: NodeMetrics | None = None,
-                 intake: IntakeLimits | None = None):
+                 intake: IntakeLimits | None = None, swarm_secret: SwarmSecret | None = None):
         self.manager = manager
         self.metrics = metrics if metrics is not None else NodeMetrics()
         self.data_channels = data_channels
         self.span_info = span_info
         self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
+        self.swarm_secret = swarm_secret  # household mode: only peers proving it are served
+        self._info_hello = HELLO
         self.io_timeout = io_timeout
         self.intake = intake or IntakeLimits()
         self.buffers = BufferBudget(self.intake.max_buffered_bytes_per_peer, self.intake.max_buffered_bytes)
@@ -66,7 +73,20 @@ class InferenceServer:
         manager.on_end = self._ended
 
     def hello(self) -> Hello:
-        return HELLO
+        return self._info_hello
+
+    def identify(self, peer_id: str) -> None:
+        """This node's own peer id (known once its transport is up): its Hellos prove the swarm's
+        secret with it, in household mode."""
+        proof = proof_of(self.swarm_secret, peer_id)
+        self._info_hello = dataclasses.replace(HELLO, swarm_proof=proof)
+        self._session_hello = dataclasses.replace(self._session_hello, swarm_proof=proof)
+
+    def _check_proof(self, peer_id: str, hello: Hello) -> None:
+        """Refuse a peer whose Hello does not prove the swarm's secret (household mode)."""
+        reason = refusal_reason(self.swarm_secret, peer_id, hello.swarm_proof)
+        if reason is not None:  # who the peer is, as with the allow-list: no other node will differ
+            raise SessionRefused(ErrorCode.OVERLOADED, reason, retry_elsewhere=False)
 
     def _stream(self, raw: ByteStream) -> BudgetedStream:
         """Messages from a peer: small frames until its session is open, unfinished ones budgeted."""
@@ -88,6 +108,7 @@ class InferenceServer:
                 if isinstance(message, Ping):
                     await stream.send(Pong(nonce=message.nonce))
                 elif isinstance(message, Hello):
+                    self._check_proof(raw.peer_id, message)
                     await stream.send_together([self.hello(), self.span_info()])
                 else:
                     await self._refuse(stream, ErrorCode.UNEXPECTED_MESSAGE,
@@ -144,6 +165,7 @@ class InferenceServer:
         message = await stream.receive(timeout=self.io_timeout)  # the machine admits Hello first, or a Ping
         if not isinstance(message, Hello):
             raise refusal(ErrorCode.UNEXPECTED_MESSAGE, f"expected hello, got {message.TYPE}")
+        self._check_proof(stream.peer_id, message)
         await stream.send(self._session_hello)
         message = await stream.receive(timeout=self.io_timeout)
         if not isinstance(message, OpenSession):

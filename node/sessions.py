@@ -20,6 +20,7 @@ import trio
 
 from mesh.batcher import Job, MicroBatcher
 from mesh.virtual_time import sleep_until
+from node.chaos import Chaos
 from protocol import Codec, ErrorCode
 from shard.errors import ShardError
 from shard.interfaces import BatchStep, Cache, Span
@@ -157,8 +158,9 @@ class SessionManager:
     decoding for longer than one chunk.
     """
 
-    def __init__(self, span: Span, limits: SessionLimits):
+    def __init__(self, span: Span, limits: SessionLimits, *, chaos: Chaos | None = None):
         self.span, self.limits = span, limits
+        self.chaos = chaos  # fault injection on purpose (`hearth node --chaos`): every output goes through it
         self.sessions: dict[str, ServedSession] = {}
         self.reserved_bytes = 0
         self.draining = False
@@ -274,6 +276,8 @@ class SessionManager:
             output, seconds = await self._decode(_Step(session, hidden, start_position))
         else:
             output, seconds = await self._prefill(session, hidden, start_position, chunks)
+        if self.chaos is not None:
+            output = await self.chaos.apply(output)
         session.steps += 1
         session.last_active = trio.current_time()
         return output, seconds

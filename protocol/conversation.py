@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from protocol.codec_choice import DEFAULT_CODEC, CodecSpeed, choose_session_codec
 from protocol.link_estimate import LinkEstimate
-from protocol.messages import DATA_KEY_BYTES, DATA_TOKEN_BYTES, Hello
+from protocol.messages import DATA_KEY_BYTES, DATA_TOKEN_BYTES, SWARM_PROOF_BYTES, Hello
 from protocol.tensors import Codec
 
 INFERENCE_PROTOCOL = "/hearth/inference/1"
@@ -29,7 +29,8 @@ REPLAY_CHUNKS = "replay-chunks"  # Step.chunks: several original steps replayed 
 CAPABILITIES = (DATA_CHANNEL, REPLAY_CHUNKS)  # every capability this version knows
 
 # The data channel offer's sizes, DATA_TOKEN_BYTES and DATA_KEY_BYTES, are checked by SessionOpened
-# (protocol.messages) and exported here with the rest of the conversation.
+# (protocol.messages) and exported here with the rest of the conversation; so is the size of a
+# Hello's swarm proof, SWARM_PROOF_BYTES (household mode: what it proves is `mesh.swarm_secret`'s).
 FALLBACK_CODEC = Codec.FP32  # every peer decodes it; what a session uses when the wanted codec is not shared
 AUTO = "auto"  # a client's codec option: let `session_codec` pick per hop from the link and the peers' speeds
 
@@ -54,7 +55,7 @@ class Agreement:
 
 __all__ = [
     "AUTO", "Agreement", "CAPABILITIES", "DATA_CHANNEL", "DATA_KEY_BYTES", "DATA_TOKEN_BYTES", "FALLBACK_CODEC",
-    "INFERENCE_PROTOCOL", "INFO_PROTOCOL", "REPLAY_CHUNKS", "negotiate", "session_codec",
+    "INFERENCE_PROTOCOL", "INFO_PROTOCOL", "REPLAY_CHUNKS", "SWARM_PROOF_BYTES", "negotiate", "session_codec",
 ]
 
 

@@ -38,6 +38,7 @@ U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
 DATA_TOKEN_BYTES = 16  # a data channel offer (SessionOpened): the session's token ...
 DATA_KEY_BYTES = 32  # ... and its ChaCha20-Poly1305 key
+SWARM_PROOF_BYTES = 32  # Hello.swarm_proof: HMAC-SHA256 of the sender's peer id under the swarm's secret
 
 
 # --- field checks (raise InvalidMessage naming the field and value) ---------------------------
@@ -187,9 +188,15 @@ class Hello(Message):
     codecs: tuple[Codec, ...] = ()
     codec_speeds: tuple[CodecSpeed, ...] = ()
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    # household mode: proof that the sender knows the swarm's secret, bound to its (Noise-authenticated)
+    # peer id; empty when it claims none. Checked by the receiver (`mesh.swarm_secret`), not here.
+    swarm_proof: bytes = b""
 
     def validate(self) -> None:
         _str(self, "software", self.software, max_chars=MAX_ID_CHARS, empty=True)
+        if not isinstance(self.swarm_proof, bytes) or len(self.swarm_proof) not in (0, SWARM_PROOF_BYTES):
+            raise InvalidMessage(f"Hello.swarm_proof must be empty or {SWARM_PROOF_BYTES} bytes, got "
+                                 f"{_show(self.swarm_proof)}")
         for name in ("capabilities", "codecs", "codec_speeds"):
             if not isinstance(getattr(self, name), tuple) or len(getattr(self, name)) > \
                     MAX_LIST_ITEMS:

@@ -1,4 +1,4 @@
-"""This process's compute: torch's thread count and which quantized kernels run.
+"""This process's compute: torch's thread count, which quantized kernels run, the memory available.
 
 Every command that computes (`hearth run`, `node`, `generate`, `api`, `demo`, `swarm`) takes
 `--threads N` and calls `use_threads`; nodes print `describe()` when they start.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 import torch
 
@@ -45,3 +46,16 @@ def return_free_memory() -> None:
         ctypes.CDLL(name).malloc_trim(0)
     except (OSError, AttributeError, TypeError):
         pass
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable; the free pages where /proc is missing): what a
+    node's span and a client's own blocks (`mesh.first_blocks`) are weighed against."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -16,7 +16,7 @@ import torch
 
 from shard.errors import PromptTooLong
 from shard.pipeline import LocalPipeline
-from shard.sampling import FinishReason, Sampler, SamplingParams, StopChecker
+from shard.sampling import FinishReason, Sampler, SamplerState, SamplingParams, StopChecker
 from shard.tokenizer import Tokenizer
 
 
@@ -37,9 +37,13 @@ class Decoding:
         self.token_ids: list[int] = []
         self.text = ""
         self.sampler = Sampler(params)
-        eos = tokenizer.eos_token_ids if tokenizer is not None else eos_token_ids
-        detokenizer = tokenizer.incremental_decoder() if tokenizer is not None else None
-        self.stops = StopChecker(params, eos, detokenizer=detokenizer)
+        self._tokenizer = tokenizer
+        self._eos = tokenizer.eos_token_ids if tokenizer is not None else eos_token_ids
+        self.stops = self._new_stops()
+
+    def _new_stops(self) -> StopChecker:
+        detokenizer = self._tokenizer.incremental_decoder() if self._tokenizer is not None else None
+        return StopChecker(self.params, self._eos, detokenizer=detokenizer)
 
     @property
     def finish(self) -> FinishReason | None:
@@ -53,6 +57,27 @@ class Decoding:
         step = self.stops.step(token, None if self.stops.detokenizer is not None else "")
         self.text += step.text
         return Emitted(token, step.text, step.finish)
+
+    def checkpoint(self) -> DecodingCheckpoint:
+        """Where this sequence is now, for `rewind`."""
+        return DecodingCheckpoint(len(self.token_ids), self.sampler.state())
+
+    def rewind(self, checkpoint: DecodingCheckpoint) -> None:
+        """Forget the tokens chosen since `checkpoint` (their logits were found wrong, say): the
+        sampler goes back to its state then, the stop rules and text are rebuilt from the tokens kept."""
+        if checkpoint.n_tokens > len(self.token_ids):
+            raise ValueError(f"checkpoint at {checkpoint.n_tokens} tokens is ahead of this sequence's {len(self.token_ids)}")
+        del self.token_ids[checkpoint.n_tokens:]
+        self.sampler.set_state(checkpoint.sampler)
+        self.stops, self.text = self._new_stops(), ""
+        for token in self.token_ids:
+            self.text += self.stops.step(token, None if self.stops.detokenizer is not None else "").text
+
+
+@dataclass(frozen=True)
+class DecodingCheckpoint:
+    n_tokens: int  # tokens chosen by then
+    sampler: SamplerState
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Runs the scenario (a path, or the name of one in `simulations/scenarios/`), writes `report.json`,
 `sessions.json` and PNG plots to `--out`, prints a summary table, and exits 1 naming the seed to
 replay if an invariant was violated (2 for a bad scenario or argument). `--hostile F` sets the
-share of hostile hosts; `--baseline` also runs the same scenario and seed without them and
-reports both. `sweep SCENARIO --seeds N` runs seeds 0..N-1 and names every seed that violated an
+share of hostile hosts and `--verify-rate R` the clients' spot-check rate; `--baseline` also runs
+the same scenario and seed without hostile hosts and, when clients check, without hostile hosts
+and without checks, and reports all (the last two: what checking costs an honest swarm). `sweep SCENARIO --seeds N` runs seeds 0..N-1 and names every seed that violated an
 invariant; `list` names the built-in scenarios.
 """
 
@@ -31,8 +32,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="overrides how household hosts choose spans (the scenario's [balance] spans)")
     run.add_argument("--hostile", type=float, metavar="FRACTION",
                      help="overrides the share of hostile hosts (the scenario's [hostile] fraction; 0: none)")
+    run.add_argument("--verify-rate", type=float, metavar="R",
+                     help="overrides the clients' spot-check rate (the scenario's [clients] verify_rate; 0: off)")
     run.add_argument("--baseline", action="store_true",
-                     help="also run the same scenario and seed without hostile hosts, and compare")
+                     help="also run the same scenario and seed without hostile hosts (and, when clients check, "
+                          "without checks either), and compare")
     run.add_argument("--out", type=Path, help="where report.json and the plots go (default sim-out/NAME-seedN)")
     run.add_argument("--checkpoint", type=Path, help="model directory for compute = 'torch' scenarios")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -46,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--clients", type=int)
     sweep.add_argument("--duration")
     sweep.add_argument("--hostile", type=float, metavar="FRACTION")
+    sweep.add_argument("--verify-rate", type=float, metavar="R")
     commands.add_parser("list", help="name the built-in scenarios")
     return parser
 
@@ -59,7 +64,7 @@ def sweep(args: argparse.Namespace) -> int:
 
     duration = parse_duration(args.duration, "--duration") if args.duration else None
     base = load_scenario(args.scenario).scaled(nodes=args.nodes, clients=args.clients, duration_s=duration,
-                                               hostile=args.hostile)
+                                               hostile=args.hostile, verify_rate=args.verify_rate)
     started, failed = time.perf_counter(), []
     for seed in range(args.seeds):
         result = run_scenario(base.scaled(seed=seed))
@@ -76,12 +81,13 @@ def sweep(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from simulations.plots import write_plots
-    from simulations.report import baseline_summary, build_report, summary, write_report
+    from simulations.report import baseline_summary, build_report, checks_cost, summary, write_report
     from simulations.runner import run_scenario
 
     duration = parse_duration(args.duration, "--duration") if args.duration else None
     scenario = load_scenario(args.scenario).scaled(nodes=args.nodes, clients=args.clients, duration_s=duration,
-                                                   seed=args.seed, spans=args.spans, hostile=args.hostile)
+                                                   seed=args.seed, spans=args.spans, hostile=args.hostile,
+                                                   verify_rate=args.verify_rate)
     level = getattr(logging, args.log_level.upper(), None)
     if not isinstance(level, int):
         raise ScenarioError("--log-level", f"{args.log_level!r} is not a logging level")
@@ -96,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
                             log_level=level)
         report["baseline"] = baseline_summary(base, report, scenario_arg=args.scenario)
         ok = ok and base.ok
+        if scenario.clients.verify_rate > 0:
+            unchecked = run_scenario(scenario.scaled(hostile=0.0, verify_rate=0.0), checkpoint=args.checkpoint,
+                                     progress=not args.no_progress, log_level=level)
+            report["baseline"]["without_checks"] = checks_cost(base, unchecked, scenario_arg=args.scenario)
+            ok = ok and unchecked.ok
     written = write_report(report, result, out)
     if not args.no_plots:
         written += write_plots(result, out)

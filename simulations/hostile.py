@@ -16,6 +16,11 @@ start to the end, each doing every behaviour listed:
   DHT accepts), so each is refused with `InvalidRecord`; refusals are counted, and an accepted
   forgery would be too.
 - "hoard": `simulations.hoarding.Hoarder`, slot hoarding and prefill rewinds on honest nodes.
+- "corrupt": a real `Node` whose session manager adds noise of relative size `corrupt` to its
+  outputs (`node.chaos.Chaos`, on each step with probability `corrupt_probability`): a lie the
+  client's spot checks (`[clients] verify_rate`) must catch, as the stand-in tokens go wrong
+  otherwise (an invariant). Without "stall" it serves the span of a random honest household host,
+  so that it is one replica among others there and announces its true throughput x `lie`.
 
 What the victims did is measured on their side: client recoveries whose failed peer is hostile
 (the report's `hostile.failovers_from_hostile`), sessions completed or hung. Every draw comes
@@ -34,6 +39,7 @@ import trio
 from mesh.discovery import RECORD_TTL_S, Discovery, InvalidRecord, PeerRecord
 from mesh.memory_transport import MemoryTransport
 from mesh.transport import ByteStream, StreamHandler, Transport
+from node.chaos import Chaos, ChaosSpec
 from node.node import Node
 from node.sessions import SessionLimits
 from protocol import INFERENCE_PROTOCOL
@@ -113,6 +119,7 @@ class HostileSwarm:
         self.ids = frozenset(f"x{index}" for index in range(self.count))
         self.counts: Counter[str] = Counter()
         self.hosts: list[Host] = []
+        self.chaos: list[Chaos] = []  # the lying nodes' (counts of steps corrupted)
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Every hostile host, serving (if it stalls) once this returns; they stay to the end."""
@@ -122,9 +129,7 @@ class HostileSwarm:
             peer_id = f"x{index}"
             region = churn.weighted_choice(rng, scenario.regions)
             host = Host(peer_id, region, device, "hostile", (0, 1), self.world.rng(f"hostile:{peer_id}"))
-            blocks = self.world.model.blocks  # the first or the last blocks: every route passes there
-            length = min(blocks, self.world.model.span_length(device))
-            host.span = (0, length) if index % 2 == 0 else (blocks - length, blocks)
+            host.span = self._span(index, device, rng)
             self.world.network.place(peer_id, region, device)
             self.hosts.append(host)
             await nursery.start(self._life, host)
@@ -135,7 +140,7 @@ class HostileSwarm:
             directory = HostDirectory(self.world.directory, host, self.world.swarm)
             host.state = "up"
             async with trio.open_nursery() as nursery:
-                if "stall" in behaviours:
+                if behaviours & {"stall", "corrupt"}:
                     await nursery.start(self._serve, host, transport, directory)
                 task_status.started()
                 if "forge" in behaviours:
@@ -143,17 +148,35 @@ class HostileSwarm:
                 if "hoard" in behaviours:
                     nursery.start_soon(Hoarder(self.world, host, transport, self.ids, self.counts).run)
 
+    def _span(self, index: int, device, rng) -> tuple[int, int]:
+        """A stalling host's: the first or the last blocks, which every route needs; a lying one's
+        (that does not stall): a random honest household host's, where others can check it."""
+        blocks = self.world.model.blocks
+        honest = [h.span for h in self.world.swarm.live() if h.kind == "household"]
+        if "stall" not in self.spec.behaviours and honest:
+            return rng.choice(honest)
+        length = min(blocks, self.world.model.span_length(device))
+        return (0, length) if index % 2 == 0 else (blocks - length, blocks)
+
     async def _serve(self, host: Host, transport: Transport, directory: Discovery, *,
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """A real node on a stalling transport, announcing `lie` x its throughput."""
-        model, device = self.world.model, host.device
+        """A real node, announcing `lie` x its throughput: on a stalling transport ("stall"), with
+        noisy outputs ("corrupt")."""
+        model, device, spec = self.world.model, host.device, self.spec
         start, end = host.span
         limits = SessionLimits(max_sessions=device.max_sessions, kv_cache_bytes=int(device.kv_gb * 1e9),
                                max_length=model.config.max_position_embeddings, compute_in_thread=False)
-        lying = step_seconds(device, end - start, 1) / self.spec.lie
+        lying = step_seconds(device, end - start, 1) / spec.lie
+        chaos = None
+        if "corrupt" in spec.behaviours:
+            chaos = Chaos(ChaosSpec("corrupt-sometimes", relative=spec.corrupt, probability=spec.corrupt_probability,
+                                    seed=host.rng.randrange(2**32)))
+            self.chaos.append(chaos)
         host.node = Node(model.span(device, start, end), model.model_id, model.digest, limits=limits,
-                         wall_clock=trio.current_time, token_seconds=lying)
+                         wall_clock=trio.current_time, token_seconds=lying, chaos=chaos)
         self.world.trace.record("hostile_up", peer=host.peer_id, region=host.region, blocks=[start, end])
+        if "stall" not in spec.behaviours:
+            return await host.node.run(transport, directory, task_status=task_status)
         low, high = self.spec.stall_frames
 
         def plan() -> tuple[int, bool]:
@@ -204,4 +227,5 @@ class HostileSwarm:
                 "sessions_failed_over_from_hostile": sum(
                     1 for s in sessions if any(r["failed_peer"] in self.ids for r in s.recoveries)),
                 "completed_through_hostile": sum(1 for s in sessions
-                                                 if s.outcome == "completed" and set(s.peers) & self.ids)}
+                                                 if s.outcome == "completed" and set(s.peers) & self.ids),
+                "ids": sorted(self.ids), "steps_corrupted": sum(c.steps_corrupted for c in self.chaos)}

@@ -1,5 +1,6 @@
-"""What a run says: `report.json` (sessions, throughput, recoveries, coverage, invariants, trace
-hash) and the summary table printed at the end. Percentiles interpolate linearly between ranks.
+"""What a run says: `report.json` (sessions, throughput, recoveries, coverage, spot checks,
+invariants, trace hash) and the summary table printed at the end. Percentiles interpolate linearly
+between ranks.
 """
 
 from __future__ import annotations
@@ -103,6 +104,50 @@ def balance_summary(result: RunResult) -> dict:
             "swarm_tokens_per_s": round(sum(x.tokens for x in result.sessions) / s.duration_s, 3)}
 
 
+SPOT_CHECK_EVICTION = "caught returning wrong results"  # how a recovery `mesh.spot_check` made begins
+
+
+def verification_summary(result: RunResult) -> dict | None:
+    """Spot checks (`[clients] verify_rate`) and lying hosts ("corrupt"): what the checks cost and caught.
+
+    `redone_share`: tokens chosen, thrown away by a rollback and chosen again, over all tokens chosen
+    (redone plus delivered). `detection_s`: for each client and liar it evicted from a route, the
+    virtual seconds from the start of that client's first session with the liar on its route (at
+    any point) to the eviction. `honest_banned`: peers not hostile that a client banned for lying."""
+    s, hostile = result.scenario, result.hostile
+    liars = set(hostile.get("ids", ())) if "corrupt" in hostile.get("behaviours", ()) else set()
+    if s.clients.verify_rate == 0 and not liars:
+        return None
+    reports = [x.verification for x in result.sessions if x.verification]
+
+    def total(key: str) -> int:
+        return sum(r[key] for r in reports)
+
+    first_met: dict[tuple[str, str], float] = {}
+    for session in sorted(result.sessions, key=lambda x: x.started):
+        for peer in set(session.met) & liars:
+            first_met.setdefault((session.user, peer), session.started)
+    evicted: dict[tuple[str, str], float] = {}
+    for session in result.sessions:
+        for r in session.recoveries:
+            if r["failed_peer"] in liars and r["reason"].startswith(SPOT_CHECK_EVICTION):
+                key = (session.user, r["failed_peer"])
+                evicted[key] = min(evicted.get(key, math.inf), r["at"])
+    detection = [at - first_met[key] for key, at in evicted.items()]
+    banned = {peer for r in reports for peer in r["banned"]}
+    redone, delivered = total("tokens_redone"), sum(x.tokens for x in result.sessions)
+    return {"rate": s.clients.verify_rate, "checks": total("checks"), "disagreements": total("disagreements"),
+            "unchecked": total("unchecked"), "rollbacks": total("rollbacks"), "tokens_redone": redone,
+            "tokens_delivered": delivered,
+            "redone_share": _round(redone / (redone + delivered), 4) if redone + delivered else None,
+            "liars": len(liars), "liars_met": len({peer for _, peer in first_met}),
+            "liars_banned": len(banned & liars), "client_liar_bans": len(evicted),
+            "honest_banned": sorted(banned - set(hostile.get("ids", ()))),
+            "steps_corrupted": hostile.get("steps_corrupted", 0),
+            "detection_s": {"count": len(detection), "p50": _round(percentile(detection, 50)),
+                            "max": _round(max(detection) if detection else None)}}
+
+
 def after_first_fault(result: RunResult) -> dict | None:
     """Sessions started after the first scheduled fault: the share that completed."""
     if not result.marks:
@@ -112,13 +157,15 @@ def after_first_fault(result: RunResult) -> dict | None:
     return {"since_s": round(first, 1), **session_summary(later)}
 
 
-def replay_command(result: RunResult, scenario_arg: str, *, hostile_flag: bool = False) -> str:
+def replay_command(result: RunResult, scenario_arg: str, *, hostile_flag: bool = False,
+                   verify_flag: bool = False) -> str:
     """The command that replays `result` (with `--hostile`, its fraction, when it has hostile hosts
-    or `hostile_flag` says the scenario's own fraction was overridden)."""
+    or `hostile_flag` says the scenario's own fraction was overridden; `--verify-rate` likewise)."""
     s = result.scenario
     hostile = f" --hostile {s.hostile.fraction:g}" if s.hostile.fraction > 0 or hostile_flag else ""
+    verify = f" --verify-rate {s.clients.verify_rate:g}" if s.clients.verify_rate > 0 or verify_flag else ""
     return (f"python -m simulations run {scenario_arg} --seed {s.seed} --nodes {s.churn.nodes} "
-            f"--clients {s.clients.count} --duration {s.duration_s:g}s{hostile}")
+            f"--clients {s.clients.count} --duration {s.duration_s:g}s{hostile}{verify}")
 
 
 def baseline_summary(base: RunResult, report: dict, *, scenario_arg: str) -> dict:
@@ -134,6 +181,22 @@ def baseline_summary(base: RunResult, report: dict, *, scenario_arg: str) -> dic
             "replay": replay_command(base, scenario_arg, hostile_flag=True)}
 
 
+def checks_cost(checked: RunResult, unchecked: RunResult, *, scenario_arg: str) -> dict:
+    """The same honest swarm and seed with spot checks (`checked`) and without (`unchecked`): the
+    clients' tokens/s (tokens over prefill and decode time, checks included) and its ratio."""
+    with_checks, without = throughput_summary(checked.sessions), throughput_summary(unchecked.sessions)
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else round(a / b, 3)
+
+    return {"trace_hash": unchecked.trace_hash, "wall_s": round(unchecked.wall_s, 2),
+            "sessions": session_summary(unchecked.sessions), "tokens_per_s_per_client": without,
+            "ratio_p50": ratio(with_checks["p50"], without["p50"]),
+            "ratio_per_session_p50": ratio(with_checks["per_session"]["p50"], without["per_session"]["p50"]),
+            "invariants": {"ok": unchecked.ok, "violations": unchecked.violations[:50], "count": len(unchecked.violations)},
+            "replay": replay_command(unchecked, scenario_arg, hostile_flag=True, verify_flag=True)}
+
+
 def build_report(result: RunResult, *, scenario_arg: str = "") -> dict:
     s = result.scenario
     return {
@@ -147,6 +210,7 @@ def build_report(result: RunResult, *, scenario_arg: str = "") -> dict:
         "recovery": recovery_summary(result.sessions), "coverage": coverage_summary(result),
         "balance": balance_summary(result),
         "hosts": result.hosts, "network": result.network, "hostile": result.hostile or None,
+        "verification": verification_summary(result),
         "events": {k: v for k, v in sorted(result.counts.items()) if not k.startswith(("session", "sample"))},
         "marks": [{"t": round(t, 1), "label": label} for t, label in result.marks],
         "invariants": {"ok": result.ok, "violations": result.violations[:50], "count": len(result.violations)},
@@ -206,6 +270,8 @@ def summary(report: dict) -> str:
         lines.append("errors: " + ", ".join(f"{k} x{v}" for k, v in report["sessions"]["errors"].items()))
     if report.get("hostile"):
         lines.append(hostile_line(report["hostile"]))
+    if report.get("verification"):
+        lines.append(verification_line(report["verification"]))
     if report.get("baseline"):
         lines.extend(baseline_lines(report["baseline"], report))
     if report["invariants"]["ok"]:
@@ -235,6 +301,16 @@ def hostile_line(h: dict) -> str:
             f"{h['sessions_failed_over_from_hostile']} sessions")
 
 
+def verification_line(v: dict) -> str:
+    d = v["detection_s"]
+    share = "-" if v["redone_share"] is None else f"{100 * v['redone_share']:.2f}%"
+    return (f"spot checks at rate {v['rate']:g}: {v['checks']} checks, {v['disagreements']} disagreements, "
+            f"{v['unchecked']} without a checker; liars {v['liars']} ({v['steps_corrupted']} steps corrupted), met "
+            f"{v['liars_met']}, banned {v['liars_banned']} ({v['client_liar_bans']} client bans, detection p50 / max "
+            f"{_fmt(d['p50'], ' s')} / {_fmt(d['max'], ' s')}); honest peers banned {len(v['honest_banned'])}; "
+            f"rollbacks {v['rollbacks']}, tokens redone {v['tokens_redone']} ({share} of tokens chosen)")
+
+
 def baseline_lines(b: dict, report: dict) -> list[str]:
     s, mine = b["sessions"], report["sessions"]
     rate = "-" if mine["completion_rate"] is None else f"{100 * mine['completion_rate']:.2f}%"
@@ -244,6 +320,15 @@ def baseline_lines(b: dict, report: dict) -> list[str]:
              f"recoveries {b['recovery']['count']}",
              f"completion rate with them {rate}, without {base_rate}: "
              f"{b['completion_rate_change_points']:+g} points"]
+    off = b.get("without_checks")
+    if off:
+        with_checks, without = b["tokens_per_s_per_client"], off["tokens_per_s_per_client"]
+        lines.append(f"without them and without spot checks (trace hash {off['trace_hash']}): tok/s per client p50 "
+                     f"{_fmt(without['p50'])}, with checks {_fmt(with_checks['p50'])}: ratio {off['ratio_p50']} "
+                     f"(per session p50: {off['ratio_per_session_p50']})")
+        if not off["invariants"]["ok"]:
+            lines.append(f"UNCHECKED BASELINE INVARIANTS VIOLATED ({off['invariants']['count']}); "
+                         f"replay with: {off['replay']}")
     if not b["invariants"]["ok"]:
         lines.append(f"BASELINE INVARIANTS VIOLATED ({b['invariants']['count']}):")
         lines.extend(f"  {v}" for v in b["invariants"]["violations"][:10])

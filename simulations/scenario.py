@@ -21,7 +21,7 @@ from typing import Any
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 EVENT_KINDS = ("datacenter-outage", "partition", "flash-crowd", "swizzle-clog", "mass-departure")
 SPAN_POLICIES = ("weakest", "balanced", "random")
-HOSTILE_BEHAVIOURS = ("forge", "hoard", "stall")
+HOSTILE_BEHAVIOURS = ("forge", "hoard", "stall", "corrupt")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)\s*$")
 
@@ -171,6 +171,7 @@ class ClientSpec:
     open_timeout_s: float = _duration(10.0)
     probe_timeout_s: float = _duration(3.0)
     ban_s: float = _duration(15.0)
+    verify_rate: float = 0.0  # spot checks (`mesh.client.ClientOptions.verify_rate`); 0: off
 
 
 @dataclass(frozen=True)
@@ -198,10 +199,12 @@ class HostileSpec:
     behaviour listed. "forge": records under honest peers' ids and its own pinned for an hour (the
     sealed directory refuses them); "hoard": many tiny sessions on honest nodes kept alive by rare
     steps, and a prefill rewound in a loop; "stall": a real node announcing `lie` x its throughput
-    that stalls every session after a few frames (silent, or half a frame, then silent)."""
+    that stalls every session after a few frames (silent, or half a frame, then silent); "corrupt": a
+    real node whose outputs carry noise of relative size `corrupt` (`node.chaos.Chaos`) on each step
+    with probability `corrupt_probability`, serving an honest host's span unless it also stalls."""
 
     fraction: float = 0.0  # share of the swarm at the start: round(nodes * f / (1 - f)) join the honest ones
-    behaviours: list[str] = field(default_factory=lambda: list(HOSTILE_BEHAVIOURS))
+    behaviours: list[str] = field(default_factory=lambda: ["forge", "hoard", "stall"])  # "corrupt" only if named
     device: str = "desktop-gpu"  # what a stalling node runs (how many blocks it serves)
     lie: float = 100.0  # a stalling node announces this many times its real throughput
     stall_frames: list[int] = field(default_factory=lambda: [0, 4])  # answered after its Hello, then it stalls
@@ -212,6 +215,8 @@ class HostileSpec:
     keepalive_s: float = _duration(250.0)  # a 1-token step on each hoarded session this often
     rewind_tokens: int = 256  # the prefill rewound to position 0 in a loop on each target; 0: none
     retarget_s: float = _duration(60.0)  # how often a hoarder looks for targets to replace lost ones
+    corrupt: float = 0.01  # a lying node's noise, relative to each output row's RMS (`node.chaos.ChaosSpec`)
+    corrupt_probability: float = 1.0  # share of its steps it corrupts
 
 
 @dataclass(frozen=True)
@@ -250,9 +255,11 @@ class Scenario:
 
     def scaled(self, *, nodes: int | None = None, clients: int | None = None,
                duration_s: float | None = None, seed: int | None = None, spans: str | None = None,
-               hostile: float | None = None) -> Scenario:
+               hostile: float | None = None, verify_rate: float | None = None) -> Scenario:
         """This scenario with the command line's overrides applied (`hostile`: its fraction)."""
         changed = self
+        if verify_rate is not None:
+            changed = dataclasses.replace(changed, clients=dataclasses.replace(changed.clients, verify_rate=verify_rate))
         if hostile is not None:
             changed = dataclasses.replace(changed, hostile=dataclasses.replace(changed.hostile, fraction=hostile))
         if spans is not None:
@@ -388,6 +395,8 @@ def _check(s: Scenario, where: str) -> None:
             raise ScenarioError(f"{where}: clients.{name}", f"needs 1 <= low <= high, got [{low}, {high}]")
     if s.clients.prompt_tokens[1] + s.clients.new_tokens[1] > s.model.max_length:
         raise ScenarioError(f"{where}: clients", f"prompts plus new tokens exceed model.max_length {s.model.max_length}")
+    if not 0 <= s.clients.verify_rate <= 1:
+        raise ScenarioError(f"{where}: clients", f"verify_rate must be in [0, 1], got {s.clients.verify_rate}")
     if s.duration_s <= 0:
         raise ScenarioError(where, "duration must be positive")
     if s.balance.spans not in SPAN_POLICIES:
@@ -418,6 +427,8 @@ def _check_hostile(h: HostileSpec, where: str) -> None:
                             "rewind_tokens >= 0")
     if min(h.forge_every_s, h.keepalive_s, h.retarget_s) <= 0:
         raise ScenarioError(where, "forge_every, keepalive and retarget must be positive")
+    if h.corrupt <= 0 or not 0 < h.corrupt_probability <= 1:
+        raise ScenarioError(where, "corrupt must be positive and corrupt_probability in (0, 1]")
 
 
 def hostile_hosts(s: Scenario) -> int:

@@ -5,7 +5,8 @@ process, busier at the day's peak), and asks for a greedy completion of a random
 session ends one of three ways: completed (its tokens are checked against the failure-free
 reference), failed with an explicit error (`NoRouteError`, `GenerationFailed`, a refusal), or hung:
 still running `hang_grace_s` past the request's deadline, which is an invariant violation. So is
-an unexpected exception, or tokens that differ from the reference.
+an unexpected exception, tokens that differ from the reference (a lie that got past the spot
+checks, `[clients] verify_rate`), or an honest peer banned for lying.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class SessionRecord:
     decode_s: float = 0.0
     hops: int = 0
     peers: list[str] = field(default_factory=list)  # the route at the end
-    recoveries: list[dict] = field(default_factory=list)  # {"at", "seconds", "reason", "replayed"}
+    recoveries: list[dict] = field(default_factory=list)  # {"at", "seconds", "reason", "replayed", "failed_peer"}
+    met: list[str] = field(default_factory=list)  # every peer on the route at some point: the last, failed, replacements
+    verification: dict = field(default_factory=dict)  # `mesh.spot_check.VerificationReport.to_json`
 
     @property
     def tokens_per_s(self) -> float:
@@ -56,7 +59,8 @@ class SessionRecord:
         return {"user": self.user, "region": self.region, "started": round(self.started, 3),
                 "ended": round(self.ended, 3), "outcome": self.outcome, "error": self.error,
                 "prompt_tokens": self.prompt_tokens, "tokens": self.tokens, "route": self.peers,
-                "tokens_per_s": round(self.tokens_per_s, 3), "recoveries": self.recoveries}
+                "tokens_per_s": round(self.tokens_per_s, 3), "recoveries": self.recoveries,
+                "verification": self.verification}
 
 
 class User:
@@ -70,7 +74,7 @@ class User:
         spec = self.world.scenario.clients
         return ClientOptions(codec=Codec.FP32, open_timeout_s=spec.open_timeout_s, probe_timeout_s=spec.probe_timeout_s,
                              step_timeout_s=spec.step_timeout_s, request_timeout_s=spec.request_timeout_s,
-                             ban_s=spec.ban_s, seed=self.rng.randrange(2**32))
+                             ban_s=spec.ban_s, verify_rate=spec.verify_rate, seed=self.rng.randrange(2**32))
 
     async def run(self) -> None:
         """Requests until `until`; the last one may finish after it."""
@@ -133,6 +137,12 @@ class User:
         record.recoveries = [{"at": round(r.detected_at, 3), "seconds": round(r.seconds, 4), "reason": r.reason[:120],
                               "replayed": r.tokens_replayed, "failed_peer": r.failed_peer}
                              for r in report.recoveries]
+        record.met = sorted(set(record.peers).union(*({r.failed_peer, *r.replacements} for r in report.recoveries)))
+        record.verification = report.verification.to_json()
+        hostile = self.world.hostile.ids if self.world.hostile is not None else frozenset()
+        for peer in set(report.verification.banned) - hostile:
+            self.world.violation(f"session of {self.peer_id} started at {record.started:.3f} s banned honest peer "
+                                 f"{peer} for lying")
         if record.outcome == "completed":
             expected = self.world.model.reference(prompt, wanted)
             if report.token_ids != expected:

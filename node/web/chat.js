@@ -108,7 +108,9 @@ function metaLine(meta, text, className) {
 function renderHearth(meta, hearth) {
   if (Array.isArray(hearth.route) && hearth.route.length) {
     const hops = hearth.route.map((hop) => `${shortId(hop.peer_id)} [${hop.start}:${hop.end}]`);
-    metaLine(meta, `Route: ${hops.join(" → ")}`, "route");
+    const local = Number.isInteger(hearth.local_blocks) && hearth.local_blocks > 0
+      ? [`this device [0:${hearth.local_blocks}]`] : [];  // blocks the API's client ran itself
+    metaLine(meta, `Route: ${local.concat(hops).join(" → ")}`, "route");
   }
   for (const r of Array.isArray(hearth.recoveries) ? hearth.recoveries : []) {
     const blocks = Array.isArray(r.blocks) ? `[${r.blocks[0]}:${r.blocks[1]}]` : "";

@@ -54,7 +54,8 @@ async def test_three_nodes_equal_hearth_run_exactly(local_swarm, monkeypatch):
     assert remote.returncode == 0, remote.stderr
     remote_out, local_out = json.loads(remote.stdout), json.loads(local.stdout)
     assert remote_out["token_ids"] == local_out["token_ids"]
-    assert [hop["start"] for hop in remote_out["route"]] == [0, 2, 4] and remote_out["recoveries"] == []
+    assert remote_out["local_blocks"] == 1  # the command's default (auto): block 0 ran in the client
+    assert [hop["start"] for hop in remote_out["route"]] == [1, 2, 4] and remote_out["recoveries"] == []
 
 
 async def test_nothing_is_central_after_the_bootstrap_node_stops(local_swarm):
@@ -115,6 +116,40 @@ async def test_allow_list_refuses_other_peers(checkpoint_factory, tmp_path):
             with pytest.raises(NoRouteError, match="allow-list") as refused:  # refused at the probe, and told why
                 await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=2))
             assert list(refused.value.refused) == [swarm.nodes[0].peer_id]
+
+
+async def test_a_household_secret_admits_and_trusts_only_its_own(checkpoint_factory, tmp_path):
+    """Two nodes share a secret, a third (faster for a whole route: one hop) does not. A member's
+    `hearth generate --swarm-secret` routes only through the two, with the command's local block; a
+    client without the secret is refused by both and can only use the outsider; once the outsider
+    is gone it is told why there is no route."""
+    from node.swarm import LocalSwarm
+
+    secret = tmp_path / "household.secret"
+    secret.write_text("correct horse battery staple 42\n")
+    household = ["--swarm-secret", str(secret)]
+    async with LocalSwarm(checkpoint_factory("llama"), extra_args=["--threads", "1"]) as swarm:
+        first = await swarm.add(0, 3, extra_args=household)
+        await first.wait_ready(60)
+        second, outsider = await swarm.add(3, 6, extra_args=household), await swarm.add(0, 6)
+        await second.wait_ready(60)
+        await outsider.wait_ready(60)
+        member = await run_command([
+            sys.executable, "-m", "node.cli", "generate", "--bootstrap", first.addr, "--model", str(swarm.model_dir),
+            "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "6", "--codec", "fp32", "--json",
+            *household])
+        assert member.returncode == 0, member.stderr
+        answer = json.loads(member.stdout)
+        assert answer["token_ids"] == local_tokens(swarm.model_dir, PROMPT, 6) and answer["local_blocks"] == 1
+        assert [hop["peer_id"] for hop in answer["route"]] == [first.peer_id, second.peer_id]
+        options = ClientOptions(codec=Codec.FP32, request_timeout_s=3)
+        async with connect(bootstrap=[outsider.addr], model=swarm.model_dir, options=options) as stranger:
+            report = await stranger.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=6))
+            assert [hop["peer_id"] for hop in report.route] == [outsider.peer_id]
+            await outsider.stop()
+            with pytest.raises(NoRouteError, match="proof of this swarm's secret") as refused:
+                await stranger.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=2))
+            assert set(refused.value.refused) == {first.peer_id, second.peer_id}
 
 
 async def test_sync_client_for_plain_python_and_mesh_connect_for_async(local_swarm):

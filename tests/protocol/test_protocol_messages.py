@@ -142,6 +142,15 @@ def test_hello_drops_codec_ids_it_does_not_know() -> None:
         message_from_wire(wire)
 
 
+def test_hello_carries_an_optional_swarm_proof() -> None:
+    proof = bytes(range(32))
+    assert message_from_wire(wire_of(Hello(software="h", swarm_proof=proof))).swarm_proof == proof
+    assert message_from_wire({"type": "hello", "version": 1, "software": "old"}).swarm_proof == b""  # older peers
+    for bad in (b"short", "x" * 32, bytes(33)):
+        with pytest.raises(InvalidMessage, match="swarm_proof must be empty or 32 bytes"):
+            message_from_wire(wire_of(Hello(software="h")) | {"swarm_proof": bad})
+
+
 def test_floats_accept_ints_from_other_implementations() -> None:
     wire = wire_of(SpanInfo(model_id="m", manifest_hash="h", start=0, end=4))
     wire["throughput"] = 12

@@ -68,3 +68,23 @@ def test_stop_token_ends_the_sequence(model_dir):
     result = run(model_dir, SamplingParams(max_new_tokens=8, stop_token_ids=(stop_id,)))[0]
     assert result.finish_reason == "stop_token"
     assert result.token_ids == base.token_ids[: base.token_ids.index(stop_id) + 1]
+
+
+def test_a_decoding_rewound_to_a_checkpoint_chooses_the_same_tokens_and_text_again(model_dir):
+    """What spot checks do after catching a liar (mesh.spot_check): forget the tokens since the last
+    verified step, sampler, stop rules and detokenizer included, and choose them again."""
+    from shard.generate import Decoding
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, seed=3, stop_strings=("zzz",))
+    logits = [torch.randn(tokenizer.vocab_size, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+    decoding = Decoding(params, tokenizer.encode("Hello"), tokenizer=tokenizer)
+    emitted = [decoding.accept(logits[i]) for i in range(5)]
+    checkpoint = decoding.checkpoint()
+    emitted += [decoding.accept(logits[i]) for i in range(5, 9)]
+    tokens, text = list(decoding.token_ids), decoding.text
+    decoding.rewind(checkpoint)
+    assert decoding.token_ids == tokens[:5] and decoding.text == "".join(e.text for e in emitted[:5])
+    again = [decoding.accept(logits[i]) for i in range(5, 9)]
+    assert decoding.token_ids == tokens and decoding.text == text
+    assert [(e.token_id, e.text) for e in again] == [(e.token_id, e.text) for e in emitted[5:]]
