@@ -296,10 +296,10 @@ class Client:
             if not ask:  # every peer on the route answered just now, with the span it was planned on
                 return route
 
-    async def covering(self, start: int, end: int, *, fresh: bool = False) -> list[tuple[str, str]]:
-        """(peer id, quantization) of every peer serving blocks [start, end) of this model, nearest
-        first: where spot checks find checkers (`mesh.verify`). From what planning last saw of each
-        peer (no network), or with `fresh` from a discovery lookup."""
+    async def covering(self, start: int, end: int, *, fresh: bool = False) -> list[tuple[str, str, str]]:
+        """(peer id, quantization, kernels) of every peer serving blocks [start, end) of this model,
+        nearest first: where spot checks find checkers (`mesh.verify`). From what planning last saw
+        of each peer (no network), or with `fresh` from a discovery lookup."""
         if fresh:
             infos = []
             for record in await self.discovery.lookup(self.manifest_hash):
@@ -307,9 +307,9 @@ class Client:
                 infos.append((record.peer_id, record.info))
         else:
             infos = [(peer, info) for peer, (info, _) in self._span_cache.items()]
-        found = sorted((self.rtts.get(peer, float("inf")), peer, info.quantization) for peer, info in infos
-                       if info.start <= start and end <= info.end and self.trusts(peer))
-        return [(peer, quantization) for _, peer, quantization in found]
+        found = sorted((self.rtts.get(peer, float("inf")), peer, info.quantization, info.kernels)
+                       for peer, info in infos if info.start <= start and end <= info.end and self.trusts(peer))
+        return [(peer, quantization, kernels) for _, peer, quantization, kernels in found]
 
     def _spans(self, infos: Iterable[tuple[str, SpanInfo | None]]) -> list[ServerSpan]:
         """The planner's view of each peer's span info (a thousand per plan in a large swarm: each

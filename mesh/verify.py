@@ -19,8 +19,11 @@ when to check and what to do about a liar; the scheme only says who is wrong. Th
   itself (`LocalBlocks`, up to a size). Whoever the arbiter contradicts, while agreeing with the
   other, lied; with no such verdict the disagreement is only reported.
 
-Distances are per token row: the RMS of the difference over the RMS of the reference. The default
-tolerance, `DEFAULT_TOLERANCE`, and how it was measured, are in docs/security.md. A cheaper scheme
+Distances are per token row: the RMS of the difference over the RMS of the reference. Two nodes
+whose span infos name the same `kernels` (and quantization) compute bit-identical results, so the
+tolerance between them is `DEFAULT_TOLERANCE` (or the client's); between different kernels, whose
+int8 activations round differently in a few rows, it is at least `CROSS_KERNEL_TOLERANCE`, and
+checkers with the hop's kernels are preferred. How both were measured: docs/security.md. A cheaper scheme
 (fingerprints of the activations, checked by a prefill instead of a replay) would implement the
 same `Verifier` face.
 """
@@ -41,6 +44,7 @@ import trio.testing
 from mesh.session import HopFailed, HopSession, SentStep, StepRecord
 from mesh.virtual_time import VirtualClock
 from protocol import Codec, decode_tensor, encode_tensor
+from shard.compute import kernel_signature
 from shard.errors import ShardError
 from shard.interfaces import Span
 from shard.model_dir import OpenModel, open_model_dir
@@ -48,7 +52,8 @@ from shard.span import block_bytes, load_span
 
 log = logging.getLogger("hearth.client")
 
-DEFAULT_TOLERANCE = 5e-3  # relative RMS per token row: see docs/security.md for the measurements
+DEFAULT_TOLERANCE = 5e-3  # relative RMS per token row, between the same kernels: docs/security.md
+CROSS_KERNEL_TOLERANCE = 0.015  # between different kernels (honest rows measured up to 0.011: docs/security.md)
 LOCAL_ARBITER_MAX_BYTES = 2 << 30  # weights this device loads at most to arbitrate a range itself
 NODE_PASS_TOKENS = 128  # nodes run a long step as passes of this many tokens (SessionLimits.prefill_chunk_tokens)
 ARBITERS_TRIED = 2  # third nodes asked before the client computes the range itself
@@ -121,9 +126,9 @@ class Verifier(Protocol):
 class Replicas(Protocol):
     """Where checkers come from (the client: `mesh.client.Client.covering`)."""
 
-    async def covering(self, start: int, end: int, *, fresh: bool = False) -> list[tuple[str, str]]:
-        """(peer id, quantization) of every peer serving blocks [start, end), nearest first; `fresh`:
-        looked up now, not as last seen."""
+    async def covering(self, start: int, end: int, *, fresh: bool = False) -> list[tuple[str, str, str]]:
+        """(peer id, quantization, kernels) of every peer serving blocks [start, end), nearest first;
+        `fresh`: looked up now, not as last seen."""
 
 
 Opener = Callable[[str, int, int, Codec | None], Awaitable[HopSession]]
@@ -150,7 +155,8 @@ class RecomputeVerifier:
         self.tolerance, self.local = tolerance, local
         self.checkers: dict[tuple[int, int], HopSession] = {}
         self.refused: set[str] = set()  # peers that failed as checkers in this generation
-        self._covering: dict[tuple[int, int], list[tuple[str, str]]] = {}  # looked up once per range
+        self._covering: dict[tuple[int, int], list[tuple[str, str, str]]] = {}  # looked up once per range
+        self._kernels: dict[str, str] = {CLIENT: kernel_signature()}  # each peer's, as its span info said
 
     async def check(self, claim: Claim) -> Finding:
         return await self.finish(await self.start(claim))
@@ -193,11 +199,12 @@ class RecomputeVerifier:
             return await self.check(claim)  # on the next candidate, from scratch
         claimed = _concat(claim.outputs)
         distance = float(row_distance(claimed, answer).max())
-        finding = Finding(claim.start, claim.end, claim.peer_id, checker.peer_id, distance, distance <= self.tolerance)
+        tolerance = self._tolerance(claim.peer_id, checker.peer_id)
+        finding = Finding(claim.start, claim.end, claim.peer_id, checker.peer_id, distance, distance <= tolerance)
         if finding.agreed:
             return finding
         log.warning("hop %s for blocks [%d, %d) and checker %s disagree by %.2g (tolerance %.2g) from position %d",
-                    claim.peer_id, claim.start, claim.end, checker.peer_id, distance, self.tolerance, claim.since)
+                    claim.peer_id, claim.start, claim.end, checker.peer_id, distance, tolerance, claim.since)
         others = [peer for peer in await self._candidates(claim) or [] if peer != checker.peer_id]
         return await self._arbitrate(claim, finding, claimed, answer, others)
 
@@ -213,20 +220,28 @@ class RecomputeVerifier:
 
     async def _candidates(self, claim: Claim) -> list[str] | None:
         """Peers that may check `claim`: the same blocks with the same quantization as its hop's
-        node, not banned; None when the hop's node is unknown (its record is gone)."""
+        node, not banned, those with its kernels first; None when the hop's node is unknown (its
+        record is gone)."""
         excluded = self.banned() | self.refused | {claim.peer_id}
         for fresh in (False, True):  # what this generation looked up first; again if that is used up
             covering = await self._covering_range(claim.start, claim.end, fresh=fresh)
-            quantization = dict(covering).get(claim.peer_id)
-            found = [peer for peer, quant in covering if quant == quantization and peer not in excluded]
-            if found:
-                return found
+            quantization = next((quant for peer, quant, _ in covering if peer == claim.peer_id), None)
+            found = [peer for peer, quant, _ in covering if quant == quantization and peer not in excluded]
+            if found:  # stable: nearest first among the same kernels, then the rest
+                return sorted(found, key=lambda peer: self._kernels.get(peer) != self._kernels.get(claim.peer_id))
         return None if quantization is None else []
 
-    async def _covering_range(self, start: int, end: int, *, fresh: bool = False) -> list[tuple[str, str]]:
+    async def _covering_range(self, start: int, end: int, *, fresh: bool = False) -> list[tuple[str, str, str]]:
         if fresh or (start, end) not in self._covering:
             self._covering[(start, end)] = await self.replicas.covering(start, end, fresh=fresh)
+            self._kernels.update((peer, kernels) for peer, _, kernels in self._covering[(start, end)])
         return self._covering[(start, end)]
+
+    def _tolerance(self, one: str, other: str) -> float:
+        """How far two peers' (or a peer's and this device's, `CLIENT`) honest answers may be apart."""
+        if self._kernels.get(one) == self._kernels.get(other):
+            return self.tolerance
+        return max(self.tolerance, CROSS_KERNEL_TOLERANCE)
 
     async def _checker(self, claim: Claim, candidates: list[str]) -> HopSession | None:
         """The range's checker if it is still a candidate, else a session on the first candidate
@@ -305,7 +320,8 @@ class RecomputeVerifier:
                 await session.close()
             if verdict.liar is not None:
                 return verdict
-        quantization = dict(await self._covering_range(claim.start, claim.end)).get(claim.peer_id, "none")
+        quantization = next((quant for peer, quant, _ in await self._covering_range(claim.start, claim.end)
+                             if peer == claim.peer_id), "none")
         if self.local is not None and self.local.can_run(claim.start, claim.end, quantization):
             try:
                 reference = await self.local.run(claim, quantization)
@@ -324,10 +340,12 @@ class RecomputeVerifier:
                  reference: np.ndarray, arbiter: str) -> Finding:
         to_hop = float(row_distance(claimed, reference).max())
         to_checker = float(row_distance(answer, reference).max())
+        hop_ok = to_hop <= self._tolerance(claim.peer_id, arbiter)
+        checker_ok = to_checker <= self._tolerance(finding.checker, arbiter)
         liar = None
-        if to_checker <= self.tolerance < to_hop:
+        if checker_ok and not hop_ok:
             liar = claim.peer_id
-        elif to_hop <= self.tolerance < to_checker:
+        elif hop_ok and not checker_ok:
             liar = finding.checker
         log.warning("arbiter %s: %.2g from hop %s, %.2g from checker %s: %s", arbiter, to_hop, claim.peer_id,
                     to_checker, finding.checker, f"{liar} lied" if liar else "undecided")

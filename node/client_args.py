@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mesh.client import Client, ClientOptions
 from mesh.first_blocks import AUTO_BLOCKS
-from mesh.verify import DEFAULT_TOLERANCE
+from mesh.verify import CROSS_KERNEL_TOLERANCE, DEFAULT_TOLERANCE
 from node.logs import add_log_arguments
 from node.run_local import add_threads_argument
 from node.trust_files import read_peer_ids, read_swarm_secret
@@ -52,9 +52,10 @@ def add_verify_argument(parser: argparse.ArgumentParser) -> None:
                              "work redone; tokens are shown once checked (0, the default: off; 0.1 costs a second "
                              "computation of every hop on a spare node)")
     parser.add_argument("--verify-tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="T",
-                        help=f"spot checks: how far (relative RMS per token row) a hop's answer may be from its "
-                             f"checker's (default {DEFAULT_TOLERANCE:g}, for checkers on the same kind of CPU; "
-                             f"mixed hardware with int8 spans needs about 0.015: docs/security.md)")
+                        help=f"spot checks: how far (relative RMS per token row) a hop's answer may be from a "
+                             f"checker's with the same kernels (default {DEFAULT_TOLERANCE:g}: they compute "
+                             f"bit-identical results; between different kernels at least {CROSS_KERNEL_TOLERANCE:g}; "
+                             f"docs/security.md)")
 
 
 def parse_verify_rate(rate: float) -> float:

@@ -25,6 +25,7 @@ from node.rebalance import BalanceSettings, Rebalancer
 from node.server import InferenceServer
 from node.sessions import SessionLimits, SessionManager, SessionRefused
 from protocol import INFERENCE_PROTOCOL, INFO_PROTOCOL, ErrorCode, SpanInfo
+from shard.compute import kernel_signature
 from shard.interfaces import Span
 
 log = logging.getLogger("hearth.node")
@@ -56,8 +57,10 @@ class Node:
                  data_channels: DataChannels | None = None, balance: BalanceSettings | None = None,
                  load_span: Callable[[int, int], Awaitable[Span]] | None = None, seed: int | str = 0,
                  metrics: NodeMetrics | None = None, chaos: Chaos | None = None,
-                 swarm_secret: SwarmSecret | None = None):
+                 swarm_secret: SwarmSecret | None = None, kernels: str | None = None):
         self.span, self.model_id, self.manifest_hash = span, model_id, manifest_hash
+        # what computes the span, in its span info (spot checks between equal kernels are exact); this process's by default
+        self.kernels = kernel_signature() if kernels is None else kernels
         self.manager = SessionManager(span, limits, chaos=chaos)  # chaos: faults on purpose (`node.chaos`)
         self.data_channels = data_channels
         self.metrics = metrics if metrics is not None else NodeMetrics()
@@ -83,12 +86,13 @@ class Node:
         """What this node serves and how loaded it is (the same object while nothing changed: a
         client plans on a thousand of them and rebuilds its view only of those that did)."""
         span, manager = self.span, self.manager
-        key = (span.start, span.end, span.quant, self.token_seconds, manager.free_cache_tokens, len(manager.sessions))
+        key = (span.start, span.end, span.quant, self.token_seconds, manager.free_cache_tokens, len(manager.sessions),
+               self.kernels)
         if key != self._info_key:
             self._info_key = key
             self._info = SpanInfo(model_id=self.model_id, manifest_hash=self.manifest_hash, start=key[0], end=key[1],
                                   quantization=quantization_name(span), throughput=1.0 / max(key[3], 1e-9),
-                                  free_cache_tokens=key[4], sessions=key[5])
+                                  free_cache_tokens=key[4], sessions=key[5], kernels=self.kernels)
         return self._info
 
     def record(self) -> PeerRecord:

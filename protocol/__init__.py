@@ -27,6 +27,7 @@ from protocol.conversation import (
     DATA_TOKEN_BYTES,
     INFERENCE_PROTOCOL,
     INFO_PROTOCOL,
+    PIECES_PROTOCOL,
     REPLAY_CHUNKS,
     SWARM_PROOF_BYTES,
     Agreement,
@@ -63,6 +64,7 @@ from protocol.messages import (
     Step,
     StepResult,
 )
+from protocol.piece_messages import ManifestData, ManifestRequest, PieceData, PieceRequest
 from protocol.link_estimate import Exchange, LinkEstimate, estimate_link
 from protocol.retry import Retry, classify
 from protocol.session import Role, SessionMachine, State
@@ -73,8 +75,8 @@ __all__ = [
     "Connection", "DATA_CHANNEL", "DATA_KEY_BYTES", "DATA_TOKEN_BYTES", "DEFAULT_CODEC",
     "DEFAULT_MAX_FRAME_BYTES", "Error", "ErrorCode", "Exchange", "FrameDecoder", "FrameTooLarge", "Hello",
     "INFERENCE_PROTOCOL", "INFO_PROTOCOL", "InvalidMessage", "InvalidTensor", "LinkEstimate",
-    "LocalProtocolError", "MalformedFrame", "Message", "OpenSession", "PROTOCOL_VERSION",
-    "PeerReportedError", "Ping", "Pong", "ProtocolError", "REFERENCE_SPEEDS", "REPLAY_CHUNKS",
+    "LocalProtocolError", "MalformedFrame", "ManifestData", "ManifestRequest", "Message", "OpenSession",
+    "PIECES_PROTOCOL", "PROTOCOL_VERSION", "PeerReportedError", "PieceData", "PieceRequest", "Ping", "Pong", "ProtocolError", "REFERENCE_SPEEDS", "REPLAY_CHUNKS",
     "RemoteProtocolError", "Retry", "Role", "SUPPORTED_VERSIONS", "SWARM_PROOF_BYTES", "SessionMachine", "SessionOpened",
     "SpanInfo", "State", "Step", "StepResult", "StructureLimits", "TensorLimits",
     "UnknownMessageType", "UnsupportedCodec", "UnsupportedVersion", "WireTensor", "choose_codec",

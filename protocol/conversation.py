@@ -4,8 +4,10 @@ A client reaches a node on two kinds of stream, named by protocol id:
 
 - `INFERENCE_PROTOCOL`: one inference session per stream (the table in `protocol.session`).
 - `INFO_PROTOCOL`: Hello -> Hello, SpanInfo (what the node serves, its load); Ping -> Pong.
+- `PIECES_PROTOCOL`: Hello -> Hello, then ManifestRequest -> ManifestData (a model's manifest and
+  which of its pieces the peer holds) and PieceRequest -> PieceData, one at a time.
 
-Both begin with `Hello` both ways (the session machine enforces it). Each Hello lists the codecs
+All begin with `Hello` both ways (the session machine enforces it). Each Hello lists the codecs
 its sender speaks (and how fast, `codec_speeds`) and the optional features it supports
 (`capabilities`); `negotiate` says what two Hellos agree on, and a feature is used only when both
 sides list it. The data channel's fixed sizes live here too, since both ends must agree on them.
@@ -21,6 +23,7 @@ from protocol.messages import DATA_KEY_BYTES, DATA_TOKEN_BYTES, SWARM_PROOF_BYTE
 from protocol.tensors import Codec
 
 INFERENCE_PROTOCOL = "/hearth/inference/1"
+PIECES_PROTOCOL = "/hearth/pieces/1"  # a model's manifest and pieces, from peers that hold them
 INFO_PROTOCOL = "/hearth/info/1"
 
 # Capabilities (Hello.capabilities): a feature runs only when both Hellos list it.
@@ -55,7 +58,7 @@ class Agreement:
 
 __all__ = [
     "AUTO", "Agreement", "CAPABILITIES", "DATA_CHANNEL", "DATA_KEY_BYTES", "DATA_TOKEN_BYTES", "FALLBACK_CODEC",
-    "INFERENCE_PROTOCOL", "INFO_PROTOCOL", "REPLAY_CHUNKS", "SWARM_PROOF_BYTES", "negotiate", "session_codec",
+    "INFERENCE_PROTOCOL", "INFO_PROTOCOL", "PIECES_PROTOCOL", "REPLAY_CHUNKS", "SWARM_PROOF_BYTES", "negotiate", "session_codec",
 ]
 
 

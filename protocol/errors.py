@@ -42,6 +42,7 @@ class ErrorCode(enum.IntEnum):
     POSITION_MISMATCH = 106
     SHUTTING_DOWN = 107
     INTERNAL_ERROR = 108
+    PIECE_NOT_HELD = 109  # pieces protocol: this peer does not hold that model, file or piece
 
 
 def show_value(value: object) -> str:

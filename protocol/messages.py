@@ -225,12 +225,16 @@ class SpanInfo(Message):
     throughput: float = 0.0  # tokens per second through the whole span
     free_cache_tokens: int = 0
     sessions: int = 0  # sessions open on the node now: its load, for load-aware routing
+    # what computes the span (torch's version, the CPU features the kernels use): nodes with the same
+    # string and quantization give bit-identical results, so spot checks between them can be exact
+    kernels: str = ""
 
     def validate(self) -> None:
         _str(self, "model_id", self.model_id, max_chars=MAX_ID_CHARS, empty=False)
         _str(self, "manifest_hash", self.manifest_hash, max_chars=MAX_ID_CHARS, empty=False)
         _span(self, self.start, self.end)
         _str(self, "quantization", self.quantization, max_chars=32, empty=False)
+        _str(self, "kernels", self.kernels, max_chars=64, empty=True)
         _float(self, "throughput", self.throughput)
         _int(self, "free_cache_tokens", self.free_cache_tokens, 0, U64)
         _int(self, "sessions", self.sessions, 0, U32)
@@ -423,7 +427,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (Hello, SpanInfo, OpenSession, SessionOpened, Step, StepResult, CloseSession,
                 Error, Ping, Pong)
-}
+}  # and the pieces protocol's, registered by `protocol.piece_messages`
 
 
 def message_from_wire(wire: object, limits: TensorLimits = DEFAULT_LIMITS) -> Message:

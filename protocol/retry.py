@@ -57,6 +57,7 @@ RETRY: dict[ErrorCode, Retry] = {
     ErrorCode.POSITION_MISMATCH: Retry.FATAL,
     ErrorCode.SHUTTING_DOWN: Retry.ELSEWHERE,
     ErrorCode.INTERNAL_ERROR: Retry.ELSEWHERE,
+    ErrorCode.PIECE_NOT_HELD: Retry.ELSEWHERE,
 }
 
 

@@ -13,8 +13,12 @@ message in which state and where that leads:
     OPEN       client  Step           -> STEPPING
     STEPPING   hop     StepResult     -> OPEN
     OPEN       client  CloseSession   -> CLOSED
+    IDLE       client  ManifestRequest -> FETCHING  (pieces streams: a model's manifest and holdings,
+    FETCHING   hop     ManifestData   -> IDLE        then its pieces, one request at a time)
+    IDLE       client  PieceRequest   -> FETCHING
+    FETCHING   hop     PieceData      -> IDLE
     (any but CLOSED)  either  Error   -> ERRORED
-    (NEW .. STEPPING)  either  Ping, Pong -> unchanged (liveness needs no handshake)
+    (NEW .. FETCHING)  either  Ping, Pong -> unchanged (liveness needs no handshake)
 
 Once both Hellos have passed, `agreement` holds what they agree on (`protocol.conversation`:
 common codecs and their speeds, common capabilities). Besides the table: every session message
@@ -30,6 +34,7 @@ import enum
 
 from protocol.conversation import Agreement, negotiate
 from protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocol.piece_messages import ManifestData, ManifestRequest, PieceData, PieceRequest
 from protocol.messages import (
     CloseSession,
     Error,
@@ -61,6 +66,7 @@ class State(enum.Enum):
     OPENING = "opening"
     OPEN = "open"
     STEPPING = "stepping"
+    FETCHING = "fetching"  # pieces protocol: a manifest or piece request in flight
     CLOSED = "closed"
     ERRORED = "errored"
 
@@ -76,8 +82,14 @@ TRANSITIONS: dict[tuple[State, Role, type[Message]], State] = {
     (State.OPEN, CLIENT, Step): State.STEPPING,
     (State.STEPPING, HOP, StepResult): State.OPEN,
     (State.OPEN, CLIENT, CloseSession): State.CLOSED,
+    # the pieces protocol (PIECES_PROTOCOL): requests one at a time after the Hellos
+    (State.IDLE, CLIENT, ManifestRequest): State.FETCHING,
+    (State.FETCHING, HOP, ManifestData): State.IDLE,
+    (State.IDLE, CLIENT, PieceRequest): State.FETCHING,
+    (State.FETCHING, HOP, PieceData): State.IDLE,
 }
-LIVE_STATES = frozenset({State.NEW, State.GREETED, State.IDLE, State.OPENING, State.OPEN, State.STEPPING})
+LIVE_STATES = frozenset({State.NEW, State.GREETED, State.IDLE, State.OPENING, State.OPEN, State.STEPPING,
+                         State.FETCHING})
 LIVENESS_MESSAGES = (Ping, Pong)  # allowed in LIVE_STATES, either way
 
 

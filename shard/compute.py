@@ -38,6 +38,13 @@ def describe() -> str:
     return f"{count} thread{'s' if count != 1 else ''}, quantized matmuls {qkernels.describe()}"
 
 
+def kernel_signature() -> str:
+    """What computes spans in this process, as `protocol.SpanInfo.kernels` carries it: two processes
+    with the same signature and quantization give bit-identical results (whatever their thread
+    counts and batches: benchmarks/bench_verify.py); others differ by rounding (docs/security.md)."""
+    return f"torch {torch.__version__}; {qkernels.isa()}"[:64]
+
+
 def return_free_memory() -> None:
     """Hand the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing):
     a loader that built large temporaries calls it, so resident memory is what stays in use."""

@@ -75,6 +75,11 @@ def why_unavailable() -> str:
     return _WHY
 
 
+def isa() -> str:
+    """The CPU features the compiled kernels use ("avx2+avx512vnni", ...), or "torch" without them."""
+    return "torch" if _LIB is None else _LIB.hq_isa().decode()
+
+
 def describe() -> str:
     """One line for logs: which kernels run."""
     if _LIB is None:

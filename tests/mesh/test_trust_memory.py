@@ -63,7 +63,7 @@ async def test_a_client_routes_only_through_its_trusted_peers(swarm):
     assert report.token_ids == local_tokens(swarm.model_dir, 6)
     assert [hop["peer_id"] for hop in report.route] == ["a", "b"]
     assert "stranger" not in swarm.steps
-    assert [peer for peer, _ in await client.covering(0, 3)] == ["a"]  # spot checks' checkers too
+    assert [peer for peer, _, _ in await client.covering(0, 3)] == ["a"]  # spot checks' checkers too
     untrusting = await swarm.client("other")
     report = await untrusting.generate_text(prompt_ids=PROMPT, params=PARAMS)
     assert [hop["peer_id"] for hop in report.route] == ["stranger"]

@@ -61,8 +61,9 @@ class Threaded:
 
 
 async def add(swarm: FaultySwarm, name: str, start: int, end: int, *, quant: str = "none", threads: int = 0,
-              chaos: str | None = None, token_seconds: float = 0.001) -> Node:
-    """A node like FaultySwarm's, with blocks quantized `quant`, on `threads` threads, misbehaving as `chaos` says."""
+              chaos: str | None = None, token_seconds: float = 0.001, kernels: str | None = None) -> Node:
+    """A node like FaultySwarm's, with blocks quantized `quant`, on `threads` threads, misbehaving as
+    `chaos` says, saying it computes with `kernels` (by default this process's, as the client's)."""
     transport = await swarm.nursery.start(swarm._transport, name)
     key = (start, end, quant)
     if key not in swarm.spans:
@@ -70,7 +71,7 @@ async def add(swarm: FaultySwarm, name: str, start: int, end: int, *, quant: str
     span = Threaded(swarm.spans[key], threads) if threads else swarm.spans[key]
     node = Node(span, "tiny", swarm.digest, wall_clock=trio.current_time, token_seconds=token_seconds,
                 limits=SessionLimits(compute_in_thread=False),
-                chaos=Chaos(parse_chaos(chaos, seed=7)) if chaos else None)
+                chaos=Chaos(parse_chaos(chaos, seed=7)) if chaos else None, kernels=kernels)
     await swarm.nursery.start(node.run, transport, swarm.directory)
     swarm.nodes[name] = node
     return node
@@ -147,6 +148,34 @@ async def test_a_third_node_arbitrates_and_the_liar_is_replaced(autojump_clock, 
     assert report.token_ids == honest and report.verification.banned == ["b"]
     assert any("arbiter e" in record.getMessage() and "b lied" in record.getMessage() for record in caplog.records)
     assert report.verification.unchecked == 0  # b's replacement (d) is checked by e from then on
+
+
+@pytest.mark.parametrize("checker_kernels, caught", [(None, True), ("torch 0.0; elsewhere", False)])
+async def test_the_tolerance_is_exact_between_equal_kernels_only(autojump_clock, swarm, honest, checker_kernels,
+                                                                   caught):
+    """A lie of 0.8% per row (a row distance of 0.007-0.009): caught by a checker with the hop's
+    kernels (tolerance 0.005); within the rounding noise another CPU's kernels may show (0.015), so
+    not caught by one, and no one is accused."""
+    await two_per_span(swarm, "b", chaos="corrupt:0.008")
+    await add(swarm, "e", 3, 6, token_seconds=0.005, kernels=checker_kernels)  # nearer than d: the checker
+    swarm.nodes["d"].kernels = "torch 0.0; elsewhere"
+    client = await swarm.client(verify_rate=0.1)
+    report = await client.generate_text(prompt_ids=PROMPT, params=GREEDY)
+    checked = report.verification
+    if caught:
+        assert report.token_ids == honest and checked.banned == ["b"]
+    else:
+        assert checked.disagreements == 0 and not checked.banned and 0.005 < checked.max_distance < 0.015
+
+
+async def test_checkers_with_the_hops_kernels_come_first(autojump_clock, swarm, honest):
+    """Of two checkers for b's blocks, the one with b's kernels is asked even when it is slower."""
+    await two_per_span(swarm, "b", chaos="corrupt:0.008")
+    swarm.nodes["d"].kernels = "torch 0.0; elsewhere"  # faster than e, different kernels
+    await add(swarm, "e", 3, 6, token_seconds=0.05)
+    client = await swarm.client(verify_rate=0.1)
+    report = await client.generate_text(prompt_ids=PROMPT, params=GREEDY)
+    assert report.token_ids == honest and report.verification.banned == ["b"]
 
 
 async def test_a_failover_between_checks_goes_back_to_the_last_verified_step(autojump_clock, swarm, honest):

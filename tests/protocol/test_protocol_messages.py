@@ -49,7 +49,8 @@ def test_every_message_survives_its_wire_map(message: Message) -> None:
 def test_every_type_is_covered_and_carries_the_version() -> None:
     assert set(MESSAGE_TYPES) == {
         "hello", "span_info", "open_session", "session_opened", "step", "step_result",
-        "close_session", "error", "ping", "pong",
+        "close_session", "error", "ping", "pong", "manifest_request", "manifest_data", "piece_request",
+        "piece_data",
     }
     assert wire_of(Ping(nonce=1)) == {"type": "ping", "version": 1, "nonce": 1}
 
@@ -149,6 +150,16 @@ def test_hello_carries_an_optional_swarm_proof() -> None:
     for bad in (b"short", "x" * 32, bytes(33)):
         with pytest.raises(InvalidMessage, match="swarm_proof must be empty or 32 bytes"):
             message_from_wire(wire_of(Hello(software="h")) | {"swarm_proof": bad})
+
+
+def test_span_info_names_its_kernels_and_older_nodes_name_none() -> None:
+    info = SpanInfo(model_id="m", manifest_hash="h", start=0, end=4, kernels="torch 2.13.0+cpu; avx2")
+    assert message_from_wire(wire_of(info)).kernels == "torch 2.13.0+cpu; avx2"
+    old = wire_of(info)
+    del old["kernels"]
+    assert message_from_wire(old).kernels == ""
+    with pytest.raises(InvalidMessage, match="kernels"):
+        message_from_wire(wire_of(info) | {"kernels": "x" * 65})
 
 
 def test_floats_accept_ints_from_other_implementations() -> None:

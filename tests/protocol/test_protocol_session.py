@@ -21,6 +21,10 @@ from protocol import (
     Message,
     OpenSession,
     Ping,
+    ManifestData,
+    ManifestRequest,
+    PieceData,
+    PieceRequest,
     Pong,
     RemoteProtocolError,
     Role,
@@ -52,6 +56,10 @@ def sample(kind: type[Message], step: int = 0) -> Message:
         SpanInfo: lambda: SpanInfo(model_id="m", manifest_hash="h", start=0, end=4),
         Ping: lambda: Ping(nonce=1),
         Pong: lambda: Pong(nonce=1),
+        ManifestRequest: lambda: ManifestRequest(manifest_hash="h"),
+        ManifestData: lambda: ManifestData(manifest_hash="h", manifest=b"{}"),
+        PieceRequest: lambda: PieceRequest(manifest_hash="h", path="model.gguf", index=0),
+        PieceData: lambda: PieceData(manifest_hash="h", path="model.gguf", index=0, data=b"x"),
     }[kind]()
 
 
@@ -66,9 +74,10 @@ PATHS: dict[State, list[tuple[Role, type[Message]]]] = {
     State.CLOSED: HANDSHAKE + [(Role.CLIENT, OpenSession), (Role.HOP, SessionOpened),
                                (Role.CLIENT, CloseSession)],
     State.ERRORED: HANDSHAKE + [(Role.CLIENT, OpenSession), (Role.HOP, Error)],
+    State.FETCHING: HANDSHAKE + [(Role.CLIENT, PieceRequest)],
 }
 KINDS = [OpenSession, SessionOpened, Step, StepResult, CloseSession, Error, Hello, SpanInfo,
-         Ping, Pong]
+         Ping, Pong, ManifestRequest, ManifestData, PieceRequest, PieceData]
 
 
 def machine_in(state: State, role: Role) -> SessionMachine:
