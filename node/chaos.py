@@ -7,7 +7,9 @@ processes:
 - `corrupt:REL`: noise of relative size REL (per token row: standard deviation REL x the row's
   RMS) added to every output of the node's span, decode and replay alike;
 - `corrupt-sometimes:REL:P`: the same noise on each step with probability P;
-- `stall:SECONDS`: every step answered SECONDS late (a slow or frozen node).
+- `stall:SECONDS`: every step answered SECONDS late (a slow or frozen node);
+- `corrupt-pieces`: every piece of the model this node uploads to a peer fetching it
+  (`node.piece_server`) has one byte flipped: the fetcher's hash check must catch it.
 
 The noise comes from a generator seeded with `--chaos-seed` (default 0), so a run repeats. Chaos
 is never on by default and has no other way in (no environment variable, no file): only the flag,
@@ -25,8 +27,8 @@ import numpy as np
 from mesh import virtual_time
 from shard.errors import InvalidInput
 
-KINDS = ("corrupt", "corrupt-sometimes", "stall")
-USAGE = "corrupt:REL, corrupt-sometimes:REL:P or stall:SECONDS"
+KINDS = ("corrupt", "corrupt-sometimes", "stall", "corrupt-pieces")
+USAGE = "corrupt:REL, corrupt-sometimes:REL:P, stall:SECONDS or corrupt-pieces"
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class ChaosSpec:
     seed: int = 0
 
     def describe(self) -> str:
+        if self.kind == "corrupt-pieces":
+            return "one byte flipped in every piece of the model it uploads"
         if self.kind == "stall":
             return f"every step answered {self.stall_s:g} s late"
         steps = "every output" if self.kind == "corrupt" else f"each output with probability {self.probability:g}"
@@ -47,7 +51,7 @@ class ChaosSpec:
 def parse_chaos(text: str, seed: int = 0) -> ChaosSpec:
     """`corrupt:REL`, `corrupt-sometimes:REL:P` or `stall:SECONDS`; InvalidInput says what is wrong."""
     kind, *values = text.split(":")
-    counts = {"corrupt": 1, "corrupt-sometimes": 2, "stall": 1}
+    counts = {"corrupt": 1, "corrupt-sometimes": 2, "stall": 1, "corrupt-pieces": 0}
     if kind not in counts:
         raise InvalidInput(f"--chaos {text!r}: unknown fault {kind!r}; expected {USAGE}")
     if len(values) != counts[kind]:
@@ -60,6 +64,8 @@ def parse_chaos(text: str, seed: int = 0) -> ChaosSpec:
         raise InvalidInput(f"--chaos {text!r}: values must be finite")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InvalidInput(f"--chaos-seed must be a non-negative integer, got {seed!r}")
+    if kind == "corrupt-pieces":
+        return ChaosSpec(kind, seed=seed)
     if kind == "stall":
         if numbers[0] <= 0:
             raise InvalidInput(f"--chaos {text!r}: SECONDS must be positive")
@@ -85,6 +91,8 @@ class Chaos:
     async def apply(self, output: np.ndarray) -> np.ndarray:
         """`output` [B, T, D] as this node hands it back: late, noisy, or as it is."""
         spec = self.spec
+        if spec.kind == "corrupt-pieces":
+            return output
         if spec.kind == "stall":
             self.steps_stalled += 1
             await virtual_time.sleep(spec.stall_s)
@@ -95,3 +103,10 @@ class Chaos:
         rms = np.sqrt(np.mean(np.square(output, dtype=np.float64), axis=-1, keepdims=True))  # [B, T, 1]
         noise = self.rng.standard_normal(output.shape) * (spec.relative * rms)
         return (output + noise).astype(np.float32)
+
+    def tamper(self, piece: bytes) -> bytes:
+        """A piece of the model as this node uploads it: one byte flipped under `corrupt-pieces`."""
+        if self.spec.kind != "corrupt-pieces" or not piece:
+            return piece
+        at = int(self.rng.integers(len(piece)))
+        return piece[:at] + bytes([piece[at] ^ 0xFF]) + piece[at + 1:]

@@ -46,8 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--nodes", type=int, default=3, metavar="N")
     swarm.add_argument("--quant", choices=QUANT_CHOICES, default="auto")
     run_local.add_threads_argument(swarm, what=" per node")
-    manifest = commands.add_parser("manifest", help="write hearth-manifest.json for a model directory")
-    manifest.add_argument("model_dir", metavar="DIR")  # a GGUF file is told it needs none
+    from node import manifest_command
+
+    manifest_command.add_arguments(commands.add_parser(
+        "manifest", help="print a model's digest; for a directory, write its hearth-manifest.json",
+        description="Hash a model directory's files (whole and in pieces) and write hearth-manifest.json "
+                    "beside them, or hash a GGUF file (nothing written); the last line printed is the "
+                    "model's digest, its identity in the swarm."))
     return parser
 
 
@@ -87,15 +92,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "swarm":
         return run_swarm(args)
     if args.command == "manifest":
-        from shard.gguf_file import GGUFModel, is_gguf
-        from shard.manifest import write_manifest
+        from node import manifest_command
 
-        if is_gguf(args.model_dir):
-            print(f"{args.model_dir} is a GGUF file: it needs no manifest; its identity is {GGUFModel(args.model_dir).digest}")
-            return 0
-        path = write_manifest(args.model_dir)
-        print(f"wrote {path}")
-        return 0
+        return manifest_command.run(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse only accepts known commands
 
 

@@ -5,12 +5,19 @@ trusted peers, the swarm secret) serve `hearth node --api-port` and `hearth demo
 from __future__ import annotations
 
 import argparse
+import contextlib
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import trio
+
 from mesh.client import Client, ClientOptions
+from mesh.join import connect, joined
 from mesh.first_blocks import AUTO_BLOCKS
 from mesh.verify import CROSS_KERNEL_TOLERANCE, DEFAULT_TOLERANCE
 from node.logs import add_log_arguments
+from node.model_fetch import fetch_client_model
 from node.run_local import add_threads_argument
 from node.trust_files import read_peer_ids, read_swarm_secret
 from protocol import AUTO, Codec
@@ -19,13 +26,23 @@ from shard.errors import InvalidInput
 CODECS = {AUTO: AUTO, **{codec.name.lower(): codec for codec in Codec}}  # auto: per hop, from the measured link
 
 
-def add_client_arguments(parser: argparse.ArgumentParser, *, model_help: str, timeout_help: str) -> None:
-    """The flags of a client: where the swarm is, the local model directory, wire codec, deadline,
-    routing, compute threads and logging."""
+def add_client_arguments(parser: argparse.ArgumentParser, *, model_help: str, timeout_help: str,
+                         digest: bool = False) -> None:
+    """The flags of a client: where the swarm is, the local model directory (or with `digest`, the
+    model's digest to fetch it by), wire codec, deadline, routing, compute threads and logging."""
     parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                         help="a peer of the swarm (with /p2p/ id); repeatable; needed unless --mdns")
     parser.add_argument("--mdns", action="store_true", help="find the nodes on this LAN (no --bootstrap needed)")
-    parser.add_argument("--model", required=True, type=Path, metavar="DIR|FILE.gguf", help=model_help)
+    if digest:
+        model = parser.add_mutually_exclusive_group(required=True)
+        model.add_argument("--model", type=Path, metavar="DIR|FILE.gguf", help=model_help)
+        model.add_argument("--model-digest", metavar="HEX",
+                           help="no files here: fetch what this client runs (embeddings, LM head, tokenizer, its "
+                                "first block) from the peers that hold the model, by its digest (`hearth manifest`)")
+        parser.add_argument("--cache-dir", type=Path, metavar="DIR",
+                            help="with --model-digest: where the fetched pieces go (default ~/.cache/hearth/DIGEST)")
+    else:
+        parser.add_argument("--model", required=True, type=Path, metavar="DIR|FILE.gguf", help=model_help)
     parser.add_argument("--codec", choices=sorted(CODECS), default=AUTO,
                         help="activations on the wire (auto: fp16 until a hop's link is measured slow enough "
                              "that a compact codec pays, within the accuracy budget)")
@@ -134,3 +151,19 @@ def check_peer_sources(args: argparse.Namespace) -> None:
 def client_options(args: argparse.Namespace) -> ClientOptions:
     return ClientOptions(codec=CODECS[args.codec], request_timeout_s=args.timeout, routing=args.routing,
                          **privacy_options(args))
+
+
+@contextlib.asynccontextmanager
+async def client_from_args(args: argparse.Namespace) -> AsyncIterator[Client]:
+    """A client of the model in --model, or fetched by --model-digest from the swarm it joins."""
+    options = client_options(args)
+    if args.model is not None:
+        async with connect(bootstrap=args.bootstrap, model=args.model, options=options, wall_clock=time.time,
+                           mdns=args.mdns) as client:
+            yield client
+        return
+    listen = ("/ip4/0.0.0.0/tcp/0",) if args.mdns else ("/ip4/127.0.0.1/tcp/0",)
+    async with joined(bootstrap=args.bootstrap, listen=listen, enable_mdns=args.mdns, wall_clock=time.time,
+                      require_peers=bool(args.bootstrap)) as (transport, discovery):
+        model = await fetch_client_model(transport, discovery, args.model_digest, options, root=args.cache_dir)
+        yield await trio.to_thread.run_sync(lambda: Client(transport, discovery, model, options=options))

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import logging
 import random
+import re
 import signal
 import time
 from contextlib import nullcontext
@@ -42,6 +43,8 @@ from node.chaos import Chaos, ChaosSpec, parse_chaos
 from node.client_args import add_privacy_arguments, privacy_line, privacy_options
 from node.logs import add_log_arguments, say, setup_logging
 from node.metrics import NodeMetrics, TimedDiscovery
+from node.model_fetch import FetchedModel, print_progress
+from node.piece_server import UploadLimits
 from node.metrics_http import serve_metrics
 from node.node import Node, measure_token_seconds
 from node.rebalance import BalanceSettings, served_from
@@ -52,17 +55,19 @@ from shard.compute import available_memory, describe, use_threads
 from shard.config import ModelConfig
 from shard.errors import InvalidInput
 from shard.model_dir import QUANT_CHOICES, OpenModel, open_model_dir, resolve_quant
+from shard.piece_store import WholeModel
 from shard.quant import INT4_GROUP_SIZES
 from shard.span import block_bytes, load_span
 
 log = logging.getLogger("hearth.node")
 
+DIGEST = re.compile(r"[0-9a-f]{64}")  # a model digest, as `hearth manifest` prints it
 ADDRESS_POLL_S = 2.0  # how often the daemon looks for changed host addresses
 
 
 @dataclass(frozen=True)
 class NodeSettings:
-    model_dir: Path
+    model_dir: Path | None  # None: fetched from peers by `model_digest`
     start: int | None  # None: choose the span from what the swarm serves
     end: int | None
     quant: str = "auto"  # "auto": as the model's own weights are (a GGUF file's types; a directory's floats)
@@ -83,6 +88,9 @@ class NodeSettings:
     rebalance_every_s: float = 120.0
     metrics: tuple[str, int] | None = None  # (host, port) to serve /metrics on
     chaos: ChaosSpec | None = None  # faults on purpose (`--chaos`, node.chaos); only ever from the flag
+    model_digest: str | None = None  # --model-digest: the model's files come from peers (node.model_fetch)
+    cache_dir: Path | None = None  # where fetched pieces go (default ~/.cache/hearth/DIGEST)
+    upload: UploadLimits = UploadLimits()  # serving the model's pieces to peers fetching it
 
     @property
     def auto_span(self) -> bool:
@@ -90,7 +98,16 @@ class NodeSettings:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR|FILE.gguf", help="a Hugging Face model directory or a GGUF file")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", metavar="DIR|FILE.gguf", help="a Hugging Face model directory or a GGUF file")
+    model.add_argument("--model-digest", metavar="HEX",
+                       help="no files here: fetch the model (only the pieces this node needs) from the peers that "
+                            "hold it, by the digest `hearth manifest` prints; needs --bootstrap or --mdns")
+    parser.add_argument("--cache-dir", type=Path, metavar="DIR",
+                        help="with --model-digest: where the fetched pieces go (default ~/.cache/hearth/DIGEST)")
+    parser.add_argument("--max-upload", type=float, default=UploadLimits.bytes_per_second / 2**20, metavar="MiB/S",
+                        help="pieces of the model sent to peers fetching it, MiB per second in all (default "
+                             f"{UploadLimits.bytes_per_second / 2**20:g}; inference traffic is never limited)")
     parser.add_argument("--blocks", metavar="A:B",
                         help="serve blocks A (inclusive) to B (exclusive); default: choose where the swarm is weakest")
     parser.add_argument("--memory", type=parse_bytes, metavar="BYTES",
@@ -166,8 +183,18 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
                            kv_cache_bytes=args.kv_cache_bytes,
                            max_length=args.max_length, idle_timeout_s=args.idle_timeout,
                            max_prefill_tokens_per_minute=prefill_budget_from_args(args))
+    if args.model_digest is not None and not DIGEST.fullmatch(args.model_digest):
+        raise InvalidInput(f"--model-digest must be the 64 hex digits `hearth manifest` prints, got {args.model_digest!r}")
+    if args.model_digest is not None and not args.bootstrap and not args.mdns:
+        raise InvalidInput("--model-digest needs peers to fetch from: give --bootstrap MULTIADDR or --mdns")
+    if args.cache_dir is not None and args.model_digest is None:
+        raise InvalidInput("--cache-dir is for --model-digest")
+    if not args.max_upload > 0:
+        raise InvalidInput(f"--max-upload must be positive, got {args.max_upload}")
     return NodeSettings(
-        model_dir=Path(args.model), start=start, end=end, quant=args.quant, group_size=args.group_size,
+        model_dir=Path(args.model) if args.model is not None else None, model_digest=args.model_digest,
+        cache_dir=args.cache_dir, upload=UploadLimits(bytes_per_second=args.max_upload * 2**20),
+        start=start, end=end, quant=args.quant, group_size=args.group_size,
         listen=tuple(args.listen or NodeSettings.listen), bootstrap=tuple(args.bootstrap),
         identity=args.identity, peer_cache=args.peer_cache, mdns=args.mdns, limits=limits,
         allowed_peers=read_allow_list(args.allow_peers) if args.allow_peers else None,
@@ -284,7 +311,20 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose, args.log_format)
     settings = settings_from_args(args)
     use_threads(args.threads)
-    model = open_model_dir(settings.model_dir)  # bad config or span: a clear error before any network
+    model = None  # with --model-digest: fetched in `serve`, once joined
+    if settings.model_dir is not None:
+        model = open_model_dir(settings.model_dir)  # bad config or span: a clear error before any network
+        settings = checked_for_model(settings, model)
+        if settings.api is not None:
+            check_model_dir(settings.model_dir)
+    if settings.chaos is not None:
+        warn_chaos(settings.chaos)
+    trio.run(serve, settings, model)
+    return 0
+
+
+def checked_for_model(settings: NodeSettings, model: OpenModel) -> NodeSettings:
+    """`settings` with the quantization resolved for `model`; InvalidInput for a span it lacks."""
     quant, group_size = resolve_quant(model, settings.quant, settings.group_size)
     settings = dataclasses.replace(settings, quant=quant, group_size=group_size)
     config = model.config
@@ -292,12 +332,7 @@ def run(args: argparse.Namespace) -> int:
         span_capacity(settings, config)
     elif not 0 <= settings.start < settings.end <= config.num_layers:
         raise InvalidInput(f"--blocks {settings.start}:{settings.end} is outside the model's {config.num_layers} blocks")
-    if settings.api is not None:
-        check_model_dir(settings.model_dir)
-    if settings.chaos is not None:
-        warn_chaos(settings.chaos)
-    trio.run(serve, settings, model)
-    return 0
+    return settings
 
 
 def warn_chaos(spec: ChaosSpec) -> None:
@@ -325,9 +360,7 @@ async def choose_blocks(settings: NodeSettings, discovery, digest: str, n_blocks
     return start, end
 
 
-async def serve(settings: NodeSettings, model: OpenModel) -> None:
-    n_blocks = model.config.num_layers
-    digest = await trio.to_thread.run_sync(lambda: model.digest)
+async def serve(settings: NodeSettings, model: OpenModel | None) -> None:
     rng = random.Random()  # span choice ties and rebalancing times: spread nodes, never in step
     metrics = NodeMetrics()
     async with joined(bootstrap=settings.bootstrap, listen=settings.listen, identity_path=settings.identity,
@@ -335,11 +368,34 @@ async def serve(settings: NodeSettings, model: OpenModel) -> None:
                       wall_clock=time.time) as (host, discovery), \
             (LoopbackTransport.wrap(host) if settings.api else nullcontext(host)) as transport:
         discovery = TimedDiscovery(discovery, metrics.lookup_seconds)
+        fetched = None
+        if model is None:
+            say(f"fetching the manifest of model {settings.model_digest} from peers")
+            fetched = await FetchedModel.open(transport, discovery, settings.model_digest, root=settings.cache_dir,
+                                              on_progress=print_progress("the model's headers"))
+            model = fetched.model()
+            settings = checked_for_model(settings, model)
+        n_blocks = model.config.num_layers
+        digest = await trio.to_thread.run_sync(lambda: model.digest)
+        say(f"model digest {digest}")
         start, end, balance = settings.start, settings.end, None
         if settings.auto_span:
             max_blocks = span_capacity(settings, model.config)
             start, end = await choose_blocks(settings, discovery, digest, n_blocks, max_blocks, rng)
-        span = await load(settings, model, start, end)
+
+        async def load_blocks(a: int, b: int):
+            if fetched is not None:  # the span's pieces first (a rebalanced node's new blocks too)
+                fetched.fetcher.on_progress = print_progress(f"blocks {a}:{b}")
+                await fetched.ensure(a, b)
+                done = fetched.last
+                say(f"blocks {a}:{b}: fetched {done.fetched} bytes from peers, {done.done - done.fetched} were here "
+                    f"({len(fetched.fetcher.banned)} peers banned for bad pieces)")
+            return await load(settings, model, a, b)
+
+        if fetched is not None and settings.api is not None:  # the API's client: the head and its first block
+            fetched.fetcher.on_progress = print_progress("the client's head")
+            await fetched.ensure(0, 1 if settings.api_client.local_blocks != 0 else 0, head=True)
+        span = await load_blocks(start, end)
         token_seconds = await trio.to_thread.run_sync(measure_token_seconds, span)
         if settings.auto_span and settings.rebalance:
             balance = BalanceSettings(n_blocks, max_blocks, token_seconds / (end - start),
@@ -348,9 +404,10 @@ async def serve(settings: NodeSettings, model: OpenModel) -> None:
         node = Node(span, model.name, digest, limits=settings.limits,
                     allowed_peers=settings.allowed_peers, wall_clock=time.time, token_seconds=token_seconds,
                     data_channels=channels, balance=balance, seed=rng.random(),
-                    load_span=(lambda a, b: load(settings, model, a, b)) if balance else None, metrics=metrics,
+                    load_span=load_blocks if balance else None, metrics=metrics,
                     chaos=Chaos(settings.chaos) if settings.chaos is not None else None,
-                    swarm_secret=settings.swarm_secret)
+                    swarm_secret=settings.swarm_secret, upload=settings.upload,
+                    pieces=fetched.cache if fetched is not None else await trio.to_thread.run_sync(WholeModel.of, model))
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.run, transport, discovery)

@@ -5,26 +5,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import trio
 
 from mesh.client import GenerationReport
-from mesh.join import connect
-from node.client_args import add_client_arguments, check_peer_sources, client_options
+from node.client_args import add_client_arguments, check_peer_sources, client_from_args
 from node.logs import setup_logging
+from node.model_fetch import check_digest_arguments
 from node.run_local import add_prompt_and_sampling_arguments, prompt_arguments, sampling_params
 from shard.compute import use_threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_client_arguments(parser, model_help="the model directory (embeddings, LM head and tokenizer run here)",
-                         timeout_help="deadline for the whole request")
+                         timeout_help="deadline for the whole request", digest=True)
     add_prompt_and_sampling_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     check_peer_sources(args)
+    check_digest_arguments(args)
     use_threads(args.threads)
     setup_logging(args.verbose, args.log_format)
     return trio.run(_generate, args)
@@ -32,8 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def _generate(args: argparse.Namespace) -> int:
     params = sampling_params(args)
-    async with connect(bootstrap=args.bootstrap, model=args.model, options=client_options(args),
-                       wall_clock=time.time, mdns=args.mdns) as client:
+    async with client_from_args(args) as client:
         report = GenerationReport([])
         async for emitted in client.generate(report=report, params=params, **prompt_arguments(args)):
             if not args.json:

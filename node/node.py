@@ -22,11 +22,13 @@ from mesh.transport import Transport
 from node.chaos import Chaos
 from node.metrics import NodeMetrics
 from node.rebalance import BalanceSettings, Rebalancer
+from node.piece_server import PieceServer, UploadLimits
 from node.server import InferenceServer
 from node.sessions import SessionLimits, SessionManager, SessionRefused
-from protocol import INFERENCE_PROTOCOL, INFO_PROTOCOL, ErrorCode, SpanInfo
+from protocol import INFERENCE_PROTOCOL, INFO_PROTOCOL, PIECES_PROTOCOL, ErrorCode, SpanInfo
 from shard.compute import kernel_signature
 from shard.interfaces import Span
+from shard.piece_store import Pieces
 
 log = logging.getLogger("hearth.node")
 
@@ -57,13 +59,15 @@ class Node:
                  data_channels: DataChannels | None = None, balance: BalanceSettings | None = None,
                  load_span: Callable[[int, int], Awaitable[Span]] | None = None, seed: int | str = 0,
                  metrics: NodeMetrics | None = None, chaos: Chaos | None = None,
-                 swarm_secret: SwarmSecret | None = None, kernels: str | None = None):
+                 swarm_secret: SwarmSecret | None = None, kernels: str | None = None,
+                 pieces: Pieces | None = None, upload: UploadLimits = UploadLimits()):
         self.span, self.model_id, self.manifest_hash = span, model_id, manifest_hash
         # what computes the span, in its span info (spot checks between equal kernels are exact); this process's by default
         self.kernels = kernel_signature() if kernels is None else kernels
         self.manager = SessionManager(span, limits, chaos=chaos)  # chaos: faults on purpose (`node.chaos`)
         self.data_channels = data_channels
         self.metrics = metrics if metrics is not None else NodeMetrics()
+        self.pieces, self.upload = pieces, upload  # the model's pieces served to peers fetching it (node.piece_server)
         self.server = InferenceServer(self.manager, self.span_info, allowed_peers=allowed_peers,
                                       data_channels=data_channels, metrics=self.metrics,
                                       swarm_secret=swarm_secret)  # household mode: mesh.swarm_secret
@@ -106,6 +110,10 @@ class Node:
         self.server.identify(transport.peer_id)
         transport.set_handler(INFERENCE_PROTOCOL, self.server.handle_inference)
         transport.set_handler(INFO_PROTOCOL, self.server.handle_info)
+        if self.pieces is not None:
+            uploads = PieceServer(self.pieces, self.server.hello, admit=self.server.admit, stream=self.server.stream,
+                                  limits=self.upload, tamper=self.manager.chaos.tamper if self.manager.chaos else None)
+            transport.set_handler(PIECES_PROTOCOL, uploads.handle)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if self.data_channels is not None:

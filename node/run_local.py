@@ -5,19 +5,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+import trio
+
+from node.model_fetch import check_digest_arguments, fetch_whole_model
 from shard.compute import describe, use_threads
 from shard.errors import InvalidInput
 from shard.generate import Emitted, generate_local
 from shard.pipeline import LocalPipeline
-from shard.model_dir import QUANT_CHOICES, open_model_dir
+from shard.model_dir import QUANT_CHOICES, OpenModel, open_model_dir
 from shard.quant import INT4_GROUP_SIZES
 from shard.sampling import SamplingParams
 from shard.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR|FILE.gguf", help="a Hugging Face model directory or a GGUF file")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", metavar="DIR|FILE.gguf", help="a Hugging Face model directory or a GGUF file")
+    model.add_argument("--model-digest", metavar="HEX",
+                       help="fetch the whole model from the peers that hold it first (with --bootstrap), by its digest")
+    parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                        help="with --model-digest: a peer of the swarm that holds the model")
+    parser.add_argument("--cache-dir", metavar="DIR", help="with --model-digest: where the pieces go")
     parser.add_argument("--quant", choices=QUANT_CHOICES, default="auto",
                         help="weight quantization of the blocks (auto: as the model has them)")
     parser.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES, default=32, metavar="N",
@@ -69,7 +79,7 @@ def parse_ids(text: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     use_threads(args.threads)
     params = sampling_params(args)
-    model = open_model_dir(args.model)
+    model = open_model_dir(args.model) if args.model is not None else _fetched(args)
     tokenizer = model.tokenizer()
     prompt_ids = _prompt_ids(args, tokenizer)
     pipeline = LocalPipeline.load(model, parts=args.split, quant=args.quant, group_size=args.group_size)
@@ -84,11 +94,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetched(args: argparse.Namespace) -> OpenModel:
+    """The whole model `--model-digest` names, fetched from the swarm into its cache (`node.model_fetch`)."""
+    check_digest_arguments(args)
+    if not args.bootstrap:
+        raise InvalidInput("--model-digest needs a peer that holds the model: give --bootstrap MULTIADDR")
+    return trio.run(fetch_whole_model, args.bootstrap, args.model_digest, Path(args.cache_dir) if args.cache_dir else None)
+
+
 def _prompt_ids(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[int]:
     if args.prompt_ids is not None:
         return parse_ids(args.prompt_ids)
     if tokenizer is None:
-        raise InvalidInput(f"--prompt needs {TOKENIZER_FILE} in {args.model}; pass --prompt-ids instead")
+        raise InvalidInput(f"--prompt needs {TOKENIZER_FILE} in {args.model or 'the model'}; pass --prompt-ids instead")
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise InvalidInput("the prompt encodes to no tokens")

@@ -88,6 +88,16 @@ class InferenceServer:
         if reason is not None:  # who the peer is, as with the allow-list: no other node will differ
             raise SessionRefused(ErrorCode.OVERLOADED, reason, retry_elsewhere=False)
 
+    def admit(self, peer_id: str, hello: Hello | None) -> None:
+        """Refuse (`SessionRefused`) a peer off the allow-list, or whose Hello lacks the household's proof."""
+        self._check_allowed(peer_id)
+        if hello is not None:
+            self._check_proof(peer_id, hello)
+
+    def stream(self, raw: ByteStream) -> BudgetedStream:
+        """A peer's stream as every protocol of this node reads it (`_stream`)."""
+        return self._stream(raw)
+
     def _stream(self, raw: ByteStream) -> BudgetedStream:
         """Messages from a peer: small frames until its session is open, unfinished ones budgeted."""
         return BudgetedStream(raw, Role.HOP, budget=self.buffers, limits=self.intake, io_timeout=self.io_timeout)

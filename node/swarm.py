@@ -186,14 +186,19 @@ class LocalSwarm:
             await node.wait_ready(deadline - trio.current_time())
         return started
 
-    async def add(self, start: int | None, end: int | None, *, extra_args: list[str] | None = None) -> NodeProcess:
+    async def add(self, start: int | None, end: int | None, *, extra_args: list[str] | None = None,
+                  digest: str | None = None) -> NodeProcess:
         """Start (without waiting for) one node serving [start, end), or choosing its blocks itself
-        when they are None; `extra_args` are for it alone."""
+        when they are None; `extra_args` are for it alone. With `digest` the node has no files: it
+        fetches the model from the swarm (`--model-digest`, into its own cache under `work_dir`)."""
         if self._nursery is None:
             raise RuntimeError("start nodes inside `async with LocalSwarm(...)`")
         name = f"node{len(self.nodes)}"
         blocks = [] if start is None else ["--blocks", f"{start}:{end}"]
-        args = ["--model", str(self.model_dir), *blocks, "--quant", self.quant, *self.extra_args, *(extra_args or [])]
+        model = ["--model", str(self.model_dir)] if digest is None else ["--model-digest", digest]
+        if digest is not None and self.work_dir is not None:
+            model += ["--cache-dir", str(self.work_dir / f"{name}.cache")]
+        args = [*model, *blocks, "--quant", self.quant, *self.extra_args, *(extra_args or [])]
         for addr in self.bootstrap:
             args += ["--bootstrap", addr]
         if self.work_dir is not None:

@@ -5,7 +5,8 @@ checkpoint, tokenizer), read from one `.gguf` file as llama.cpp, Ollama and LM S
   directory's config.json (Llama, Mistral and Qwen2 architectures).
 - Tensors: under their Hugging Face names, so every loader works unchanged. llama.cpp's converter
   interleaves the rotary halves of each Llama head's q and k rows; reading undoes it.
-- Identity: a manifest of one entry, the file's sha256 under the fixed name "model.gguf", so every
+- Identity: a manifest of one entry, the file's sha256 and piece hashes (shard/manifest.py, version
+  2, pieces of the default size) under the fixed name "model.gguf", so every
   copy of the same file is the same model whatever it is called, and a directory of the same
   weights is a different one (proving equality would mean dequantizing both: not cheap).
 - Quantization: `native_quant` says what the file's block types run as (shard/gguf_blocks.py).
@@ -25,7 +26,7 @@ from shard.config import ModelConfig, config_from_dict
 from shard.errors import ConfigError, CorruptCheckpoint, MissingTensor, QuantizationError, UnsupportedArchitecture
 from shard.gguf_blocks import INT4_GROUP, NATIVE, SUPPORTED, dequantize, int4_groups, type_names
 from shard.gguf_format import MAGIC, GGUFFile, TensorInfo, read_gguf
-from shard.manifest import FileEntry, Manifest, hash_file
+from shard.manifest import Manifest, hash_file_pieces
 
 SUFFIX = ".gguf"
 IDENTITY_NAME = "model.gguf"  # the manifest's one entry, whatever the file is called
@@ -91,7 +92,17 @@ class GGUFModel:
 
     @cached_property
     def manifest(self) -> Manifest:
-        return Manifest({IDENTITY_NAME: FileEntry(sha256=hash_file(self.path), size=self.file.size)})
+        """A version-2 manifest of one entry, "model.gguf": the file's sha256, size and pieces (of
+        the default `PIECE_BYTES`, so every copy has the same identity), hashed in one pass."""
+        entry = hash_file_pieces(self.path)
+        if entry.size != self.file.size:
+            raise CorruptCheckpoint(f"{self.path} changed while open: {entry.size} bytes, was {self.file.size}")
+        return Manifest({IDENTITY_NAME: entry})
+
+    @property
+    def identity(self) -> Manifest:
+        """The manifest that names the model on the wire (a GGUF file's is always `manifest`)."""
+        return self.manifest
 
     @cached_property
     def digest(self) -> str:

@@ -72,6 +72,19 @@ def read_gguf(path: str | Path) -> GGUFFile:
     return _Parser(path, mapped, size).parse()
 
 
+def data_start(prefix: bytes, size: int) -> int | None:
+    """Where the tensor data of a GGUF file of `size` bytes starts, parsed from its first bytes
+    `prefix` (a file being fetched piece by piece): None when `prefix` ends before the tensor index
+    does; CorruptCheckpoint when it is not a valid GGUF header."""
+    parser = _Parser(Path("(fetched GGUF file)"), prefix, len(prefix))
+    try:
+        return parser.header()[-1]
+    except CorruptCheckpoint:
+        if len(prefix) < size:
+            return None  # ran out of bytes (or met garbage that more bytes would not fix: the caller bounds it)
+        raise
+
+
 class _Parser:
     def __init__(self, path: Path, mapped: mmap.mmap, size: int):
         self.path, self.mapped, self.size = path, mapped, size
@@ -82,6 +95,16 @@ class _Parser:
         return CorruptCheckpoint(f"{self.path} is not a valid GGUF file: {what} (at byte {self.pos} of {self.size})")
 
     def parse(self) -> GGUFFile:
+        version, metadata, infos, alignment, start = self.header()
+        tensors: dict[str, TensorInfo] = {}
+        for name, dims, qtype, offset in infos:
+            if name in tensors:
+                raise self.fail(f"tensor {name!r} appears twice")
+            tensors[name] = self.tensor(name, dims, qtype, start, offset, alignment)
+        return GGUFFile(self.path, version, metadata, tensors, self.size)
+
+    def header(self) -> tuple[int, dict[str, Any], list[tuple[str, list[int], int, int]], int, int]:
+        """Version, metadata, tensor infos, alignment and the data section's start."""
         if bytes(self.view[:4]) != MAGIC:
             raise CorruptCheckpoint(f"{self.path} is not a GGUF file: it starts with {bytes(self.view[:4])!r}, not {MAGIC!r}")
         self.pos = 4
@@ -102,12 +125,7 @@ class _Parser:
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise self.fail(f"general.alignment {alignment!r} is not a power of two")
         start = -(-self.pos // alignment) * alignment
-        tensors: dict[str, TensorInfo] = {}
-        for name, dims, qtype, offset in infos:
-            if name in tensors:
-                raise self.fail(f"tensor {name!r} appears twice")
-            tensors[name] = self.tensor(name, dims, qtype, start, offset, alignment)
-        return GGUFFile(self.path, version, metadata, tensors, self.size)
+        return version, metadata, infos, alignment, start
 
     def bound(self, count: int, min_bytes: int, what: str) -> None:
         """Refuse a count whose items could not fit in the bytes left: nothing is sized from it first."""

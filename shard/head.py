@@ -22,6 +22,8 @@ from shard.model_dir import OpenModel, open_model_dir
 from shard.quant import QUANT_MODES, Int4Linear, Int8Linear
 from shard.quant_swap import quantize_linears_
 
+EMBED_NAME, NORM_NAME, LM_HEAD_NAME = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+
 
 class ClientHead(nn.Module):
     def __init__(self, config: ModelConfig, embed: torch.Tensor, norm: torch.Tensor, lm_head: nn.Module):
@@ -81,16 +83,26 @@ def load_head(model_dir: OpenModel | str | Path, *, quant: str = "none", group_s
         raise QuantizationError(f"quantization {quant!r} is not one of {', '.join(QUANT_MODES)}")
     opened = open_model_dir(model_dir, verify=verify)
     config, checkpoint = opened.config, opened.checkpoint()
-    embed = _read(checkpoint, "model.embed_tokens.weight", (config.vocab_size, config.hidden_size), dtype)
-    norm = _read(checkpoint, "model.norm.weight", (config.hidden_size,), dtype)
-    tied = config.tie_word_embeddings or not checkpoint.has("lm_head.weight")
-    head_weight = embed if tied else _read(checkpoint, "lm_head.weight", (config.vocab_size, config.hidden_size), dtype)
+    embed = _read(checkpoint, EMBED_NAME, (config.vocab_size, config.hidden_size), dtype)
+    norm = _read(checkpoint, NORM_NAME, (config.hidden_size,), dtype)
+    tied = head_is_tied(config, checkpoint)
+    head_weight = embed if tied else _read(checkpoint, LM_HEAD_NAME, (config.vocab_size, config.hidden_size), dtype)
     lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
     # a tied head shares the embedding storage unless it is quantized (then it gets its own copy)
     lm_head.weight = nn.Parameter(head_weight if quant == "none" else head_weight.to(torch.float32), requires_grad=False)
     container = nn.Sequential(lm_head)
     quantize_linears_(container, quant, group_size)
     return ClientHead(config, embed, norm, container[0])
+
+
+def head_is_tied(config: ModelConfig, checkpoint: Checkpoint) -> bool:
+    """Whether the LM head is the embeddings (said so, or no lm_head tensor to read)."""
+    return config.tie_word_embeddings or not checkpoint.has(LM_HEAD_NAME)
+
+
+def head_tensor_names(config: ModelConfig, checkpoint: Checkpoint) -> list[str]:
+    """The checkpoint tensors `load_head` reads: embeddings, final norm, and the LM head unless tied."""
+    return [EMBED_NAME, NORM_NAME] + ([] if head_is_tied(config, checkpoint) else [LM_HEAD_NAME])
 
 
 def _read(checkpoint: Checkpoint, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pathlib import Path
 from shard.checkpoint import Checkpoint
 from shard.config import ModelConfig, load_config
 from shard.gguf_file import GGUFModel, is_gguf
-from shard.manifest import Manifest, build_manifest, load_manifest
+from shard.manifest import Manifest, identity_manifest, load_manifest
 from shard.quant import QUANT_MODES
 from shard.tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_files
 
@@ -51,10 +51,19 @@ class ModelDir:
         return load_manifest(self.path)
 
     @cached_property
-    def digest(self) -> str:
-        """The model's identity on the wire: the manifest's digest (hashing the files if it has none)."""
+    def identity(self) -> Manifest:
+        """The version-2 manifest that names the model on the wire (hashing the files if the
+        directory has none; upgrading a version-1 one, written back when the directory is writable)."""
         manifest = self.manifest
-        return (manifest if manifest is not None else build_manifest(self.path)).digest
+        identity = identity_manifest(self.path, manifest)
+        if manifest is not None and identity is not manifest:
+            self.__dict__["manifest"] = identity  # upgraded: later users see the pieces too
+        return identity
+
+    @cached_property
+    def digest(self) -> str:
+        """The model's identity on the wire: `identity`'s digest."""
+        return self.identity.digest
 
     @property
     def native_quant(self) -> tuple[str, int]:

@@ -149,6 +149,18 @@ def block_bytes(config: ModelConfig, quant: str = "none", group_size: int = 32,
     return sum(t.numel() * t.element_size() for t in (*block.parameters(), *block.buffers()))
 
 
+def block_prefix(layer: int) -> str:
+    """Where block `layer`'s tensors sit among a checkpoint's (Hugging Face) names."""
+    return f"model.layers.{layer}."
+
+
+def block_tensor_names(config: ModelConfig, layer: int) -> list[str]:
+    """The checkpoint tensors `load_span` reads for block `layer` (each fused parameter's parts)."""
+    with torch.device("meta"):
+        block = DecoderBlock(config)
+    return [block_prefix(layer) + part for name in block.state_dict() for part in checkpoint_names(name)]
+
+
 def check_span(config: ModelConfig, start: int, end: int) -> None:
     if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= config.num_layers):
         raise SpanOutOfRange(start, end, config.num_layers)
@@ -168,7 +180,7 @@ def load_span(model_dir: OpenModel | str | Path, start: int, end: int, *, quant:
     model = SpanModel(opened.config, start, end, dtype=dtype, quant=quant, group_size=group_size)
     checkpoint = opened.checkpoint()
     for offset, block in enumerate(model.blocks):
-        prefix = f"model.layers.{start + offset}."
+        prefix = block_prefix(start + offset)
         read_dtype = torch.float32 if quant != "none" else dtype
         native = _adopt_int4_(block, checkpoint, prefix) if (quant, group_size) == ("int4", 32) else {}
         state = {name: native[name] if name in native else _read_fused(checkpoint, prefix, name, meta.shape, read_dtype)

@@ -91,6 +91,33 @@ def test_manifest_command_then_a_tampered_file_is_refused(checkpoint_factory, tm
     assert done.returncode == 2 and "config.json" in done.stderr
 
 
+def test_manifest_prints_the_digest_last_and_writes_version_2(checkpoint_factory, tmp_path):
+    from shard.manifest import load_manifest
+    from shard.model_dir import ModelDir
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(checkpoint_factory("llama"), model_dir)
+    done = hearth("manifest", str(model_dir))
+    assert done.returncode == 0, done.stderr
+    digest = done.stdout.strip().splitlines()[-1]
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    assert digest == ModelDir(model_dir).digest == load_manifest(model_dir).digest
+    assert json.loads((model_dir / "hearth-manifest.json").read_text())["version"] == 2
+    again = hearth("manifest", str(model_dir))  # refreshing an unchanged directory: the same identity
+    assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == digest
+
+
+def test_manifest_of_what_is_not_a_model_says_one_line_and_exits_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a model")
+    for path, says in [(tmp_path / "absent", "no such file"), (tmp_path / "empty", "config.json"),
+                       (tmp_path / "notes.txt", "neither a model directory nor a GGUF file")]:
+        done = hearth("manifest", str(path))
+        assert done.returncode == 2, (path, done.stdout, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and says in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "empty" / "hearth-manifest.json").exists()
+
+
 @pytest.mark.parametrize("command", ["generate", "api"])
 def test_a_client_given_no_way_to_find_peers_says_so(checkpoint_factory, command):
     args = ["--prompt-ids", "1,2"] if command == "generate" else []

@@ -210,8 +210,24 @@ def test_hearth_manifest_tells_a_gguf_file_it_needs_none(gguf_model, capsys):
 
     path, _, _ = gguf_model("llama", Q.Q8_0)
     assert main(["manifest", str(path)]) == 0
-    assert GGUFModel(path).digest in capsys.readouterr().out
+    assert capsys.readouterr().out.strip().splitlines()[-1] == GGUFModel(path).digest
     assert not (path.parent / "hearth-manifest.json").exists()
+
+
+def test_identity_is_a_version_2_manifest_of_the_file_and_its_pieces(gguf_model):
+    import hashlib
+
+    from shard.manifest import PIECE_BYTES, FileEntry, Manifest
+
+    path, _, _ = gguf_model("llama", Q.Q8_0)
+    data = path.read_bytes()
+    pieces = tuple(hashlib.sha256(data[at:at + PIECE_BYTES]).hexdigest() for at in range(0, len(data), PIECE_BYTES))
+    expected = Manifest({"model.gguf": FileEntry(hashlib.sha256(data).hexdigest(), len(data), pieces)})
+    model = GGUFModel(path)
+    assert model.manifest == expected and model.manifest.version == 2 and model.manifest.piece_bytes == PIECE_BYTES
+    assert model.digest == hashlib.sha256(expected.canonical_bytes()).hexdigest()
+    offset, length = model.manifest.piece_span("model.gguf", 0)
+    model.manifest.check_piece("model.gguf", 0, data[offset:offset + length])
 
 
 def test_a_gguf_file_without_the_suffix_is_known_by_its_magic(gguf_model, tmp_path):

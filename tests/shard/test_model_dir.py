@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 
@@ -10,7 +11,8 @@ import pytest
 from shard import manifest as manifest_module
 from shard.errors import ManifestMismatch
 from shard.head import load_head
-from shard.manifest import MANIFEST_NAME, build_manifest, list_model_files, write_manifest
+from shard.manifest import (MANIFEST_NAME, FileEntry, Manifest, build_manifest, list_model_files, load_manifest,
+                            model_digest, write_manifest)
 from shard.model_dir import ModelDir, open_model_dir
 from shard.pipeline import LocalPipeline
 from shard.span import load_span
@@ -28,13 +30,18 @@ def model_dir(checkpoint_factory, tmp_path):
 def hashed(monkeypatch) -> Counter:
     """Files hashed (by name), counted."""
     counts: Counter = Counter()
-    real = manifest_module.hash_file
+    real, real_pieces = manifest_module.hash_file, manifest_module.hash_file_pieces
 
     def counting(path):
         counts[path.name] += 1
         return real(path)
 
+    def counting_pieces(path, *args):
+        counts[path.name] += 1
+        return real_pieces(path, *args)
+
     monkeypatch.setattr(manifest_module, "hash_file", counting)
+    monkeypatch.setattr(manifest_module, "hash_file_pieces", counting_pieces)
     return counts
 
 
@@ -82,3 +89,17 @@ def test_without_a_manifest_the_digest_hashes_the_files(model_dir):
     (model_dir / MANIFEST_NAME).unlink()
     opened = ModelDir(model_dir)
     assert opened.manifest is None and opened.digest == build_manifest(model_dir).digest
+
+
+def test_a_version_1_manifest_is_upgraded_and_every_way_to_the_digest_agrees(model_dir, caplog):
+    fresh = build_manifest(model_dir)
+    v1 = Manifest({k: FileEntry(e.sha256, e.size) for k, e in fresh.files.items()}, version=1)
+    (model_dir / MANIFEST_NAME).write_text(json.dumps(v1.to_json()))
+    opened = ModelDir(model_dir)
+    assert opened.manifest.version == 1  # still checks config.json (its sha256s are valid)
+    with caplog.at_level("INFO", logger="shard.manifest"):
+        assert opened.digest == fresh.digest
+    assert "upgraded" in caplog.text and load_manifest(model_dir) == fresh
+    assert opened.manifest == fresh  # later users see the pieces too
+    LocalPipeline.load(opened)  # every weight file verified against the upgraded manifest
+    assert ModelDir(model_dir).digest == model_digest(model_dir) == fresh.digest
