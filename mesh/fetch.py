@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import trio
 
 from mesh.errors import TransportError
+from mesh.swarm_secret import SwarmSecret, proof_of
 from mesh.transport import MessageStream, Transport
 from protocol.piece_messages import MAX_MANIFEST_BYTES
 from protocol import (
@@ -87,13 +88,16 @@ class Fetcher:
     """One model's download from its holders into `cache_root` (see the module's docstring)."""
 
     def __init__(self, transport: Transport, digest: str, find_peers: Finder, *,
-                 limits: FetchLimits = FetchLimits(), on_progress: Callable[[Progress], None] | None = None):
+                 limits: FetchLimits = FetchLimits(), on_progress: Callable[[Progress], None] | None = None,
+                 swarm: SwarmSecret | None = None):
         self.transport, self.digest, self.find_peers = transport, digest, find_peers
+        self.swarm = swarm  # household mode: our Hello proves the secret, as a client's does
         self.limits, self.on_progress = limits, on_progress
         self.holders: dict[str, Holder] = {}
         self.banned: dict[str, str] = {}  # peer -> why (a piece that failed its hash)
         self.failed: set[str] = set()  # peers that failed a request in this fetch
         self.asked: set[str] = set()  # peers asked for the manifest
+        self.known: Manifest | None = None  # the manifest, once one matched the digest (then only bitmaps are asked)
         self.cache: PieceCache | None = None
         self.deadline = 0.0
 
@@ -161,8 +165,8 @@ class Fetcher:
                 try:
                     stream = await self._open(peer_id)
                     try:
-                        reply = await stream.request(ManifestRequest(manifest_hash=self.digest),
-                                                     timeout=self.limits.request_timeout_s)
+                        ask = ManifestRequest(manifest_hash=self.digest, bitmaps_only=self.known is not None)
+                        reply = await stream.request(ask, timeout=self.limits.request_timeout_s)
                     finally:
                         await stream.aclose()
                 except (TransportError, ProtocolError) as err:
@@ -173,15 +177,16 @@ class Fetcher:
         async with trio.open_nursery() as nursery:
             for peer_id, addrs in peers:
                 nursery.start_soon(ask, peer_id, addrs)
-        if self.cache is not None:
-            return self.cache.manifest
-        return found[0] if found else None
+        return self.known
 
     def _take_manifest(self, peer_id: str, reply: object, found: list[Manifest]) -> None:
         if isinstance(reply, Error):
             log.info("peer %s has no manifest for us: %s", peer_id, reply.reason)
             return
         if not isinstance(reply, ManifestData):
+            return
+        if self.known is not None and not reply.manifest:  # asked for the bitmaps only
+            self._take_holdings(peer_id, self.known, reply.have)
             return
         if hashlib.sha256(reply.manifest).hexdigest() != self.digest:
             self.banned[peer_id] = "sent a manifest that does not match the digest"
@@ -194,11 +199,15 @@ class Fetcher:
         if manifest.version < 2:
             raise FetchFailed(f"model {self.digest}'s manifest lists no pieces (version 1): its holders must "
                               f"run `hearth manifest` on it")
+        self.known = self.known or manifest
+        self._take_holdings(peer_id, manifest, reply.have)
+        found.append(manifest)
+
+    def _take_holdings(self, peer_id: str, manifest: Manifest, bitmaps: tuple[bytes, ...]) -> None:
         paths = sorted(manifest.files)
-        have = {path: from_bitmap(bits, manifest.piece_count(path)) for path, bits in zip(paths, reply.have)}
+        have = {path: from_bitmap(bits, manifest.piece_count(path)) for path, bits in zip(paths, bitmaps)}
         self.holders[peer_id] = Holder(peer_id, have, self.holders.get(peer_id, Holder(peer_id)).streams)
         self.failed.discard(peer_id)
-        found.append(manifest)
 
     async def _open(self, peer_id: str) -> MessageStream:
         raw = await self.transport.open_stream(peer_id, PIECES_PROTOCOL, timeout=self.limits.open_timeout_s)
@@ -206,8 +215,8 @@ class Fetcher:
         stream = MessageStream(raw, Role.CLIENT, io_timeout=self.limits.request_timeout_s,
                                max_frame_bytes=largest + FRAME_OVERHEAD)
         try:
-            reply = await stream.request(Hello(software=SOFTWARE, codecs=(Codec.FP32,)),
-                                         timeout=self.limits.open_timeout_s)
+            hello = Hello(software=SOFTWARE, codecs=(Codec.FP32,), swarm_proof=proof_of(self.swarm, self.transport.peer_id))
+            reply = await stream.request(hello, timeout=self.limits.open_timeout_s)
             if isinstance(reply, Error):
                 raise TransportError(f"peer {peer_id} refused: {reply.reason}")
         except BaseException:

@@ -372,7 +372,7 @@ async def serve(settings: NodeSettings, model: OpenModel | None) -> None:
         if model is None:
             say(f"fetching the manifest of model {settings.model_digest} from peers")
             fetched = await FetchedModel.open(transport, discovery, settings.model_digest, root=settings.cache_dir,
-                                              on_progress=print_progress("the model's headers"))
+                                              swarm=settings.swarm_secret, on_progress=print_progress("the model's headers"))
             model = fetched.model()
             settings = checked_for_model(settings, model)
         n_blocks = model.config.num_layers

@@ -30,6 +30,7 @@ from mesh.client import ClientOptions
 from mesh.discovery import Discovery
 from mesh.join import joined
 from mesh.fetch import Fetcher, FetchFailed, FetchLimits, Progress
+from mesh.swarm_secret import SwarmSecret
 from mesh.transport import Transport
 from shard.errors import InvalidInput
 from shard.gguf_file import IDENTITY_NAME, GGUFModel
@@ -63,14 +64,14 @@ class FetchedModel:
 
     @classmethod
     async def open(cls, transport: Transport, discovery: Discovery, digest: str, *, root: Path | None = None,
-                   limits: FetchLimits = FetchLimits(),
-                   on_progress: Callable[[Progress], None] | None = None) -> FetchedModel:
+                   limits: FetchLimits = FetchLimits(), on_progress: Callable[[Progress], None] | None = None,
+                   swarm: SwarmSecret | None = None) -> FetchedModel:
         """The manifest from the swarm, checked against `digest`; the files that are not weights and
         the weight files' headers. FetchFailed when the swarm cannot provide them."""
         async def find_peers() -> list[tuple[str, list[str]]]:
             return [(record.peer_id, list(record.addrs)) for record in await discovery.lookup(digest)]
 
-        fetcher = Fetcher(transport, digest, find_peers, limits=limits, on_progress=on_progress)
+        fetcher = Fetcher(transport, digest, find_peers, limits=limits, on_progress=on_progress, swarm=swarm)
         manifest = await fetcher.manifest()
         cache = await trio.to_thread.run_sync(lambda: PieceCache.open(root or cache_dir(digest), digest, manifest))
         await fetcher.fetch(cache, _whole_small_files(manifest))
@@ -92,7 +93,7 @@ async def fetch_client_model(transport: Transport, discovery: Discovery, digest:
                              root: Path | None = None) -> OpenModel:
     """What a client of the model `digest` runs, fetched: the head, the tokenizer and, unless it
     runs no block itself, the first block (auto may run one)."""
-    fetched = await FetchedModel.open(transport, discovery, digest, root=root,
+    fetched = await FetchedModel.open(transport, discovery, digest, root=root, swarm=options.swarm_secret,
                                       on_progress=print_progress("the model's headers"))
     fetched.fetcher.on_progress = print_progress("the client's head")
     local = options.local_blocks if isinstance(options.local_blocks, int) else 1

@@ -5,7 +5,8 @@ it fetched itself) to peers that ask: `ManifestRequest` -> `ManifestData` (the m
 bytes and a bitmap per file of the pieces held), `PieceRequest` -> `PieceData`, or an `Error`
 (`PIECE_NOT_HELD`) for what it lacks. Inference comes first: uploads are limited to
 `UploadLimits.streams` streams at once (`streams_per_peer` per peer) and `bytes_per_second` in all
-(a token bucket on trio's clock), and pieces are read from disk in a worker thread. The same
+(a token bucket on trio's clock; a stream takes a slot at its first piece request, so a manifest is
+always answered), and pieces are read from disk in a worker thread. The same
 admission as inference applies (allow-list, household proof): `admit` raises `SessionRefused`.
 """
 
@@ -32,7 +33,7 @@ log = logging.getLogger("hearth.node")
 @dataclass(frozen=True)
 class UploadLimits:
     bytes_per_second: float = 32 << 20  # pieces sent per second, all peers together
-    streams: int = 8  # pieces streams served at once
+    streams: int = 8  # streams uploading pieces at once (asking for the manifest takes none)
     streams_per_peer: int = 2
 
 
@@ -52,18 +53,16 @@ class PieceServer:
     async def handle(self, raw: ByteStream) -> None:
         stream = self.stream(raw)
         peer = raw.peer_id
+        uploading = [False]  # whether this stream holds an upload slot (from its first piece request on)
         try:
             self.admit(peer, None)
-            if sum(self.serving.values()) >= self.limits.streams or self.serving[peer] >= self.limits.streams_per_peer:
-                raise SessionRefused(ErrorCode.OVERLOADED, "this node is uploading to others: fetch elsewhere",
-                                     retry_elsewhere=True)
-            self.serving[peer] += 1
             try:
-                await self._serve(stream, peer)
+                await self._serve(stream, peer, uploading)
             finally:
-                self.serving[peer] -= 1
-                if not self.serving[peer]:
-                    del self.serving[peer]
+                if uploading[0]:
+                    self.serving[peer] -= 1
+                    if not self.serving[peer]:
+                        del self.serving[peer]
         except SessionRefused as err:
             await _refuse(stream, err.code, err.reason, err.retry_elsewhere)
         except ProtocolError as err:
@@ -74,7 +73,17 @@ class PieceServer:
         finally:
             await stream.aclose()
 
-    async def _serve(self, stream: MessageStream, peer: str) -> None:
+    def _take_slot(self, peer: str, uploading: list[bool]) -> None:
+        """An upload slot for this stream, at its first piece request (a manifest costs none)."""
+        if uploading[0]:
+            return
+        if sum(self.serving.values()) >= self.limits.streams or self.serving[peer] >= self.limits.streams_per_peer:
+            raise SessionRefused(ErrorCode.OVERLOADED, "this node is uploading to others: fetch elsewhere",
+                                 retry_elsewhere=True)
+        self.serving[peer] += 1
+        uploading[0] = True
+
+    async def _serve(self, stream: MessageStream, peer: str, uploading: list[bool]) -> None:
         manifest = self.pieces.manifest
         while True:
             message = await stream.receive(timeout=self.io_timeout)
@@ -88,9 +97,10 @@ class PieceServer:
                                      f"not {message.manifest_hash[:16]}...", retry_elsewhere=True)
             elif isinstance(message, ManifestRequest):
                 have = tuple(bitmap(self.pieces.held(path), manifest.piece_count(path)) for path in sorted(manifest.files))
-                await stream.send(ManifestData(manifest_hash=manifest.digest, manifest=manifest.canonical_bytes(),
-                                               have=have))
+                await stream.send(ManifestData(manifest_hash=manifest.digest, have=have,
+                                               manifest=b"" if message.bitmaps_only else manifest.canonical_bytes()))
             elif isinstance(message, PieceRequest):
+                self._take_slot(peer, uploading)
                 data = await self._read(message.path, message.index)
                 if self.tamper is not None:
                     data = self.tamper(data)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from protocol.errors import InvalidMessage
 from protocol.errors import show_value as _show
-from protocol.messages import MAX_ID_CHARS, MESSAGE_TYPES, U32, Message, _int, _str
+from protocol.messages import MAX_ID_CHARS, MESSAGE_TYPES, U32, Message, _bool, _int, _str
 from protocol.tensors import TensorLimits
 
 MAX_MANIFEST_BYTES = 16 << 20  # a model manifest (per-piece hashes: about 16 KiB per GB of weights)
@@ -37,19 +37,23 @@ def _bitmaps(value: object, _limits: TensorLimits) -> tuple[bytes, ...]:
 
 @dataclass(frozen=True, kw_only=True)
 class ManifestRequest(Message):
-    """Fetcher to holder (pieces protocol): the manifest of a model, and which of its pieces you hold."""
+    """Fetcher to holder (pieces protocol): the manifest of a model, and which of its pieces you hold
+    (`bitmaps_only`: the fetcher has the manifest already; send only the bitmaps)."""
 
     TYPE: ClassVar[str] = "manifest_request"
 
     manifest_hash: str
+    bitmaps_only: bool = False
 
     def validate(self) -> None:
         _str(self, "manifest_hash", self.manifest_hash, max_chars=MAX_ID_CHARS, empty=False)
+        _bool(self, "bitmaps_only", self.bitmaps_only)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ManifestData(Message):
-    """Holder to fetcher: the manifest's canonical bytes (the fetcher checks them against the digest)
+    """Holder to fetcher: the manifest's canonical bytes (the fetcher checks them against the digest;
+    empty when asked for the bitmaps only)
     and, per file in the manifest's sorted order, a bitmap of the pieces held (bit i of byte i // 8,
     least significant first)."""
 

@@ -26,6 +26,7 @@ from node.rebalance import BalanceSettings, served_from
 from node.sessions import SessionLimits
 from simulations import churn
 from simulations.compute import step_seconds
+from simulations.fetch import FetchFailed
 from simulations.scenario import DeviceProfile
 
 
@@ -90,9 +91,26 @@ class Swarm:
             host.span = (0, min(self.model.blocks, self.model.span_length(device)))
             await nursery.start(self._life, host, float("inf"))
         c = self.scenario.churn
+        fetch = self.world.fetch
+        if fetch is not None:  # `[fetch]`: the seeds hold the model; the others join with nothing and download
+            for host in self.hosts.values():
+                fetch.hold_all(host.peer_id, seed=False)  # data-center hosts have the files
+            for _ in range(self.scenario.fetch.seeds):
+                await self._arrive(nursery, churn.residual_length(self.rng, c.shape, c.median_s), seed=True)
+                self.world.note_join()
+            nursery.start_soon(self._fresh_joins, nursery, c.nodes - self.scenario.fetch.seeds)
+            return
         for _ in range(c.nodes):
             await self._arrive(nursery, churn.residual_length(self.rng, c.shape, c.median_s))
             self.world.note_join()
+
+    async def _fresh_joins(self, nursery: trio.Nursery, count: int) -> None:
+        """The initial households of a `[fetch]` run: at random times within `join_over`, none waiting for another."""
+        rng, window = self.world.rng("fetch"), self.scenario.fetch.join_over_s
+        c = self.scenario.churn
+        for at in sorted(rng.uniform(0.0, window) for _ in range(count)):
+            await trio.sleep_until(at)
+            await self._arrive(nursery, churn.residual_length(self.rng, c.shape, c.median_s))
 
     async def keep_arriving(self, nursery: trio.Nursery, until: float) -> None:
         """New households, Poisson arrivals following the day, until `until`."""
@@ -105,14 +123,36 @@ class Swarm:
             await trio.sleep_until(at)
             await self._arrive(nursery, churn.session_length(self.rng, c.shape, c.median_s))
 
-    async def _arrive(self, nursery: trio.Nursery, session_s: float) -> None:
+    async def _arrive(self, nursery: trio.Nursery, session_s: float, *, seed: bool = False) -> None:
         region = churn.weighted_choice(self.rng, self.scenario.regions)
         devices = {name: d.weight for name, d in self.scenario.devices.items()}
         device = self.scenario.devices[churn.weighted_choice(self.rng, devices)]
+        if seed and self.scenario.fetch.seed_device:
+            device = self.scenario.device(self.scenario.fetch.seed_device)
         self._count += 1
         host = self._new_host(f"n{self._count}", region, device, "household")
+        if self.world.fetch is not None and not seed:  # no files: fetch, then serve (not waited for here)
+            nursery.start_soon(self._join_fetching, host, session_s)
+            return
+        if seed:
+            self.world.fetch.hold_all(host.peer_id)
         host.span = await self._choose_span(device)
         await nursery.start(self._life, host, session_s)
+
+    async def _join_fetching(self, host: Host, session_s: float) -> None:
+        """`hearth node --model-digest`: the manifest from the holders, the span chosen, its pieces
+        fetched (`simulations.fetch`), then serve; a failed fetch (no manifest in time) is restarted."""
+        fetch = self.world.fetch
+        while True:
+            try:
+                await fetch.manifest(host.peer_id)
+            except FetchFailed:
+                await trio.sleep(self.scenario.fetch.retry_after_s)
+                continue
+            host.span = await self._choose_span(host.device)
+            await fetch.download(host.peer_id, *host.span)
+            break
+        await self._life(host, session_s)
 
     def _new_host(self, peer_id: str, region: str, device: DeviceProfile, kind: str) -> Host:
         host = Host(peer_id, region, device, kind, (0, 1), random.Random(f"{self.world.seed}:host:{peer_id}"))
@@ -139,7 +179,12 @@ class Swarm:
 
         async def load(start: int, end: int):
             self.world.trace.record("node_move", peer=host.peer_id, blocks=[start, end], was=list(host.span))
+            if self.world.fetch is not None and host.peer_id in self.world.fetch.hosts:
+                await self.world.fetch.download(host.peer_id, start, end, move=True)  # the new blocks' pieces first
             host.span = (start, end)
+            if self.world.fetch is not None:
+                self.world.fetch.check_held(host)
+                self.world.fetch.check_coverage()
             return self.model.span(host.device, start, end)
 
         return settings, load
@@ -175,6 +220,8 @@ class Swarm:
             host.state = "up"
             self.world.trace.record("node_up", peer=host.peer_id, region=host.region, device=host.device.name,
                                     blocks=[start, end])
+            if self.world.fetch is not None:
+                self.world.fetch.host_up(host)
             await host.node.run(transport, HostDirectory(self.world.directory, host, self), task_status=task_status)
 
     async def _session(self, host: Host, session_s: float) -> str:

@@ -14,17 +14,8 @@ from pathlib import Path
 from simulations.compute import describe
 from simulations.progress import format_duration
 from simulations.runner import RunResult
+from simulations.stats import percentile, session_summary
 from simulations.users import SessionRecord
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The `q`-th percentile (0-100) of `values`, linearly interpolated; None when there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
@@ -39,15 +30,6 @@ def recovery_kind(reason: str) -> str:
         if needle in text:
             return kind
     return "other"
-
-
-def session_summary(sessions: Sequence[SessionRecord]) -> dict:
-    outcomes = Counter(s.outcome for s in sessions)
-    errors = Counter(s.error.split(":")[0] for s in sessions if s.outcome == "failed")
-    started = len(sessions)
-    return {"started": started, "completed": outcomes["completed"], "failed_with_error": outcomes["failed"],
-            "hung": outcomes["hung"], "completion_rate": _round(outcomes["completed"] / started, 4) if started else None,
-            "errors": dict(sorted(errors.items()))}
 
 
 def throughput_summary(sessions: Sequence[SessionRecord]) -> dict:
@@ -210,7 +192,7 @@ def build_report(result: RunResult, *, scenario_arg: str = "") -> dict:
         "recovery": recovery_summary(result.sessions), "coverage": coverage_summary(result),
         "balance": balance_summary(result),
         "hosts": result.hosts, "network": result.network, "hostile": result.hostile or None,
-        "verification": verification_summary(result),
+        "verification": verification_summary(result), "fetch": result.fetch or None,
         "events": {k: v for k, v in sorted(result.counts.items()) if not k.startswith(("session", "sample"))},
         "marks": [{"t": round(t, 1), "label": label} for t, label in result.marks],
         "invariants": {"ok": result.ok, "violations": result.violations[:50], "count": len(result.violations)},
@@ -266,6 +248,8 @@ def summary(report: dict) -> str:
     for r in b["restorations"]:
         lines.append(f"{r['label']}: min replicas fell to {r['lowest_min_replicas']}; "
                      + (f"every block served again after {r['after_s']:g} s" if r["restored"] else "NOT restored"))
+    if report.get("fetch"):
+        lines.append(fetch_line(report["fetch"]))
     if report["sessions"]["errors"]:
         lines.append("errors: " + ", ".join(f"{k} x{v}" for k, v in report["sessions"]["errors"].items()))
     if report.get("hostile"):
@@ -281,6 +265,25 @@ def summary(report: dict) -> str:
         lines.extend(f"  {v}" for v in report["invariants"]["violations"][:10])
         lines.append(f"replay with: {report['replay']}")
     return "\n".join(lines)
+
+
+def fetch_line(f: dict) -> str:
+    """Downloads (`[fetch]`): coverage times, how long joining and downloading took, bytes moved."""
+    c, j, d, b, n = f["coverage"], f["join_s"], f["download_s"], f["bytes"], f["counts"]
+
+    def at(value: float | None) -> str:
+        return "never" if value is None else format_duration(value)
+
+    after = f["sessions_after_coverage"]
+    sessions = "" if after is None else (f"; sessions started after 1x coverage: {after['started']}, completed "
+                                         f"{after['completed']}, failed {after['failed_with_error']}, hung {after['hung']}")
+    return (f"downloads from {len(f['seeds'])} seed(s), {f['model_bytes'] / 1e9:.1f} GB model in {f['pieces']} pieces: "
+            f"every block served at {at(c['1x_s'])}, twice at {at(c['2x_s'])}; {f['hosts']['serving']} of "
+            f"{f['hosts']['joining']} joiners serving; join p50 / p95 {_fmt(j['p50'], ' s')} / {_fmt(j['p95'], ' s')}, "
+            f"download p50 / p95 {_fmt(d['p50'], ' s')} / {_fmt(d['p95'], ' s')}; moved {b['pieces'] / 1e9:.2f} GB of "
+            f"pieces ({b['from_seeds'] / 1e9:.2f} GB from seeds) and {b['manifests'] / 1e6:.1f} MB of manifests; "
+            f"opens refused (overloaded) {n.get('opens_refused_overloaded', 0)}, fetches failed without a manifest "
+            f"{n.get('fetch_failed_no_manifest', 0)}, request timeouts {n.get('request_timeouts', 0)}{sessions}")
 
 
 def hostile_line(h: dict) -> str:

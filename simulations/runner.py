@@ -48,6 +48,7 @@ class RunResult:
     joins: list[dict] = field(default_factory=list)
     restorations: list[dict] = field(default_factory=list)
     hostile: dict = field(default_factory=dict)  # `HostileSwarm.summary`; empty without hostile hosts
+    fetch: dict = field(default_factory=dict)  # `Downloads.summary`; empty without `[fetch]` seeds
 
     @property
     def ok(self) -> bool:
@@ -133,4 +134,5 @@ def _result(world: World, wall: float) -> RunResult:
                      world.violations, world.marks, dict(world.trace.counts), hosts, network,
                      {h.peer_id: h.region for h in world.swarm.hosts.values()}, world.trace.lines,
                      world.joins, world.restorations,
-                     world.hostile.summary(world.sessions) if world.hostile is not None else {})
+                     world.hostile.summary(world.sessions) if world.hostile is not None else {},
+                     world.fetch.summary(world.sessions) if world.fetch is not None else {})

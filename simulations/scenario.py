@@ -24,6 +24,8 @@ SPAN_POLICIES = ("weakest", "balanced", "random")
 HOSTILE_BEHAVIOURS = ("forge", "hoard", "stall", "corrupt")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)\s*$")
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmg]i?b|b)\s*$", re.IGNORECASE)
 
 
 class ScenarioError(ValueError):
@@ -46,6 +48,20 @@ def parse_duration(text: str | int | float, where: str = "duration") -> float:
     if value < 0:
         raise ScenarioError(where, f"{text!r} is negative")
     return value
+
+
+def parse_size(text: str | int | float, where: str = "size") -> int:
+    """Bytes in "4MiB", "32MB", "512KiB", "1GiB" (a bare number is bytes)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        match = _SIZE.match(str(text))
+        if match is None:
+            raise ScenarioError(where, f"{text!r} is not a size like 4MiB, 512KiB or 32MB")
+        value = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if value <= 0:
+        raise ScenarioError(where, f"{text!r} is not positive")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -188,6 +204,35 @@ class BalanceSpec:
 
 
 @dataclass(frozen=True)
+class FetchSpec:
+    """Weights from peers (issue 21; `simulations.fetch`): `seeds` household hosts start with the
+    whole model; every other household host joins with no files, as `hearth node --model-digest`
+    does: it asks the hosts that serve the model for the manifest, chooses its span, downloads that
+    span's pieces from the hosts holding them, and only then serves. 0 seeds: every host has the
+    files and nothing is downloaded (the plain run)."""
+
+    seeds: int = 0
+    seed_device: str = ""  # the seeds' device profile; empty: drawn like every household's
+    piece: str = "4MiB"  # the manifest's piece size (shard.manifest.PIECE_BYTES)
+    upload: str = "32MiB"  # per second: a node's uploads in all (node.piece_server.UploadLimits.bytes_per_second)
+    upload_streams: int = 8  # node.piece_server.UploadLimits: streams uploading pieces at once,
+    upload_streams_per_peer: int = 2  # and per fetching peer
+    streams: int = 8  # mesh.fetch.FetchLimits: a fetcher's streams open at once,
+    streams_per_peer: int = 2  # and per holder
+    bytes_per_param: float = 1.0  # the model files (1: int8, 2: fp16), which set a block's bytes
+    join_over_s: float = _duration(0.0)  # the initial households (not the seeds) arrive at random times in this window
+    retry_after_s: float = _duration(60.0)  # a node whose fetch failed (no manifest in 60 s) is restarted after this
+
+    @property
+    def piece_bytes(self) -> int:
+        return parse_size(self.piece, "fetch.piece")
+
+    @property
+    def upload_bytes_per_s(self) -> float:
+        return float(parse_size(self.upload, "fetch.upload"))
+
+
+@dataclass(frozen=True)
 class ChecksSpec:
     hang_grace_s: float = _duration(30.0)  # past a request's deadline, a session still running has hung
     sample_every_s: float = _duration(60.0)
@@ -251,6 +296,7 @@ class Scenario:
     balance: BalanceSpec = BalanceSpec()
     checks: ChecksSpec = ChecksSpec()
     hostile: HostileSpec = HostileSpec()
+    fetch: FetchSpec = FetchSpec()
     events: tuple[Event, ...] = ()
 
     def scaled(self, *, nodes: int | None = None, clients: int | None = None,
@@ -318,7 +364,7 @@ def scenario_from_dict(raw: dict[str, Any], where: str = "scenario", *, default_
                                f"{where}: devices.{name}")
     sections = {"model": ModelShape, "network": NetworkSpec, "churn": ChurnSpec, "day_night": DayNight,
                 "cloud": CloudSpec, "clients": ClientSpec, "balance": BalanceSpec, "checks": ChecksSpec,
-                "hostile": HostileSpec}
+                "hostile": HostileSpec, "fetch": FetchSpec}
     built: dict[str, Any] = {name: _build(cls, _table(raw.pop(name, {}), f"{where}: {name}"), f"{where}: {name}")
                              for name, cls in sections.items()}
     events = tuple(_event(e, f"{where}: events[{i}]") for i, e in enumerate(raw.pop("events", [])))
@@ -408,9 +454,27 @@ def _check(s: Scenario, where: str) -> None:
         raise ScenarioError(f"{where}: hostile", f"rewind_tokens {s.hostile.rewind_tokens} exceed model.max_length "
                             f"{s.model.max_length}")
     s.device(s.hostile.device)
+    _check_fetch(s, f"{where}: fetch")
     for event in s.events:
         if event.kind == "mass-departure" and not 0 < event.share <= 1:
             raise ScenarioError(f"{where}: events", f"mass-departure needs 0 < share <= 1, got {event.share}")
+
+
+def _check_fetch(s: Scenario, where: str) -> None:
+    f = s.fetch
+    if not 0 <= f.seeds <= s.churn.nodes:
+        raise ScenarioError(where, f"seeds must be in [0, churn.nodes = {s.churn.nodes}], got {f.seeds}")
+    if f.seed_device:
+        s.device(f.seed_device)
+    if not 64 << 10 <= f.piece_bytes <= 64 << 20 or f.piece_bytes & (f.piece_bytes - 1):
+        raise ScenarioError(where, f"piece must be a power of two from 64KiB to 64MiB, got {f.piece!r}")
+    if f.upload_bytes_per_s <= 0:  # parse_size refuses it first; this reads it once, at load
+        raise ScenarioError(where, f"upload must be positive, got {f.upload!r}")
+    if min(f.upload_streams, f.upload_streams_per_peer, f.streams, f.streams_per_peer) < 1 or f.bytes_per_param <= 0:
+        raise ScenarioError(where, "stream limits must be at least 1 and bytes_per_param positive")
+    if f.seeds and any(d.uplink_mbps <= 0 or d.downlink_mbps <= 0 for d in s.devices.values()):
+        raise ScenarioError(f"{where.rsplit(':', 1)[0]}: devices", "downloads need every device's uplink_mbps and "
+                            "downlink_mbps positive")
 
 
 def _check_hostile(h: HostileSpec, where: str) -> None:

@@ -16,6 +16,7 @@ import trio
 
 from mesh.discovery import MemoryDirectory
 from simulations import churn, faults
+from simulations.fetch import Downloads
 from simulations.hostile import HostileSwarm
 from simulations.hosts import Swarm
 from simulations.network import VirtualNetwork
@@ -42,6 +43,7 @@ class World:
         self.trace = Trace(keep_lines=keep_trace)
         self.network = VirtualNetwork(scenario.network, self.rng("network"), bandwidth_scale=model.bandwidth_scale)
         self.directory = MemoryDirectory(trio.current_time)
+        self.fetch = Downloads(self) if scenario.fetch.seeds else None  # none: every host has the files
         self.swarm = Swarm(self)
         self.hostile = HostileSwarm(self) if hostile_hosts(scenario) else None  # none: not a draw taken
         self.sessions: list[SessionRecord] = []

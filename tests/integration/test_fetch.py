@@ -117,3 +117,25 @@ async def test_a_fetch_killed_midway_resumes_without_fetching_verified_pieces_ag
         source = ModelDir(model)
         assert PieceCache.open(cache_dir, digest).held(WEIGHTS) == pieces_of(source.identity,
                                                                              needed_ranges(source, 0, 6))[WEIGHTS]
+
+
+async def test_an_empty_node_without_blocks_chooses_where_the_swarm_is_weak_and_fetches_just_that(
+        checkpoint_factory, tmp_path):
+    """The span is chosen once the manifest and config are in (the same rule as a node with files),
+    and only its pieces are fetched before it is loaded and announced."""
+    from tests.integration.test_auto_span import KV_BYTES, memory_for
+    from tests.integration.test_swarm import generate
+
+    model, digest = small_pieced_model(checkpoint_factory, tmp_path)
+    source = ModelDir(model)
+    async with LocalSwarm(model, extra_args=NODE_ARGS, work_dir=tmp_path) as swarm:
+        holder = await swarm.add(0, 3)
+        await holder.wait_ready()
+        empty = await swarm.add(None, None, digest=digest, extra_args=[
+            "--memory", memory_for(model, 3), "--kv-cache-bytes", str(KV_BYTES)])
+        await empty.wait_ready(120)
+        assert await empty.wait_for("chose blocks 3:6", 5)
+        cache = PieceCache.open(tmp_path / f"{empty.name}.cache", digest)
+        assert cache.held(WEIGHTS) == pieces_of(source.identity, needed_ranges(source, 3, 6))[WEIGHTS]
+        report = await generate(holder.addr, model)
+        assert report.token_ids == local_tokens(model, PROMPT, 12)

@@ -16,7 +16,9 @@ from mesh.memory_transport import MemoryNetwork, MemoryTransport
 from mesh.transport import MessageStream
 from node.piece_server import PieceServer, UploadLimits
 from node.sessions import SessionRefused
-from protocol import PIECES_PROTOCOL, Error, ErrorCode, Hello, PieceRequest, Role
+from protocol import (
+    PIECES_PROTOCOL, Error, ErrorCode, Hello, ManifestData, ManifestRequest, PieceData, PieceRequest, Role,
+)
 from shard.errors import InvalidInput, ManifestMismatch
 from shard.manifest import write_manifest
 from shard.model_dir import ModelDir
@@ -145,9 +147,12 @@ async def test_the_server_refuses_what_it_lacks_and_more_streams_than_allowed(sw
     reply = await stream.request(PieceRequest(manifest_hash=manifest.digest, path="nope.bin", index=0), timeout=2)
     assert isinstance(reply, Error) and reply.code == ErrorCode.PIECE_NOT_HELD and "'nope.bin'" in reply.reason
     await stream.aclose()
-    first = await open_stream()
-    second = MessageStream(await transport.open_stream("holder", PIECES_PROTOCOL, timeout=2), Role.CLIENT)
-    reply = await second.request(Hello(software="t"), timeout=2)
+    first, second = await open_stream(), await open_stream()
+    piece = PieceRequest(manifest_hash=manifest.digest, path=WEIGHTS, index=0)
+    assert isinstance(await first.request(piece, timeout=2), PieceData)  # the peer's one upload slot
+    reply = await second.request(ManifestRequest(manifest_hash=manifest.digest), timeout=2)
+    assert isinstance(reply, ManifestData)  # a manifest takes no slot: always answered
+    reply = await second.request(piece, timeout=2)
     assert isinstance(reply, Error) and reply.code == ErrorCode.OVERLOADED and reply.retry_elsewhere
     await first.aclose()
 
@@ -185,3 +190,24 @@ def test_a_full_disk_is_named(model, tmp_path, monkeypatch):
 def test_bitmaps_round_trip_and_ignore_bits_past_the_end():
     assert from_bitmap(bitmap({0, 3, 9}, 10), 10) == {0, 3, 9}
     assert from_bitmap(b"\xff\xff", 10) == set(range(10))
+
+
+async def test_a_household_holder_serves_only_fetchers_proving_the_secret(swarm, model, tmp_path):
+    from mesh.swarm_secret import SwarmSecret, refusal_reason
+
+    secret = SwarmSecret(b"our household's secret, 32 bytes")
+
+    def household(peer, hello):
+        if hello is not None and (why := refusal_reason(secret, peer, hello.swarm_proof)):
+            raise SessionRefused(ErrorCode.OVERLOADED, why)
+
+    manifest = model.identity
+    await swarm.holder("home", WholeModel.of(model), admit=household)
+    stranger = await swarm.fetcher(manifest.digest)
+    with pytest.raises(FetchFailed, match="no peer gave the manifest"):
+        await stranger.manifest()
+    member = Fetcher(stranger.transport, manifest.digest, stranger.find_peers, limits=FAST, swarm=secret)
+    assert (await member.manifest()).digest == manifest.digest
+    cache = PieceCache.open(tmp_path / "cache", manifest.digest, manifest)
+    await member.fetch(cache, {WEIGHTS: {0, 1}})
+    assert cache.held(WEIGHTS) == {0, 1}

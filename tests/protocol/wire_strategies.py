@@ -94,7 +94,7 @@ messages = st.one_of(
               session_id=st.text(max_size=20)),
     st.builds(Ping, nonce=u64),
     st.builds(Pong, nonce=u64),
-    st.builds(ManifestRequest, manifest_hash=ids),
+    st.builds(ManifestRequest, manifest_hash=ids, bitmaps_only=st.booleans()),
     st.builds(ManifestData, manifest_hash=ids, manifest=st.binary(max_size=200),
               have=st.lists(st.binary(max_size=8), max_size=4).map(tuple)),
     st.builds(PieceRequest, manifest_hash=ids, path=ids, index=u32),
