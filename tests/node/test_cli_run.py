@@ -107,14 +107,16 @@ def test_manifest_prints_the_digest_last_and_writes_version_2(checkpoint_factory
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == digest
 
 
-def test_manifest_of_what_is_not_a_model_says_one_line_and_exits_2(tmp_path):
+def test_manifest_of_what_is_not_a_model_says_one_line_and_exits_2(tmp_path, capsys):
+    from node.cli import main  # in this process: the command's own error path, without three interpreter starts
+
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not a model")
     for path, says in [(tmp_path / "absent", "no such file"), (tmp_path / "empty", "config.json"),
                        (tmp_path / "notes.txt", "neither a model directory nor a GGUF file")]:
-        done = hearth("manifest", str(path))
-        assert done.returncode == 2, (path, done.stdout, done.stderr)
-        assert len(done.stderr.strip().splitlines()) == 1 and says in done.stderr and "Traceback" not in done.stderr
+        assert main(["manifest", str(path)]) == 2, path
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and says in err and "Traceback" not in err
     assert not (tmp_path / "empty" / "hearth-manifest.json").exists()
 
 

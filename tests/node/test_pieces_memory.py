@@ -25,7 +25,7 @@ from shard.model_dir import ModelDir
 from shard.piece_store import PieceCache, WholeModel, bitmap, from_bitmap
 
 WEIGHTS = "model.safetensors"
-FAST = FetchLimits(manifest_timeout_s=2.0, lookup_every_s=0.2, request_timeout_s=5.0, open_timeout_s=2.0)
+FAST = FetchLimits(manifest_timeout_s=1.0, lookup_every_s=0.2, request_timeout_s=5.0, open_timeout_s=2.0)
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ async def test_a_wrong_digest_and_a_refusing_peer_end_in_one_clear_error(swarm, 
     await swarm.holder("private", WholeModel.of(model), admit=refuse)
     await swarm.holder("other", WholeModel.of(model))
     fetcher = await swarm.fetcher("0" * 64)
-    with pytest.raises(FetchFailed, match="no peer gave the manifest of model 0{64} within 2 s .*2 peers asked"):
+    with pytest.raises(FetchFailed, match="no peer gave the manifest of model 0{64} within 1 s .*2 peers asked"):
         await fetcher.manifest()
 
 
