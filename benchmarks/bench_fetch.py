@@ -43,6 +43,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_swarm import PROMPT_TOKENS, swarm_decode  # noqa: E402
+from benchmarks.bench_vs_llamacpp import build_model  # noqa: E402
 from benchmarks.results import write_section  # noqa: E402
 from node.swarm import LocalSwarm, NodeProcess  # noqa: E402
 from shard.manifest import write_manifest  # noqa: E402
@@ -52,26 +53,6 @@ from shard.pipeline import split_points  # noqa: E402
 MB = 1e6
 MiB = 2**20
 JOIN_TIMEOUT_S = 1800.0
-
-
-def build_model(path: Path, hidden: int, layers: int) -> Path:
-    """bench_vs_llamacpp.py's random Llama (its config at hidden 2048 and 16 layers), saved in fp32."""
-    import transformers
-
-    torch.manual_seed(0)
-    heads = hidden // 64
-    config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), max_position_embeddings=2048,
-        tie_word_embeddings=False)
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, 0.02)
-    model.save_pretrained(path)
-    return path
 
 
 def dir_bytes(path: Path, allocated: bool = False) -> int:

@@ -49,13 +49,16 @@ PAIRS = (("int8", 32, "Q8_0"), ("int4", 64, "Q4_0"), ("int4", 32, "Q4_1"))
 FTYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 
 
-def build_model(path: Path) -> Path:
+def build_model(path: Path, hidden: int = 2048, layers: int = 16) -> Path:
+    """Issue 16's random Llama (hidden 2048, 16 layers: 0.92B), saved in fp32; smaller for a quick run."""
     import transformers
 
     torch.manual_seed(0)
+    heads = hidden // 64
     config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False)
+        vocab_size=49152, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), max_position_embeddings=2048,
+        tie_word_embeddings=False)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
     model = model.to_empty(device="cpu")

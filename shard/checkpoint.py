@@ -108,17 +108,25 @@ def _weight_map(model_dir: Path) -> dict[str, str]:
     return {name: SINGLE_FILE for name in _header_names(single)}
 
 
-def _header_names(path: Path) -> list[str]:
-    """Tensor names from a safetensors header, read without mapping the tensors."""
+MAX_HEADER_BYTES = 100 * 2**20  # a safetensors header larger than this is refused
+
+
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """(length of the JSON header, the header) of a safetensors file, read without mapping the tensors."""
     try:
         with path.open("rb") as f:
             size = int.from_bytes(f.read(8), "little")
             file_size = path.stat().st_size
-            if size <= 0 or size > min(file_size - 8, 100 * 2**20):
+            if size <= 0 or size > min(file_size - 8, MAX_HEADER_BYTES):
                 raise CorruptCheckpoint(f"{path.name} has a header length of {size} bytes in a {file_size}-byte file")
             header = json.loads(f.read(size))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CorruptCheckpoint(f"{path.name} has an unreadable header: {err}") from err
     if not isinstance(header, dict):
         raise CorruptCheckpoint(f"{path.name} has a malformed header")
-    return [name for name in header if name != "__metadata__"]
+    return size, header
+
+
+def _header_names(path: Path) -> list[str]:
+    """Tensor names from a safetensors header, read without mapping the tensors."""
+    return [name for name in safetensors_header(path)[1] if name != "__metadata__"]

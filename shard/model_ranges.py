@@ -19,13 +19,12 @@ what the ranges are checked against.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from shard.checkpoint import INDEX_FILE
+from shard.checkpoint import INDEX_FILE, safetensors_header
 from shard.errors import CorruptCheckpoint, MissingTensor
 from shard.gguf_file import IDENTITY_NAME, GGUFModel, gguf_name
 from shard.gguf_format import TensorInfo
@@ -37,7 +36,6 @@ from shard.tokenizer import TOKENIZER_FILE, tokenizer_files
 Range = tuple[int, int]  # (offset, length) in bytes
 CONFIG_FILE = "config.json"
 _GGUF_OPENING_TENSORS = ("rope_freqs.weight",)  # shard.gguf_file.gguf_config dequantizes it when present
-_MAX_HEADER = 100 * 2**20  # as shard.checkpoint refuses a larger safetensors header
 
 
 def needed_ranges(model: OpenModel, start: int, end: int, *, head: bool = False,
@@ -94,17 +92,8 @@ def safetensors_layout(path: str | Path) -> tuple[int, dict[str, Range]]:
     """(bytes of the header: 8-byte length + JSON, {tensor name: (begin, end) in the file}), read
     from the header alone."""
     path = Path(path)
-    try:
-        with path.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            file_size = path.stat().st_size
-            if size <= 0 or size > min(file_size - 8, _MAX_HEADER):
-                raise CorruptCheckpoint(f"{path.name} has a header length of {size} bytes in a {file_size}-byte file")
-            header = json.loads(f.read(size))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptCheckpoint(f"{path.name} has an unreadable header: {err}") from err
-    if not isinstance(header, dict):
-        raise CorruptCheckpoint(f"{path.name} has a malformed header")
+    size, header = safetensors_header(path)
+    file_size = path.stat().st_size
     data_start = 8 + size
     offsets = {}
     for name, entry in header.items():
