@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +24,13 @@ from mesh.errors import TransportError
 from mesh.backoff import BanList
 from mesh.batcher import Job, MicroBatcher
 from mesh.first_blocks import FirstBlocks, LocalRun, check_local_blocks
+from mesh.kept_sessions import DEFAULT_MAX_ROUTES, KeptRoute, KeptSessions
 from mesh.pipeline import Recovery, RoutePipeline, StepTiming
 from mesh.routing import DEFAULT_RTT_S, ROUTING_MODES, NoRouteError, Route, ServerSpan, plan_route
 from mesh.session import CLIENT_SOFTWARE, HopFailed, HopSession, LinkBook, open_hop
+from mesh.speculative import (
+    DEFAULT_MAX_DRAFTS, MAX_DRAFTS, Drafter, DraftLength, PromptLookup, Speculation, SpeculationReport,
+)
 from mesh.spot_check import SpotChecks, VerificationReport
 from mesh.swarm_secret import SwarmSecret, proof_of, refusal_reason
 from mesh.transport import MessageStream, Transport
@@ -43,6 +47,7 @@ from shard.tokenizer import TOKENIZER_FILE, Tokenizer
 log = logging.getLogger("hearth.client")
 
 SPAN_CACHE_MAX = 1 << 14  # peers whose last span info a client keeps (for planning), before it starts over
+KEEP_ROOM = 1024  # positions at least, for a route kept for prefix reuse: room for the conversation's next turn
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,14 @@ class ClientOptions:
     local_quant: str = "auto"  # how the local blocks are loaded ("auto": as the model's own weights, as nodes do)
     trusted_peers: frozenset[str] | None = None  # route (and spot-check) only through these node peer ids
     swarm_secret: SwarmSecret | None = None  # household mode: only nodes proving this secret (mesh.swarm_secret)
+    # speculative decoding (mesh.speculative): drafts from prompt lookup checked up to `max_drafts` at
+    # a time in one pass; the output is the same as without it (off with spot checks, which check steps)
+    speculative: bool = False
+    max_drafts: int = DEFAULT_MAX_DRAFTS
+    # prefix reuse (mesh.kept_sessions): a finished generation's route stays open this long, and a
+    # request starting with its tokens prefills only the rest (0: off); at most `max_kept_routes`
+    keep_sessions_s: float = 0.0
+    max_kept_routes: int = DEFAULT_MAX_ROUTES
 
     def __post_init__(self):
         if self.codec != AUTO and not isinstance(self.codec, Codec):
@@ -91,6 +104,11 @@ class ClientOptions:
             raise InvalidInput(f"trusted peers must be a frozenset of peer ids, got {self.trusted_peers!r}")
         if self.swarm_secret is not None and not isinstance(self.swarm_secret, SwarmSecret):
             raise InvalidInput(f"swarm secret must be a mesh.swarm_secret.SwarmSecret, got {type(self.swarm_secret)}")
+        if not 1 <= self.max_drafts <= MAX_DRAFTS:
+            raise InvalidInput(f"max drafts must be in [1, {MAX_DRAFTS}], got {self.max_drafts}")
+        if not self.keep_sessions_s >= 0 or self.max_kept_routes < 1:
+            raise InvalidInput(f"sessions are kept for >= 0 s, at most >= 1 routes; got {self.keep_sessions_s} s, "
+                               f"{self.max_kept_routes}")
 
 
 @dataclass
@@ -113,7 +131,9 @@ class GenerationReport:
     decode_s: float = 0.0
     recoveries: list[Recovery] = field(default_factory=list)
     verification: VerificationReport = field(default_factory=VerificationReport)
+    speculation: SpeculationReport = field(default_factory=SpeculationReport)
     local_blocks: int = 0  # blocks [0, local_blocks) ran on this device; the route covers the rest
+    reused_tokens: int = 0  # prompt tokens a kept route already held (prefix reuse): not prefilled again
 
     @property
     def tokens_per_s(self) -> float:
@@ -133,8 +153,11 @@ class GenerationReport:
 class Client:
     def __init__(self, transport: Transport, discovery: Discovery, model_dir: OpenModel | str | Path, *,
                  options: ClientOptions = ClientOptions(), head: Head | None = None,
-                 tokenizer: Tokenizer | None = None):
+                 tokenizer: Tokenizer | None = None, drafter: Callable[[list[int]], Drafter] | None = None):
         self.transport, self.discovery, self.options = transport, discovery, options
+        # each generation's drafter, from its prompt ids (speculation): prompt lookup unless given
+        self.drafter = drafter if drafter is not None else lambda prompt_ids: PromptLookup()
+        self.kept = KeptSessions(options.keep_sessions_s, max_routes=options.max_kept_routes)
         opened = open_model_dir(model_dir)
         self.model_dir, self.config = opened.path, opened.config
         self.head: Head = head if head is not None else load_head(opened, quant=options.head_quant)
@@ -359,26 +382,52 @@ class Client:
         report.prompt_ids = ids
         decoding = Decoding(params, ids, tokenizer=self.tokenizer, eos_token_ids=self.config.eos_token_ids)
         max_length = min(limit, len(ids) + params.max_new_tokens)
-        pipeline = self._pipeline(max_length)
+        await self.kept.expire()
+        reuse = self.kept.take(ids, max_length) if self.options.keep_sessions_s > 0 and not self.options.verify_rate else None
+        if reuse is not None:
+            pipeline, local, room = reuse.route.pipeline, reuse.route.local, reuse.route.max_length
+            pipeline.restart(trio.current_time() + self.options.request_timeout_s)
+            report.reused_tokens = reuse.position
+            log.info("prefix reuse: %d of the prompt's %d tokens are held by a kept route", reuse.position, len(ids))
+        else:
+            room = max_length if self.options.keep_sessions_s == 0 else min(limit, max(2 * max_length, KEEP_ROOM))
+            pipeline = self._pipeline(room)
+            local = self.first_blocks.start(room) if self.first_blocks is not None else None
         report.recoveries = pipeline.recoveries
         report.verification = VerificationReport(self.options.verify_rate)
         checks = self._spot_checks(pipeline, decoding, report.verification)
-        local = self.first_blocks.start(max_length) if self.first_blocks is not None else None
+        report.speculation = SpeculationReport()
         report.local_blocks = self.local_blocks
         self._generating += 1
-        completed = False
+        completed = kept = False
         try:
-            await pipeline.open(self.local_blocks, self.config.num_layers)
+            if reuse is None:
+                await pipeline.open(self.local_blocks, self.config.num_layers)
             if checks is not None:
                 await checks.prepare()  # checkers' sessions open beside the route's, not in the first check
-            inputs, position = ids, 0
+            speculation = self._speculation(pipeline, ids, report.speculation, checks)
+            inputs, position = ids[report.reused_tokens:], report.reused_tokens
             while True:
                 started = trio.current_time()
-                logits = await self._forward(pipeline, inputs, position, report, local)
-                position += len(inputs)
-                emitted = decoding.accept(logits)
-                completed = emitted.finish is not None or position >= max_length  # a consumer may stop here
-                released = [emitted] if checks is None else await checks.after_step(emitted, position, last=completed)
+                decode = speculation is not None and len(inputs) == 1
+                draft = speculation.propose(decoding, position + 1, max_length) if decode else None
+                drafted = list(draft.tokens) if draft is not None else []
+                rows = await self._forward(pipeline, inputs + drafted, position, report, local,
+                                           rows_from=len(inputs) - 1)
+                chosen: list[Emitted] = []
+                for row in range(len(drafted) + 1):  # the last input's logits, then each draft's
+                    emitted = decoding.accept(await rows.logits(row))
+                    chosen.append(emitted)
+                    completed = emitted.finish is not None or position + len(inputs) + row >= max_length
+                    if completed or row == len(drafted) or emitted.token_id != drafted[row]:
+                        break
+                position += len(inputs) + len(chosen) - 1
+                if len(chosen) <= len(drafted):  # drafts from the first miss on: no node keeps them
+                    pipeline.rewind(position)
+                if decode:
+                    speculation.settle(draft, len(chosen) - 1, trio.current_time() - started)
+                emitted = chosen[-1]
+                released = chosen if checks is None else await checks.after_step(emitted, position, last=completed)
                 _account(report, trio.current_time() - started, first=position == len(ids))  # checks included
                 report.token_ids = decoding.token_ids
                 report.finish_reason = decoding.finish.value if decoding.finish else "length"
@@ -392,13 +441,32 @@ class Client:
                 if completed:
                     break
                 inputs = [emitted.token_id]
+            if self.options.keep_sessions_s > 0 and checks is None:
+                held = (ids + decoding.token_ids)[:position]
+                await self.kept.put(KeptRoute(held, pipeline, local, room, 0.0))
+                kept = True
         finally:
             self._generating -= 1
             self._report_service(pipeline, completed=completed)
             if checks is not None:
                 await checks.aclose()
-            await pipeline.close()
+            if not kept:
+                await pipeline.close()
 
+    def _speculation(self, pipeline: RoutePipeline, ids: list[int], report: SpeculationReport,
+                     checks: SpotChecks | None) -> Speculation | None:
+        """This generation's drafting, or None where it is off (and the report says why)."""
+        if not self.options.speculative:
+            return None
+        if checks is not None:
+            report.off_reason = "spot checks check whole steps; speculation is off with --verify-rate"
+        elif not pipeline.rewinds_steps:
+            report.off_reason = "a node on the route does not compute short steps row-exactly (an older version)"
+        else:
+            report.enabled = True
+            return Speculation(self.drafter(ids), DraftLength(self.options.max_drafts), report, pipeline)
+        log.info("speculation off: %s", report.off_reason)
+        return None
     async def generate_text(self, prompt: str | None = None, **kwargs) -> GenerationReport:
         report = GenerationReport([])
         async for _ in self.generate(prompt, report=report, **kwargs):
@@ -441,14 +509,16 @@ class Client:
         return RoutePipeline(plan, open_one, deadline=trio.current_time() + self.options.request_timeout_s,
                              rng=self.rng, bans=self.bans, timing=timing)
 
-    async def _forward(self, pipeline: RoutePipeline, ids: list[int], position: int,
-                       report: GenerationReport, local: LocalRun | None = None) -> np.ndarray:
+    async def _forward(self, pipeline: RoutePipeline, ids: list[int], position: int, report: GenerationReport,
+                       local: LocalRun | None = None, *, rows_from: int = -1) -> RowLogits:
+        """`ids` at `position` through the local blocks and the route: the logits of its positions
+        from `rows_from` on (by default the last; drafts: the last input's and every draft's)."""
         hidden = self.head.embed_tokens(ids)
         if local is not None:  # blocks [0, K) here: what leaves the device is their output
             hidden = await local.run(hidden, position)
         hidden = await pipeline.forward(hidden, position)
         report.hops = _hop_reports(pipeline.hops)
-        return await self._logits(hidden[:, -1])
+        return RowLogits(self, hidden[0, rows_from:])
 
     async def _logits(self, last: np.ndarray) -> np.ndarray:
         """The LM head on one sequence's last hidden state [1, D] -> logits [V]. Concurrent
@@ -463,6 +533,27 @@ class Client:
     async def _run_head(self, jobs: list[Job]) -> None:
         for job, logits in zip(jobs, self.head.next_logits(np.concatenate([job.payload for job in jobs]))):
             job.output = logits
+
+    async def aclose(self) -> None:
+        """Close the routes kept for prefix reuse."""
+        await self.kept.close_all()
+
+
+class RowLogits:
+    """The logits of a step's positions, computed when first asked: all rows in one pass of the head
+    where its rows are exact together (`Head.batch_rows`), else row by row (a float head's GEMM
+    rounds with the row count), so each is the logits a one-token step gives."""
+
+    def __init__(self, client: Client, hidden: np.ndarray):
+        self.client, self.hidden = client, hidden  # [rows, D]
+        self._all: np.ndarray | None = None
+
+    async def logits(self, row: int) -> np.ndarray:
+        if len(self.hidden) == 1 or self.client.head.batch_rows < len(self.hidden):
+            return await self.client._logits(self.hidden[row : row + 1])
+        if self._all is None:
+            self._all = self.client.head.next_logits(self.hidden)
+        return self._all[row]
 
 
 def _hop_reports(hops: list[HopSession]) -> list[HopReport]:

@@ -83,6 +83,10 @@ class RoutePipeline:
     async def open(self, start: int, end: int) -> None:
         self.hops = await self._cover(start, end, [])
 
+    def restart(self, deadline: float) -> None:
+        """Serve another request on these hops (prefix reuse): a new deadline, its own recoveries."""
+        self.deadline, self.recoveries = deadline, []
+
     async def forward(self, hidden: np.ndarray, position: int) -> np.ndarray:
         """Run `hidden` [B, T, D] at `position` through every hop, replacing hops that fail."""
         index = 0
@@ -100,10 +104,19 @@ class RoutePipeline:
         return hidden
 
     def rewind(self, position: int) -> None:
-        """Go back to `position` (a step boundary): every hop forgets its inputs from there, and the
-        next `forward` starts there (each node cuts its cache when a step starts before its end)."""
+        """Go back to `position` (where `can_rewind_to` says the histories stay exact): every hop
+        forgets its inputs from there, and the next `forward` starts there, saying so (each node
+        cuts its cache there)."""
         for hop in self.hops:
             hop.rewind(position)
+
+    def can_rewind_to(self, position: int) -> bool:
+        return all(hop.can_rewind_to(position) for hop in self.hops)
+
+    @property
+    def rewinds_steps(self) -> bool:
+        """Every hop computes short steps row-exactly and takes rewinds (speculation is exact)."""
+        return all(hop.rewinds_steps for hop in self.hops)
 
     async def evict(self, peer_id: str, reason: str) -> None:
         """Ban `peer_id` for good and replace every hop it serves, replaying their history elsewhere."""

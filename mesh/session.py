@@ -23,10 +23,11 @@ from mesh.errors import TransportError
 from mesh.swarm_secret import SwarmSecret, proof_of, refusal_reason
 from mesh.transport import MessageStream, Transport
 from protocol import (
-    CAPABILITIES, DATA_CHANNEL, INFERENCE_PROTOCOL, REFERENCE_SPEEDS, REPLAY_CHUNKS, CloseSession, Codec, Error,
+    CAPABILITIES, DATA_CHANNEL, INFERENCE_PROTOCOL, REFERENCE_SPEEDS, REPLAY_CHUNKS, REWIND_STEPS, CloseSession, Codec, Error,
     Exchange, Hello, LinkEstimate, Message, OpenSession, ProtocolError, Retry, Role, SessionOpened, Step, StepResult,
     classify, decode_tensor, encode_tensor, estimate_link, session_codec,
 )
+from shard.interfaces import ROW_EXACT_TOKENS
 
 log = logging.getLogger("hearth.client")
 
@@ -103,21 +104,37 @@ class HopSession:
     wall_seconds: float = 0.0  # our round trips, compute included
     replays_chunks: bool = False  # the node runs a multi-step replay chunk by chunk (Step.chunks)
     links: LinkBook | None = None  # where each step's bytes and time are recorded
+    rewinds_steps: bool = False  # the node takes Step.rewind and computes short steps row-exactly
+    rewinding: bool = False  # the next step starts before the node's end: it says so (Step.rewind)
 
     @property
     def length(self) -> int:
         return sum(record.hidden.shape[1] for record in self.history)
 
     def rewind(self, position: int) -> None:
-        """Forget the inputs from `position` on (a step boundary): the next step starts there, and the
-        node, seeing a step start before its cache's end, cuts its cache there too."""
+        """Forget the inputs from `position` on: the next step starts there and says `rewind`, and the
+        node cuts its cache there too. `position` is a step boundary, or inside a step of at most
+        `ROW_EXACT_TOKENS` tokens (whose rows are exact on their own, so its kept rows replay exactly)."""
         if position >= self.length:
             return
-        kept = [record for record in self.history if record.start_position < position]
-        if kept and kept[-1].start_position + kept[-1].hidden.shape[1] != position:
+        if not self.can_rewind_to(position):
+            last = next(r for r in self.history if r.start_position < position <= r.start_position + r.hidden.shape[1])
             raise ValueError(f"position {position} is inside a step of hop {self.peer_id} "
-                             f"(from {kept[-1].start_position}, {kept[-1].hidden.shape[1]} tokens)")
+                             f"(from {last.start_position}, {last.hidden.shape[1]} tokens)")
+        kept = [record for record in self.history if record.start_position < position]
+        last = kept[-1] if kept else None
+        if last is not None and last.start_position + last.hidden.shape[1] > position:
+            kept[-1] = StepRecord(last.start_position, last.hidden[:, : position - last.start_position])
         self.history = kept
+        self.rewinding = True
+
+    def can_rewind_to(self, position: int) -> bool:
+        """Whether `rewind(position)` keeps a history that replays exactly."""
+        for record in self.history:
+            end = record.start_position + record.hidden.shape[1]
+            if record.start_position < position < end:
+                return record.hidden.shape[1] <= ROW_EXACT_TOKENS
+        return True
 
     async def step(self, hidden: np.ndarray, start_position: int, *, timeout: float, replay: bool = False,
                    chunks: tuple[int, ...] = ()) -> np.ndarray:
@@ -154,12 +171,14 @@ class HopSession:
 
     def _message(self, sent: SentStep, replay: bool) -> Step:
         return Step(session_id=self.session_id, step=self.step_number, start_position=sent.start_position,
-                    hidden=encode_tensor(sent.hidden, self.codec), replay=replay, chunks=sent.chunks)
+                    hidden=encode_tensor(sent.hidden, self.codec), replay=replay, chunks=sent.chunks,
+                    rewind=self.rewinding)
 
     def _answer(self, sent: SentStep, reply: Message, *, timed: bool) -> np.ndarray:
         """The output a `reply` to `sent` carries, checked; the input joins the history."""
         answered = trio.current_time()  # the link's time: our encoding before `started`, decoding after this
         self.step_number += 1
+        self.rewinding = False  # answered or failed: a replacement starts from its replayed history
         if isinstance(reply, Error):
             raise HopFailed(self.peer_id, self.start, self.end, f"node says: {reply.reason}", retry=classify(reply))
         if not isinstance(reply, StepResult):
@@ -207,7 +226,7 @@ async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, 
     mode, `mesh.swarm_secret`). Raises HopFailed."""
     session_id = secrets.token_hex(8)
     hello = Hello(software=CLIENT_SOFTWARE, codecs=tuple(Codec), codec_speeds=REFERENCE_SPEEDS,
-                  capabilities=CAPABILITIES if data_channel else (REPLAY_CHUNKS,),
+                  capabilities=CAPABILITIES if data_channel else (REPLAY_CHUNKS, REWIND_STEPS),
                   swarm_proof=proof_of(swarm, transport.peer_id))
     link = links.estimate(peer_id) if links is not None and hidden_size > 0 else None
     stream = None
@@ -239,7 +258,7 @@ async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, 
     if reply.data_address and agreement.supports(DATA_CHANNEL):
         stream = await _to_data_channel(stream, reply, timeout=min(timeout, DATA_CHANNEL_TIMEOUT_S))
     return HopSession(peer_id, start, end, stream, session_id, codec, replays_chunks=agreement.supports(REPLAY_CHUNKS),
-                      links=links)
+                      links=links, rewinds_steps=agreement.supports(REWIND_STEPS))
 
 
 async def _to_data_channel(stream: MessageStream, opened: SessionOpened, *, timeout: float) -> MessageStream:

@@ -158,6 +158,20 @@ class ApiServer:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(partial(hypercorn_serve, self.app, config, shutdown_trigger=self._stop.wait))
             task_status.started(f"{binds[0]}/v1")
+            if self.client.options.keep_sessions_s > 0:
+                expiry = trio.CancelScope()
+                nursery.start_soon(self._expire_kept_routes, expiry)
+                await self._stop.wait()
+                expiry.cancel()
+        with trio.CancelScope(shield=True):
+            await self.client.aclose()  # the routes kept for prefix reuse
+
+    async def _expire_kept_routes(self, scope: trio.CancelScope) -> None:
+        """Close the routes kept for prefix reuse once their time is up, between requests too."""
+        with scope:
+            while True:
+                await trio.sleep(max(1.0, self.client.options.keep_sessions_s / 4))
+                await self.client.kept.expire()
 
     def stop(self) -> None:
         self._stop.set()
@@ -354,9 +368,11 @@ class ApiServer:
                                                        type="server_error"))
 
     def _log_done(self, header: ResponseHeader, report: GenerationReport) -> None:
-        log.info("%s: %d tokens (%s), %.1f tokens/s, route %s, %d recoveries%s", header.id, len(report.token_ids),
-                 report.finish_reason, report.tokens_per_s, report.route_text(), len(report.recoveries),
-                 f"; {report.verification.text()}" if report.verification.rate else "")
+        log.info("%s: %d tokens (%s), %.1f tokens/s, route %s, %d recoveries%s%s%s", header.id,
+                 len(report.token_ids), report.finish_reason, report.tokens_per_s, report.route_text(),
+                 len(report.recoveries), f"; {report.verification.text()}" if report.verification.rate else "",
+                 f"; {report.speculation.summary()}" if report.speculation.enabled else "",
+                 f"; {report.reused_tokens} prompt tokens reused" if report.reused_tokens else "")
 
 
 class EventStreamResponse(StreamingResponse):
@@ -541,7 +557,8 @@ def _route_json(report: GenerationReport) -> dict:
     checks found, its speed."""
     return {"route": report.route, "local_blocks": report.local_blocks,
             "recoveries": [r.to_json() for r in report.recoveries],
-            "verification": report.verification.to_json(),
+            "verification": report.verification.to_json(), "speculation": report.speculation.to_json(),
+            "reused_tokens": report.reused_tokens,
             "tokens": len(report.token_ids), "tokens_per_s": round(report.tokens_per_s, 2)}
 
 

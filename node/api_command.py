@@ -27,7 +27,7 @@ from shard.errors import InvalidInput
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_client_arguments(
         parser, model_help="the model directory (embeddings, LM head, tokenizer and chat template run here)",
-        timeout_help="deadline for each request", digest=True)
+        timeout_help="deadline for each request", digest=True, server=True)
     parser.add_argument("--port", type=int, default=8000, metavar="PORT", help="default 8000; 0 picks a free port")
     parser.add_argument("--host", default="127.0.0.1", metavar="HOST",
                         help="address to bind (default 127.0.0.1; any other needs --api-key)")

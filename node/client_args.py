@@ -15,6 +15,7 @@ import trio
 from mesh.client import Client, ClientOptions
 from mesh.join import connect, joined
 from mesh.first_blocks import AUTO_BLOCKS
+from mesh.speculative import DEFAULT_MAX_DRAFTS, MAX_DRAFTS
 from mesh.verify import CROSS_KERNEL_TOLERANCE, DEFAULT_TOLERANCE
 from node.logs import add_log_arguments
 from node.model_fetch import fetch_client_model
@@ -24,12 +25,14 @@ from protocol import AUTO, Codec
 from shard.errors import InvalidInput
 
 CODECS = {AUTO: AUTO, **{codec.name.lower(): codec for codec in Codec}}  # auto: per hop, from the measured link
+DEFAULT_KEEP_SESSIONS_S = 120.0  # the API keeps a finished answer's route this long for the next turn
 
 
 def add_client_arguments(parser: argparse.ArgumentParser, *, model_help: str, timeout_help: str,
-                         digest: bool = False) -> None:
+                         digest: bool = False, server: bool = False) -> None:
     """The flags of a client: where the swarm is, the local model directory (or with `digest`, the
-    model's digest to fetch it by), wire codec, deadline, routing, compute threads and logging."""
+    model's digest to fetch it by), wire codec, deadline, routing, speculation (on by default for a
+    `server`: the API), compute threads and logging."""
     parser.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                         help="a peer of the swarm (with /p2p/ id); repeatable; needed unless --mdns")
     parser.add_argument("--mdns", action="store_true", help="find the nodes on this LAN (no --bootstrap needed)")
@@ -50,6 +53,7 @@ def add_client_arguments(parser: argparse.ArgumentParser, *, model_help: str, ti
     parser.add_argument("--routing", choices=("latency", "throughput"), default="latency",
                         help="route for the lowest latency (chat) or around busy nodes (batch jobs)")
     add_privacy_arguments(parser)
+    add_speculation_arguments(parser, server=server)
     add_threads_argument(parser, what=" for the embeddings and LM head")
     add_log_arguments(parser)
 
@@ -73,6 +77,34 @@ def add_verify_argument(parser: argparse.ArgumentParser) -> None:
                              f"checker's with the same kernels (default {DEFAULT_TOLERANCE:g}: they compute "
                              f"bit-identical results; between different kernels at least {CROSS_KERNEL_TOLERANCE:g}; "
                              f"docs/security.md)")
+
+
+def add_speculation_arguments(parser: argparse.ArgumentParser, *, server: bool) -> None:
+    """--speculative, --max-drafts and (for a `server`, the API) --keep-sessions; a server speculates
+    and keeps routes by default: neither changes an answer."""
+    parser.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=server,
+                        help="speculative decoding: tokens guessed from the prompt and the answer so far "
+                             "(prompt lookup) are checked several at a time in one pass through the route; "
+                             "the answer is the same, fewer passes where it repeats its prompt "
+                             f"(default: {'on' if server else 'off'})")
+    parser.add_argument("--max-drafts", type=int, default=DEFAULT_MAX_DRAFTS, metavar="N",
+                        help=f"speculation: at most N guessed tokens per pass, 1-{MAX_DRAFTS} (default "
+                             f"{DEFAULT_MAX_DRAFTS}; fewer are sent where they are seldom kept)")
+    if server:
+        parser.add_argument("--keep-sessions", type=float, default=DEFAULT_KEEP_SESSIONS_S, metavar="S",
+                            help="prefix reuse: keep a finished answer's route open S seconds, so the next turn "
+                                 "of the conversation prefills only its new tokens (the nodes' idle sessions; "
+                                 f"default {DEFAULT_KEEP_SESSIONS_S:g}; 0: off)")
+
+
+def speculation_options(args: argparse.Namespace) -> dict:
+    """`ClientOptions` fields from --speculative, --max-drafts and --keep-sessions."""
+    if not 1 <= args.max_drafts <= MAX_DRAFTS:
+        raise InvalidInput(f"--max-drafts must be in [1, {MAX_DRAFTS}], got {args.max_drafts}")
+    keep = getattr(args, "keep_sessions", 0.0)
+    if not keep >= 0:
+        raise InvalidInput(f"--keep-sessions must be >= 0 seconds (0: off), got {keep}")
+    return dict(speculative=args.speculative, max_drafts=args.max_drafts, keep_sessions_s=keep)
 
 
 def parse_verify_rate(rate: float) -> float:
@@ -150,7 +182,7 @@ def check_peer_sources(args: argparse.Namespace) -> None:
 
 def client_options(args: argparse.Namespace) -> ClientOptions:
     return ClientOptions(codec=CODECS[args.codec], request_timeout_s=args.timeout, routing=args.routing,
-                         **privacy_options(args))
+                         **privacy_options(args), **speculation_options(args))
 
 
 @contextlib.asynccontextmanager

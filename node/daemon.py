@@ -40,7 +40,9 @@ from mesh.libp2p_transport import Libp2pTransport
 from mesh.loopback import LoopbackTransport
 from node.api import DEFAULT_MAX_CONCURRENT, ApiServer, ApiSettings, check_model_dir
 from node.chaos import Chaos, ChaosSpec, parse_chaos
-from node.client_args import add_privacy_arguments, privacy_line, privacy_options
+from node.client_args import (
+    add_privacy_arguments, add_speculation_arguments, privacy_line, privacy_options, speculation_options,
+)
 from node.logs import add_log_arguments, say, setup_logging
 from node.metrics import NodeMetrics, TimedDiscovery
 from node.model_fetch import FetchedModel, print_progress
@@ -167,6 +169,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "bytes, e.g. head -c 32 /dev/urandom | base64 > FILE), prove it to them, and route "
                              "the API's requests only through nodes proving it")
     add_privacy_arguments(parser, node=True)
+    add_speculation_arguments(parser, server=True)
     add_log_arguments(parser)
 
 
@@ -210,7 +213,7 @@ def household_from_args(args: argparse.Namespace) -> dict:
         raise InvalidInput("--local-blocks, --trust-peers and --verify-rate are for the API's client: "
                            "they need --api-port")
     client = privacy_options(args)  # the node's --swarm-secret is its API client's too
-    return dict(swarm_secret=client["swarm_secret"], api_client=ClientOptions(**client))
+    return dict(swarm_secret=client["swarm_secret"], api_client=ClientOptions(**client, **speculation_options(args)))
 
 
 def chaos_from_args(args: argparse.Namespace) -> ChaosSpec | None:

@@ -104,7 +104,9 @@ async def _demo(args: argparse.Namespace) -> GenerationReport:
 
 
 async def _generate(swarm: LocalSwarm, args: argparse.Namespace) -> GenerationReport:
-    options = ClientOptions(step_timeout_s=5.0, local_blocks=args.local_blocks, **args.verify)
+    # speculation and prefix reuse on, as in the API: neither changes an answer
+    options = ClientOptions(step_timeout_s=5.0, local_blocks=args.local_blocks, speculative=True,
+                            keep_sessions_s=120.0 if args.chat else 0.0, **args.verify)
     async with connect(bootstrap=swarm.bootstrap, model=args.model, options=options) as client:
         # a chat template makes a chat, except the bundled model's: it only turns a chat into a code prompt
         chat = client.tokenizer is not None and bool(client.tokenizer.chat_templates) and args.model != DEMO_MODEL
@@ -143,8 +145,9 @@ async def _answer(client, swarm: LocalSwarm, args: argparse.Namespace, params: S
             say("route: " + report.route_text())
         sys.stdout.write(emitted.text)
         sys.stdout.flush()
-        if kill_at is not None and len(report.token_ids) == kill_at:
+        if kill_at is not None and len(report.token_ids) >= kill_at:  # a pass may give several tokens
             _kill_middle_hop(swarm, report)
+            kill_at = None
     sys.stdout.write("\n")
     sys.stdout.flush()
     _summary(report)
@@ -165,6 +168,10 @@ def _summary(report: GenerationReport) -> None:
         say(f"  blocks [0, {report.local_blocks}) ran here: no node saw the token embeddings")
     if report.verification.rate:
         say(f"  {report.verification.text()}")
+    if report.speculation.enabled:
+        say(f"  {report.speculation.summary()}")
+    if report.reused_tokens:
+        say(f"  {report.reused_tokens} prompt tokens were already on the route (prefix reuse)")
     for hop in report.hops:
         say(f"  hop {hop.peer_id[-6:]} blocks [{hop.start}, {hop.end}): compute {hop.compute_s * 1e3:.0f} ms, "
             f"round trips {hop.total_s * 1e3:.0f} ms")

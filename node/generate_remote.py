@@ -44,7 +44,8 @@ async def _generate(args: argparse.Namespace) -> int:
         print(f"\n[{len(report.token_ids)} tokens, {report.tokens_per_s:.1f} tokens/s, {report.finish_reason}; "
               f"route {report.route_text()}; "
               f"{len(report.recoveries)} recoveries"
-              f"{'; ' + report.verification.text() if report.verification.rate else ''}]", file=sys.stderr)
+              f"{'; ' + report.verification.text() if report.verification.rate else ''}"
+              f"{'; ' + report.speculation.summary() if report.speculation.enabled else ''}]", file=sys.stderr)
     return 0
 
 
@@ -57,4 +58,5 @@ def report_json(report: GenerationReport) -> dict:
                   "round_trip_s": round(h.total_s, 4)} for h in report.hops],
         "recoveries": [r.to_json() for r in report.recoveries],
         "verification": report.verification.to_json(),
+        "speculation": report.speculation.to_json(),
     }

@@ -31,7 +31,7 @@ from node.intake import BudgetedStream, BufferBudget, IntakeLimits
 from node.metrics import NodeMetrics
 from node.sessions import ServedSession, SessionManager, SessionRefused
 from protocol import (
-    DATA_CHANNEL, REFERENCE_SPEEDS, REPLAY_CHUNKS, Codec, CloseSession, Error, ErrorCode, Hello, Message,
+    DATA_CHANNEL, REFERENCE_SPEEDS, REPLAY_CHUNKS, REWIND_STEPS, Codec, CloseSession, Error, ErrorCode, Hello, Message,
     OpenSession, Ping, Pong, ProtocolError, Role, SessionOpened, SpanInfo, Step, StepResult, decode_tensor,
     encode_tensor,
 )
@@ -66,7 +66,7 @@ class InferenceServer:
         self.buffers = BufferBudget(self.intake.max_buffered_bytes_per_peer, self.intake.max_buffered_bytes)
         self._live: dict[str, trio.CancelScope] = {}
         self._stepping: dict[str, bool] = {}  # session id -> whether to stop once the step in flight is answered
-        capabilities = (REPLAY_CHUNKS, DATA_CHANNEL) if data_channels is not None else (REPLAY_CHUNKS,)
+        capabilities = (REPLAY_CHUNKS, REWIND_STEPS) + ((DATA_CHANNEL,) if data_channels is not None else ())
         # on inference streams, with the codec speeds a client weighs its codec choice by
         self._session_hello = Hello(software=SOFTWARE, codecs=SUPPORTED_CODECS, capabilities=capabilities,
                                     codec_speeds=REFERENCE_SPEEDS)
@@ -297,10 +297,11 @@ class InferenceServer:
     async def _step(self, session: ServedSession, message: Message) -> StepResult:
         if not isinstance(message, Step):
             raise refusal(ErrorCode.UNEXPECTED_MESSAGE, f"expected step, got {message.TYPE}")
-        self.manager.check_input(session, message.hidden.shape, message.start_position)
+        self.manager.check_input(session, message.hidden.shape, message.start_position, rewind=message.rewind)
         hidden = decode_tensor(message.hidden)
         first = session.steps == 0
-        output, seconds = await self.manager.step(session, hidden, message.start_position, message.chunks)
+        output, seconds = await self.manager.step(session, hidden, message.start_position, message.chunks,
+                                                  rewind=message.rewind)
         result = StepResult(session_id=session.session_id, step=message.step, hidden=encode_tensor(output, session.codec),
                             compute_seconds=seconds)
         self.metrics.step(message, result, first=first)

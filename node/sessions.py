@@ -247,9 +247,11 @@ class SessionManager:
         if self.sessions.pop(session.session_id, None) is not None:
             self.reserved_bytes -= session.nbytes
 
-    def check_input(self, session: ServedSession, shape: tuple[int, ...], start_position: int) -> None:
+    def check_input(self, session: ServedSession, shape: tuple[int, ...], start_position: int, *,
+                    rewind: bool = False) -> None:
         """What a step's hidden states may be, checked on the tensor's header before a byte of it is
-        decompressed or decoded: [the session's batch, tokens that fit its room, the hidden size]."""
+        decompressed or decoded: [the session's batch, tokens that fit its room, the hidden size],
+        starting where the session ends, or before that when the step says it rewinds."""
         cache, hidden = session.cache, self.span.config.hidden_size
         if len(shape) != 3 or shape[0] != cache.batch or shape[1] < 1 or shape[2] != hidden:
             raise SessionRefused(ErrorCode.INVALID_TENSOR,
@@ -257,18 +259,23 @@ class SessionManager:
         if start_position > cache.length:
             raise SessionRefused(ErrorCode.POSITION_MISMATCH,
                                  f"step starts at position {start_position} but the cache holds {cache.length}")
+        if start_position < cache.length and not rewind:
+            raise SessionRefused(ErrorCode.POSITION_MISMATCH,
+                                 f"step starts at position {start_position} but the cache holds {cache.length}; "
+                                 f"a step that goes back must say rewind")
         if start_position + shape[1] > cache.max_length:
             raise SessionRefused(ErrorCode.CACHE_FULL, f"{shape[1]} tokens at position {start_position} overflow "
                                  f"the session's {cache.max_length} positions")
 
     async def step(self, session: ServedSession, hidden: np.ndarray, start_position: int,
-                   chunks: tuple[int, ...] = ()) -> tuple[np.ndarray, float]:
+                   chunks: tuple[int, ...] = (), *, rewind: bool = False) -> tuple[np.ndarray, float]:
         """Run the session's blocks on `hidden` [B, T, D] at `start_position`, as `chunks` (token
-        counts, run one after another) when given; returns (output, seconds of compute)."""
+        counts, run one after another) when given; returns (output, seconds of compute). A step
+        that `rewind`s may start before the session's end: the positions from there are forgotten."""
         if self.draining:
             raise SessionRefused(ErrorCode.SHUTTING_DOWN, "this node is shutting down; replay elsewhere",
                                  retry_elsewhere=True)
-        self.check_input(session, hidden.shape, start_position)
+        self.check_input(session, hidden.shape, start_position, rewind=rewind)
         rows = hidden.shape[0] * hidden.shape[1]
         if hidden.shape[1] > 1:
             self._charge_prefill(session.peer_id, rows)
@@ -340,7 +347,7 @@ class SessionManager:
             raise SessionRefused(ErrorCode.INVALID_MESSAGE,
                                  f"chunks {list(chunks)} do not add up to the step's {hidden.shape[1]} tokens")
         if start_position < session.cache.length:
-            session.cache.truncate(start_position)  # the client redoes a step whose result it lost
+            session.cache.truncate(start_position)  # a rewind (checked): the client kept fewer positions
         outputs, seconds, offset = [], 0.0, 0
         for turn in prefill_turns(chunks or (hidden.shape[1],), self.limits.prefill_chunk_tokens):
             part = hidden[:, offset:offset + sum(turn)]
@@ -396,7 +403,7 @@ def _forward_batch(steps: list[_Step]) -> list[np.ndarray | Exception]:
     the pass cannot take (bad shape, full cache) gets its own error and the others run without it."""
     for step in steps:
         if step.start_position < step.session.cache.length:
-            step.session.cache.truncate(step.start_position)  # the client redoes a step whose result it lost
+            step.session.cache.truncate(step.start_position)  # a rewind (checked): the client kept fewer positions
     if len(steps) == 1:
         try:
             return [_forward(steps[0].session, steps[0].hidden)]

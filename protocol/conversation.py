@@ -29,7 +29,11 @@ INFO_PROTOCOL = "/hearth/info/1"
 # Capabilities (Hello.capabilities): a feature runs only when both Hellos list it.
 DATA_CHANNEL = "data-channel-2"  # a session's steps may move to the sealed TCP channel offered in SessionOpened
 REPLAY_CHUNKS = "replay-chunks"  # Step.chunks: several original steps replayed in one message
-CAPABILITIES = (DATA_CHANNEL, REPLAY_CHUNKS)  # every capability this version knows
+# Step.rewind is understood, and a step of at most 16 tokens computes each token's row with the
+# bits a one-token step computes (`shard.blocks.ROW_EXACT_TOKENS`): a client may check drafted
+# tokens in one step and keep any prefix of them (`mesh.speculative`)
+REWIND_STEPS = "rewind-steps"
+CAPABILITIES = (DATA_CHANNEL, REPLAY_CHUNKS, REWIND_STEPS)  # every capability this version knows
 
 # The data channel offer's sizes, DATA_TOKEN_BYTES and DATA_KEY_BYTES, are checked by SessionOpened
 # (protocol.messages) and exported here with the rest of the conversation; so is the size of a
@@ -58,7 +62,7 @@ class Agreement:
 
 __all__ = [
     "AUTO", "Agreement", "CAPABILITIES", "DATA_CHANNEL", "DATA_KEY_BYTES", "DATA_TOKEN_BYTES", "FALLBACK_CODEC",
-    "INFERENCE_PROTOCOL", "INFO_PROTOCOL", "PIECES_PROTOCOL", "REPLAY_CHUNKS", "SWARM_PROOF_BYTES", "negotiate", "session_codec",
+    "INFERENCE_PROTOCOL", "INFO_PROTOCOL", "PIECES_PROTOCOL", "REPLAY_CHUNKS", "REWIND_STEPS", "SWARM_PROOF_BYTES", "negotiate", "session_codec",
 ]
 
 

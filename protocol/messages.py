@@ -333,6 +333,10 @@ class Step(Message):
     # Token counts of the original steps when one replay message carries several: the hop runs
     # them one after another, so its cache is bit-identical to the first computation. Empty: one.
     chunks: tuple[int, ...] = ()
+    # The step starts before the session's end on purpose (the client kept only some of its last
+    # step's tokens, or goes back to a verified step): the hop forgets the positions from
+    # `start_position` on first. Without it a step must start exactly where the session ends.
+    rewind: bool = False
 
     def validate(self) -> None:
         _str(self, "session_id", self.session_id, max_chars=MAX_ID_CHARS, empty=False)
@@ -341,6 +345,7 @@ class Step(Message):
         _hidden(self, self.hidden)
         _bool(self, "replay", self.replay)
         _chunks(self, self.chunks)
+        _bool(self, "rewind", self.rewind)
 
 
 

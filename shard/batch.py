@@ -23,6 +23,7 @@ import torch
 
 from shard.blocks import Attention, DecoderBlock, attention_mask
 from shard.errors import InvalidInput, SpanOutOfRange
+from shard.interfaces import ROW_EXACT_TOKENS
 from shard.kv_cache import KVCache
 from shard.quant import INT8_KERNEL_MAX_ROWS
 from shard.rope import rotary_tables
@@ -76,6 +77,9 @@ def forward_batch(span: torch.nn.Module, items: Sequence[BatchItem]) -> list[tor
     check_items(span, items)
     if not items:
         return []
+    if span.quant not in ROW_EXACT and any(1 < item.hidden.shape[1] <= ROW_EXACT_TOKENS for item in items):
+        # float spans run short steps token by token (`SpanModel.forward`, `ROW_EXACT_TOKENS`): so here
+        return [_view(span, item)(item.hidden, item.cache) for item in items]
     steps = [_step(span, item) for item in items]
     bounds = _offsets([step.rows for step in steps])
     D = span.config.hidden_size
@@ -92,6 +96,10 @@ def forward_batch(span: torch.nn.Module, items: Sequence[BatchItem]) -> list[tor
     for step in steps:
         step.item.cache.advance(step.tokens)
     return [x[bounds[i] : bounds[i + 1]].view(step.batch, step.tokens, -1) for i, step in enumerate(steps)]
+
+
+def _view(span: torch.nn.Module, item: BatchItem) -> torch.nn.Module:
+    return span if (item.start, item.end) == (span.start, span.end) else span.sub_span(item.start, item.end)
 
 
 def check_items(span: torch.nn.Module, items: Sequence[BatchItem]) -> None:

@@ -8,6 +8,7 @@ from torch import nn
 
 from shard import qkernels
 from shard.config import ModelConfig
+from shard.interfaces import ROW_EXACT_TOKENS
 from shard.kv_cache import KVCache
 from shard.rope import apply_rotary
 
@@ -67,14 +68,28 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:
     """Scaled dot-product attention with grouped kv heads: q [B, H, T, hd], keys and values
     [B, KV, L, hd] -> [B, H, T, hd]. A decode step (one query, no mask) runs as two batched
-    matmuls and a softmax: torch's fused kernel costs several times more for a single query."""
+    matmuls and a softmax: torch's fused kernel costs several times more for a single query. A
+    short step (`ROW_EXACT_TOKENS`) runs each query as that decode step would, over its own keys."""
     B, H, T, hd = q.shape
     kv_heads = keys.shape[1]
+    if 1 < T <= ROW_EXACT_TOKENS:
+        past = keys.shape[2] - T
+        return torch.cat([_attention(q[:, :, i : i + 1], keys[:, :, : past + i + 1], values[:, :, : past + i + 1],
+                                     _row_mask(mask, i, past)) for i in range(T)], dim=2)
     if T == 1 and mask is None:
         grouped = q.reshape(B, kv_heads, H // kv_heads, hd)  # the query heads that share a kv head
         scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(hd**-0.5)  # [B, KV, H/KV, L]
         return torch.matmul(scores.softmax(dim=-1), values).view(B, H, 1, hd)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=kv_heads != H)
+
+
+def _row_mask(mask: torch.Tensor | None, row: int, past: int) -> torch.Tensor | None:
+    """Query `row`'s part of a step's mask, as `attention_mask` makes it for that query alone: None
+    where it sees every key up to its own position."""
+    if mask is None:
+        return None
+    seen = mask[row : row + 1, : past + row + 1]
+    return None if bool(seen.all()) else seen
 
 
 class MLP(nn.Module):

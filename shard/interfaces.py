@@ -20,6 +20,13 @@ import numpy as np
 
 from shard.config import ModelConfig
 
+# Steps of at most this many tokens compute each token's row with the bits a one-token step
+# computes (`shard.blocks` attends row by row, the quantized linears treat rows independently, and
+# float spans run such steps token by token): a client may check drafted tokens in one step and keep
+# any prefix of them, bit-identical to decoding them one at a time (`mesh.speculative`), and a
+# replay may send any prefix of such a step.
+ROW_EXACT_TOKENS = 16
+
 
 @runtime_checkable
 class Cache(Protocol):

@@ -18,13 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from shard.batch import BatchItem, exact_batch_rows, forward_batch
+from shard.batch import ROW_EXACT, BatchItem, exact_batch_rows, forward_batch
 from shard.blocks import DecoderBlock, attention_mask, checkpoint_names
 from shard.checkpoint import Checkpoint
 from shard.compute import return_free_memory
 from shard.config import ModelConfig, RopeConfig
 from shard.errors import CorruptCheckpoint, InvalidInput, PromptTooLong, QuantizationError, ShardError, SpanOutOfRange
-from shard.interfaces import BatchStep
+from shard.interfaces import ROW_EXACT_TOKENS, BatchStep
 from shard.kv_cache import KVCache
 from shard.model_dir import QUANT_CHOICES, OpenModel, open_model_dir, resolve_quant
 from shard.quant import QUANT_MODES, Int4Linear
@@ -72,6 +72,8 @@ class SpanModel(nn.Module):
         # hidden: [B, T, D] -> [B, T, D], positions cache.length .. cache.length + T - 1
         B, T, D = self.check_input(hidden, cache)
         cache.check_room(T)
+        if 1 < T <= ROW_EXACT_TOKENS and self.quant not in ROW_EXACT:  # float GEMMs round with the row count
+            return torch.cat([self(hidden[:, i : i + 1], cache) for i in range(T)], dim=1)
         positions = torch.arange(cache.length, cache.length + T)
         cos, sin = rotary_tables(self.inv_freq, positions, self.dtype)
         mask = attention_mask(cache.length, T, self.config.sliding_window)

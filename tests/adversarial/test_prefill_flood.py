@@ -40,6 +40,7 @@ async def flood(swarm: FaultySwarm, mallory, rounds: int, outcomes: list[str], r
     session = await open_session(swarm, mallory, "a", max_length=CONTEXT)
     for _ in range(rounds):
         try:
+            session.rewind(0)  # Step.rewind from the second round on
             await session.step(prompt, 0, timeout=5.0)
             outcomes.append("served")
         except HopFailed as err:

@@ -50,7 +50,7 @@ class FaultySwarm:
         manager, network, node = self.nodes[name].manager, self.network, self.nodes[name]
         original, calls = manager.step, [0]
 
-        async def failing_step(session, hidden, position, *rest):
+        async def failing_step(session, hidden, position, *rest, **kwargs):
             calls[0] += 1
             if calls[0] - 1 == step:
                 if how == "crash":
@@ -61,11 +61,11 @@ class FaultySwarm:
                     node.server.drain()
                     node.stop()
                 elif how == "drain-after-compute":  # SIGTERM while the step is in flight: it is answered
-                    result = await original(session, hidden, position, *rest)
+                    result = await original(session, hidden, position, *rest, **kwargs)
                     node.server.drain()
                     node.stop()
                     return result
-            return await original(session, hidden, position, *rest)
+            return await original(session, hidden, position, *rest, **kwargs)
 
         manager.step = failing_step
 

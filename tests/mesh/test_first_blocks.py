@@ -56,9 +56,9 @@ async def test_the_first_hop_receives_the_local_blocks_output_not_embeddings(swa
     received = []
     original = first.manager.step
 
-    async def recording(session, hidden, position, *rest):
+    async def recording(session, hidden, position, *rest, **kwargs):
         received.append(hidden.copy())
-        return await original(session, hidden, position, *rest)
+        return await original(session, hidden, position, *rest, **kwargs)
 
     first.manager.step = recording
     client = await swarm.client("user", local_blocks=1)

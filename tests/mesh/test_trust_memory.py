@@ -35,9 +35,9 @@ class HouseholdSwarm(Swarm):
                     wall_clock=trio.current_time, token_seconds=token_seconds, swarm_secret=secret)
         original = node.manager.step
 
-        async def counted(*args):
+        async def counted(*args, **kwargs):
             self.steps[name] = self.steps.get(name, 0) + 1
-            return await original(*args)
+            return await original(*args, **kwargs)
 
         node.manager.step = counted
         await self.nursery.start(node.run, transport, self.directory)

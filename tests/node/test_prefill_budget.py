@@ -84,10 +84,10 @@ async def test_a_prefill_past_the_peers_budget_is_refused_go_elsewhere(autojump_
     manager = SessionManager(span, SessionLimits(compute_in_thread=False, max_prefill_tokens_per_minute=120))
     session = manager.open("s", "mallory", 0, 6, 64, 1)
     for _ in range(2):
-        await manager.step(session, hidden(60), 0)  # rewinds and prefills 60 positions again
+        await manager.step(session, hidden(60), 0, rewind=True)  # rewinds and prefills 60 positions again
     served = manager.tokens_served
     with pytest.raises(SessionRefused) as refused:
-        await manager.step(session, hidden(60), 0)
+        await manager.step(session, hidden(60), 0, rewind=True)
     err = refused.value
     assert (err.code, err.retry_elsewhere, classify(err.code)) == (ErrorCode.OVERLOADED, True, Retry.BUSY)
     assert err.reason == ("peer mallory has used its prefill budget here (120 tokens a minute); "
@@ -112,6 +112,6 @@ async def test_the_budget_refills_on_trios_clock(autojump_clock, span):
     session = manager.open("s", "alice", 0, 6, 64, 1)
     await manager.step(session, hidden(64), 0)
     with pytest.raises(SessionRefused, match="32 tokens refill in 30.0 s"):
-        await manager.step(session, hidden(32), 0)
+        await manager.step(session, hidden(32), 0, rewind=True)
     await trio.sleep(30.0)
-    await manager.step(session, hidden(32), 0)
+    await manager.step(session, hidden(32), 0, rewind=True)

@@ -76,12 +76,12 @@ async def test_sessions_on_the_old_span_finish_within_the_grace_period_or_fail_o
     mover = await add_balanced(swarm, "b", 3, 6, grace_s=grace_s, every_s=1e6)
     original, calls = mover.manager.step, [0]
 
-    async def step_then_move(session, *args):
+    async def step_then_move(session, *args, **kwargs):
         calls[0] += 1
         if calls[0] == 5:  # mid-answer, the node moves to blocks [0, 3)
             swarm.nursery.start_soon(mover.move_to, 0, 3)
             await trio.sleep(0)
-        return await original(session, *args)
+        return await original(session, *args, **kwargs)
 
     mover.manager.step = step_then_move
     client = await swarm.client()
