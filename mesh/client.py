@@ -158,6 +158,7 @@ class Client:
         # each generation's drafter, from its prompt ids (speculation): prompt lookup unless given
         self.drafter = drafter if drafter is not None else lambda prompt_ids: PromptLookup()
         self.kept = KeptSessions(options.keep_sessions_s, max_routes=options.max_kept_routes)
+        self._said_not_reusable = False
         opened = open_model_dir(model_dir)
         self.model_dir, self.config = opened.path, opened.config
         self.head: Head = head if head is not None else load_head(opened, quant=options.head_quant)
@@ -441,7 +442,7 @@ class Client:
                 if completed:
                     break
                 inputs = [emitted.token_id]
-            if self.options.keep_sessions_s > 0 and checks is None:
+            if self.options.keep_sessions_s > 0 and checks is None and self._reusable(pipeline, local):
                 held = (ids + decoding.token_ids)[:position]
                 await self.kept.put(KeptRoute(held, pipeline, local, room, 0.0))
                 kept = True
@@ -452,6 +453,18 @@ class Client:
                 await checks.aclose()
             if not kept:
                 await pipeline.close()
+
+    def _reusable(self, pipeline: RoutePipeline, local: LocalRun | None) -> bool:
+        """Whether a finished route may serve a later request from its prefix with the answer a fresh
+        route gives: every hop (and the local blocks) computes positions independently of the steps
+        they came in (`Span.chunk_invariant`: quantized spans with the compiled kernels)."""
+        if pipeline.chunk_invariant and (local is None or local.span.chunk_invariant):
+            return True
+        if not self._said_not_reusable:
+            self._said_not_reusable = True
+            log.info("prefix reuse off for routes through float spans or nodes without the compiled kernels: "
+                     "their results depend on how a conversation was split into steps")
+        return False
 
     def _speculation(self, pipeline: RoutePipeline, ids: list[int], report: SpeculationReport,
                      checks: SpotChecks | None) -> Speculation | None:

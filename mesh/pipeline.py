@@ -114,6 +114,11 @@ class RoutePipeline:
         return all(hop.can_rewind_to(position) for hop in self.hops)
 
     @property
+    def chunk_invariant(self) -> bool:
+        """Every hop's outputs are independent of how positions were split into steps."""
+        return all(hop.chunk_invariant for hop in self.hops)
+
+    @property
     def rewinds_steps(self) -> bool:
         """Every hop computes short steps row-exactly and takes rewinds (speculation is exact)."""
         return all(hop.rewinds_steps for hop in self.hops)

@@ -23,7 +23,8 @@ from mesh.errors import TransportError
 from mesh.swarm_secret import SwarmSecret, proof_of, refusal_reason
 from mesh.transport import MessageStream, Transport
 from protocol import (
-    CAPABILITIES, DATA_CHANNEL, INFERENCE_PROTOCOL, REFERENCE_SPEEDS, REPLAY_CHUNKS, REWIND_STEPS, CloseSession, Codec, Error,
+    CAPABILITIES, CHUNK_INVARIANT, DATA_CHANNEL, INFERENCE_PROTOCOL, REFERENCE_SPEEDS, REWIND_STEPS, REPLAY_CHUNKS,
+    CloseSession, Codec, Error,
     Exchange, Hello, LinkEstimate, Message, OpenSession, ProtocolError, Retry, Role, SessionOpened, Step, StepResult,
     classify, decode_tensor, encode_tensor, estimate_link, session_codec,
 )
@@ -105,6 +106,7 @@ class HopSession:
     replays_chunks: bool = False  # the node runs a multi-step replay chunk by chunk (Step.chunks)
     links: LinkBook | None = None  # where each step's bytes and time are recorded
     rewinds_steps: bool = False  # the node takes Step.rewind and computes short steps row-exactly
+    chunk_invariant: bool = False  # the node's outputs do not depend on how positions are split into steps
     rewinding: bool = False  # the next step starts before the node's end: it says so (Step.rewind)
 
     @property
@@ -129,7 +131,10 @@ class HopSession:
         self.rewinding = True
 
     def can_rewind_to(self, position: int) -> bool:
-        """Whether `rewind(position)` keeps a history that replays exactly."""
+        """Whether `rewind(position)` keeps a history that replays exactly: anywhere on a node whose
+        outputs do not depend on the steps' sizes."""
+        if self.chunk_invariant:
+            return True
         for record in self.history:
             end = record.start_position + record.hidden.shape[1]
             if record.start_position < position < end:
@@ -226,7 +231,7 @@ async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, 
     mode, `mesh.swarm_secret`). Raises HopFailed."""
     session_id = secrets.token_hex(8)
     hello = Hello(software=CLIENT_SOFTWARE, codecs=tuple(Codec), codec_speeds=REFERENCE_SPEEDS,
-                  capabilities=CAPABILITIES if data_channel else (REPLAY_CHUNKS, REWIND_STEPS),
+                  capabilities=tuple(c for c in CAPABILITIES if data_channel or c != DATA_CHANNEL),
                   swarm_proof=proof_of(swarm, transport.peer_id))
     link = links.estimate(peer_id) if links is not None and hidden_size > 0 else None
     stream = None
@@ -258,7 +263,8 @@ async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, 
     if reply.data_address and agreement.supports(DATA_CHANNEL):
         stream = await _to_data_channel(stream, reply, timeout=min(timeout, DATA_CHANNEL_TIMEOUT_S))
     return HopSession(peer_id, start, end, stream, session_id, codec, replays_chunks=agreement.supports(REPLAY_CHUNKS),
-                      links=links, rewinds_steps=agreement.supports(REWIND_STEPS))
+                      links=links, rewinds_steps=agreement.supports(REWIND_STEPS),
+                      chunk_invariant=agreement.supports(CHUNK_INVARIANT))
 
 
 async def _to_data_channel(stream: MessageStream, opened: SessionOpened, *, timeout: float) -> MessageStream:

@@ -26,7 +26,8 @@ k + 1 tokens.
   history, which rebuilds bit-identical caches because those rows are exact on their own.
 - **How many drafts** (`DraftLength`): the k that maximises the tokens a pass is expected to yield
   per second of pass, from the acceptance measured for each kind of match (a geometric model) and
-  the pass times measured on this route (a fixed cost plus a cost per token). Where drafts never
+  the pass times measured on this route (a fixed cost plus a cost per token, fitted over passes of
+  different lengths). Where drafts never
   match, k falls to 0 and a pass costs what it did without speculation.
 """
 
@@ -42,6 +43,7 @@ from shard.interfaces import ROW_EXACT_TOKENS
 MAX_DRAFTS = ROW_EXACT_TOKENS - 1  # the last token and its drafts fit one row-exact step
 DEFAULT_MAX_DRAFTS = 8
 MIN_PASS_S = 1e-6  # a pass's time is taken as at least this (a clock too coarse to time it)
+PRIOR_TOKEN_SHARE = 1 / 16  # of a pass, a token's cost where the passes measured cannot tell
 PROBE_EVERY = 16  # a source whose drafts are not worth sending is still tried with one draft this often
 
 
@@ -111,8 +113,7 @@ class DraftLength:
 
     A pass with k drafts, each kept with probability a (per source, measured) until the first
     miss, yields (1 - a^(k+1)) / (1 - a) tokens on average and costs `fixed + per_token * (k + 1)`
-    seconds (both measured on this route: one-token passes give the fixed cost, longer ones the
-    slope). Returns 0 where a draft is not worth its rows (but 1 every `PROBE_EVERY` such times).
+    seconds (both fitted to the passes measured on this route, `_PassCost`). Returns 0 where a draft is not worth its rows (but 1 every `PROBE_EVERY` such times).
     """
 
     def __init__(self, max_drafts: int = DEFAULT_MAX_DRAFTS, *, decay: float = 0.9):
@@ -121,15 +122,13 @@ class DraftLength:
         self.max_drafts, self.decay = max_drafts, decay
         self._acceptance: dict[str, _Acceptance] = {}
         self._skipped: dict[str, int] = {}  # source -> drafts found and not sent
-        self.single_s: float | None = None  # a one-token pass
-        self.per_token_s: float | None = None  # each further token in a pass
+        self._passes = _PassCost(decay)
 
     def choose(self, draft: Draft | None) -> int:
         if draft is None or not draft.tokens or self.max_drafts == 0:
             return 0
         rate = self._acceptance.get(draft.source, _Acceptance()).rate
-        fixed = max(self.single_s if self.single_s is not None else 1.0, MIN_PASS_S)
-        per_token = self.per_token_s if self.per_token_s is not None else fixed / 16  # until measured
+        fixed, per_token = self._passes.estimate()
         best, best_rate = 0, 1.0 / (fixed + per_token)
         expected = 1.0
         for k in range(1, min(self.max_drafts, len(draft.tokens)) + 1):
@@ -144,16 +143,43 @@ class DraftLength:
 
     def observe_pass(self, tokens: int, seconds: float) -> None:
         """A decode pass of `tokens` positions took `seconds` (round trips and compute)."""
-        if tokens == 1:
-            self.single_s = seconds if self.single_s is None else self.single_s * self.decay + seconds * (1 - self.decay)
-        elif self.single_s is not None:
-            slope = max(0.0, (seconds - self.single_s) / (tokens - 1))
-            self.per_token_s = slope if self.per_token_s is None else self.per_token_s * self.decay + slope * (1 - self.decay)
+        self._passes.add(tokens, seconds)
+
+    @property
+    def pass_cost(self) -> tuple[float, float]:
+        """(seconds of a pass's fixed part, seconds per token in it) as measured so far."""
+        return self._passes.estimate()
 
     def observe_drafts(self, source: str, sent: int, kept: int) -> None:
         """Of `sent` drafts from `source`, the first `kept` were accepted (checked: kept + 1 unless all were)."""
         checked = kept + (1 if kept < sent else 0)
         self._acceptance.setdefault(source, _Acceptance()).add(kept, checked, self.decay)
+
+
+class _PassCost:
+    """A pass's seconds as `fixed + per_token * tokens`, fitted by least squares over the passes
+    seen, recent ones weighing more (`decay` per pass). Passes of one length alone cannot separate
+    the two: then a token is taken to cost `PRIOR_TOKEN_SHARE` of the mean pass."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        d = self.decay
+        self._w, self._x, self._y = self._w * d + 1, self._x * d + tokens, self._y * d + seconds
+        self._xx, self._xy = self._xx * d + tokens * tokens, self._xy * d + tokens * seconds
+
+    def estimate(self) -> tuple[float, float]:
+        if self._w == 0:
+            return 1.0, PRIOR_TOKEN_SHARE  # nothing measured: only the ratio matters
+        mean_x, mean_y = self._x / self._w, self._y / self._w
+        variance = self._xx / self._w - mean_x * mean_x
+        if variance > 0.25:  # lengths differ enough to read a slope
+            slope = max(0.0, (self._xy / self._w - mean_x * mean_y) / variance)
+        else:
+            slope = PRIOR_TOKEN_SHARE * mean_y / max(mean_x, 1.0)
+        return max(mean_y - slope * mean_x, MIN_PASS_S), slope
 
 
 @dataclass

@@ -31,7 +31,7 @@ from node.intake import BudgetedStream, BufferBudget, IntakeLimits
 from node.metrics import NodeMetrics
 from node.sessions import ServedSession, SessionManager, SessionRefused
 from protocol import (
-    DATA_CHANNEL, REFERENCE_SPEEDS, REPLAY_CHUNKS, REWIND_STEPS, Codec, CloseSession, Error, ErrorCode, Hello, Message,
+    CHUNK_INVARIANT, DATA_CHANNEL, REFERENCE_SPEEDS, REPLAY_CHUNKS, REWIND_STEPS, Codec, CloseSession, Error, ErrorCode, Hello, Message,
     OpenSession, Ping, Pong, ProtocolError, Role, SessionOpened, SpanInfo, Step, StepResult, decode_tensor,
     encode_tensor,
 )
@@ -66,7 +66,8 @@ class InferenceServer:
         self.buffers = BufferBudget(self.intake.max_buffered_bytes_per_peer, self.intake.max_buffered_bytes)
         self._live: dict[str, trio.CancelScope] = {}
         self._stepping: dict[str, bool] = {}  # session id -> whether to stop once the step in flight is answered
-        capabilities = (REPLAY_CHUNKS, REWIND_STEPS) + ((DATA_CHANNEL,) if data_channels is not None else ())
+        capabilities = ((REPLAY_CHUNKS, REWIND_STEPS) + ((DATA_CHANNEL,) if data_channels is not None else ())
+                        + ((CHUNK_INVARIANT,) if manager.span.chunk_invariant else ()))
         # on inference streams, with the codec speeds a client weighs its codec choice by
         self._session_hello = Hello(software=SOFTWARE, codecs=SUPPORTED_CODECS, capabilities=capabilities,
                                     codec_speeds=REFERENCE_SPEEDS)

@@ -22,6 +22,7 @@ from protocol.connection import Connection
 from protocol.conversation import (
     AUTO,
     CAPABILITIES,
+    CHUNK_INVARIANT,
     DATA_CHANNEL,
     DATA_KEY_BYTES,
     DATA_TOKEN_BYTES,
@@ -77,7 +78,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME_BYTES", "Error", "ErrorCode", "Exchange", "FrameDecoder", "FrameTooLarge", "Hello",
     "INFERENCE_PROTOCOL", "INFO_PROTOCOL", "InvalidMessage", "InvalidTensor", "LinkEstimate",
     "LocalProtocolError", "MalformedFrame", "ManifestData", "ManifestRequest", "Message", "OpenSession",
-    "PIECES_PROTOCOL", "PROTOCOL_VERSION", "PeerReportedError", "PieceData", "PieceRequest", "Ping", "Pong", "ProtocolError", "REFERENCE_SPEEDS", "REPLAY_CHUNKS", "REWIND_STEPS",
+    "PIECES_PROTOCOL", "PROTOCOL_VERSION", "PeerReportedError", "PieceData", "PieceRequest", "Ping", "Pong", "ProtocolError", "REFERENCE_SPEEDS", "REPLAY_CHUNKS", "REWIND_STEPS", "CHUNK_INVARIANT",
     "RemoteProtocolError", "Retry", "Role", "SUPPORTED_VERSIONS", "SWARM_PROOF_BYTES", "SessionMachine", "SessionOpened",
     "SpanInfo", "State", "Step", "StepResult", "StructureLimits", "TensorLimits",
     "UnknownMessageType", "UnsupportedCodec", "UnsupportedVersion", "WireTensor", "choose_codec",

@@ -33,7 +33,11 @@ REPLAY_CHUNKS = "replay-chunks"  # Step.chunks: several original steps replayed 
 # bits a one-token step computes (`shard.blocks.ROW_EXACT_TOKENS`): a client may check drafted
 # tokens in one step and keep any prefix of them (`mesh.speculative`)
 REWIND_STEPS = "rewind-steps"
-CAPABILITIES = (DATA_CHANNEL, REPLAY_CHUNKS, REWIND_STEPS)  # every capability this version knows
+# The node's span gives every position the same bits however the positions were split into steps
+# (`shard.interfaces.Span.chunk_invariant`): a client may continue a kept route from any position of
+# a conversation and get the answer a fresh route gives (prefix reuse, `mesh.kept_sessions`)
+CHUNK_INVARIANT = "chunk-invariant"
+CAPABILITIES = (DATA_CHANNEL, REPLAY_CHUNKS, REWIND_STEPS, CHUNK_INVARIANT)  # every capability this version knows
 
 # The data channel offer's sizes, DATA_TOKEN_BYTES and DATA_KEY_BYTES, are checked by SessionOpened
 # (protocol.messages) and exported here with the rest of the conversation; so is the size of a
@@ -62,7 +66,7 @@ class Agreement:
 
 __all__ = [
     "AUTO", "Agreement", "CAPABILITIES", "DATA_CHANNEL", "DATA_KEY_BYTES", "DATA_TOKEN_BYTES", "FALLBACK_CODEC",
-    "INFERENCE_PROTOCOL", "INFO_PROTOCOL", "PIECES_PROTOCOL", "REPLAY_CHUNKS", "REWIND_STEPS", "SWARM_PROOF_BYTES", "negotiate", "session_codec",
+    "CHUNK_INVARIANT", "INFERENCE_PROTOCOL", "INFO_PROTOCOL", "PIECES_PROTOCOL", "REPLAY_CHUNKS", "REWIND_STEPS", "SWARM_PROOF_BYTES", "negotiate", "session_codec",
 ]
 
 

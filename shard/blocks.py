@@ -40,6 +40,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.attention_bias)
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.split = (config.q_size, config.kv_size, config.kv_size)
+        self.sliding_window = config.sliding_window
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -60,8 +61,17 @@ class Attention(nn.Module):
         k = qk[:, :, heads:].transpose(1, 2)  # [B, KV, T, hd]
         v = qkv[..., rotated:].view(B, T, kv_heads, head_dim).transpose(1, 2)
         keys, values = cache.update(layer, k.to(cache.keys.dtype), v.to(cache.values.dtype))  # [B, KV, L, hd]
+        if compiled_attention(q, keys):  # each row alone, whatever the step's length: chunk-invariant
+            return qkernels.attend(q, keys, values, self.sliding_window).view(B, T, heads * head_dim)
         out = _attention(q, keys.to(q.dtype), values.to(q.dtype), mask)  # [B, H, T, hd]
         return out.transpose(1, 2).reshape(B, T, heads * head_dim)
+
+
+def compiled_attention(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether attention runs the compiled kernel (`shard.qkernels.attend`): fp32, no autograd.
+    Then every position's output has the same bits however the positions were split into steps."""
+    return (q.dtype == torch.float32 and keys.dtype == torch.float32 and qkernels.available()
+            and not torch.is_grad_enabled())
 
 
 def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -66,6 +66,11 @@ class Span(Protocol):
     def batch_rows(self) -> int:
         """Rows one `run_batch` may take, each exactly as alone (1: steps run one at a time)."""
 
+    @property
+    def chunk_invariant(self) -> bool:
+        """Every position's output has the same bits however the positions were split into steps
+        (a conversation prefilled in other chunks, a kept route continued: prefix reuse is exact)."""
+
     def sub_span(self, start: int, end: int) -> Span:
         """Blocks [start, end) of this span, sharing its weights."""
 

@@ -1,4 +1,5 @@
-"""The compiled quantized matmuls (shard/csrc/qmatmul.c), loaded with ctypes.
+"""The compiled kernels (shard/csrc/qmatmul.c: quantized matmuls, RMSNorm; shard/csrc/attention.c:
+attention one query row at a time), loaded with ctypes.
 
 setup.py builds `shard/_qkernels*.so` for the installing CPU; when it is missing or does not load,
 `available()` is False, `why_unavailable()` says why, and shard/quant.py runs pure torch.
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from shard.errors import QuantizationError
 
-ABI = 2
+ABI = 3
 BLOCK = 32  # activation values per scale, as in the C file
 # Largest K for which the int8 path's int32 sums cannot overflow (255 * 128 * K < 2**31: the
 # VNNI path sums (a + 128) * w before taking 128 * sum(w) off).
@@ -61,6 +62,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.hq_i4_mm.restype = _int
     lib.hq_rms_norm.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float]
     lib.hq_rms_norm.restype = None
+    lib.ha_attend.argtypes = [_ptr, _ptr, _ptr, _ptr] + [_i64] * 11 + [ctypes.c_float, _int]
+    lib.ha_attend.restype = _int
     return lib, ""
 
 
@@ -203,4 +206,28 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     _LIB.hq_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps)
+    return out
+
+
+def attend(q: Tensor, keys: Tensor, values: Tensor, window: int | None) -> Tensor:
+    """Causal attention of fp32 queries q [B, H, T, hd] (positions past .. past + T - 1, past =
+    keys' length - T) over fp32 keys and values [B, KV, past + T, hd] (a cache's view: rows of hd
+    contiguous), each query seeing its own position and those before it, within `window` if given;
+    -> [B, T, H, hd]. Each query row is computed alone, in a fixed order (csrc/attention.c)."""
+    B, H, T, hd = q.shape
+    KV, length = keys.shape[1], keys.shape[2]
+    for name, t in (("keys", keys), ("values", values)):
+        if (t.dtype != torch.float32 or t.dim() != 4 or tuple(t.shape) != (B, KV, length, hd) or t.stride(3) != 1
+                or t.stride(2) != hd or t.device.type != "cpu"):
+            raise QuantizationError(f"{name} are {t.dtype} {tuple(t.shape)} strides {t.stride()}, expected "
+                                    f"float32 [{B}, {KV}, {length}, {hd}] with rows of {hd} contiguous")
+    if q.dtype != torch.float32 or q.device.type != "cpu" or KV == 0 or H % KV or length < T:
+        raise QuantizationError(f"queries {q.dtype} {tuple(q.shape)} do not fit keys {tuple(keys.shape)}")
+    q = q.contiguous()
+    out = torch.empty((B, T, H, hd), dtype=torch.float32)
+    failed = _LIB.ha_attend(q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), B, H, KV, T,
+                            length - T, hd, keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+                            window or 0, hd**-0.5, torch.get_num_threads())
+    if failed:
+        raise MemoryError("attention: no memory for the scores of one row")
     return out

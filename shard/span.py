@@ -27,6 +27,7 @@ from shard.errors import CorruptCheckpoint, InvalidInput, PromptTooLong, Quantiz
 from shard.interfaces import ROW_EXACT_TOKENS, BatchStep
 from shard.kv_cache import KVCache
 from shard.model_dir import QUANT_CHOICES, OpenModel, open_model_dir, resolve_quant
+from shard import qkernels
 from shard.quant import QUANT_MODES, Int4Linear
 from shard.quant_swap import empty_quantized_linears_, quantize_linears_
 from shard.rope import inverse_frequencies, rotary_tables
@@ -92,6 +93,12 @@ class SpanModel(nn.Module):
     @property
     def batch_rows(self) -> int:
         return exact_batch_rows(self.quant)
+
+    @property
+    def chunk_invariant(self) -> bool:
+        """Row-exact linears (int8, int4) and the compiled attention, which computes each query row
+        alone (`shard.blocks.compiled_attention`); float GEMMs round with the row count."""
+        return self.quant in ROW_EXACT and self.dtype == torch.float32 and qkernels.available()
 
     def modelled_seconds(self, batch: int, tokens: int) -> float:
         return 0.0  # real compute takes real time

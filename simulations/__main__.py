@@ -5,7 +5,10 @@ Runs the scenario (a path, or the name of one in `simulations/scenarios/`), writ
 replay if an invariant was violated (2 for a bad scenario or argument). `--hostile F` sets the
 share of hostile hosts and `--verify-rate R` the clients' spot-check rate; `--baseline` also runs
 the same scenario and seed without hostile hosts and, when clients check, without hostile hosts
-and without checks, and reports all (the last two: what checking costs an honest swarm). `sweep SCENARIO --seeds N` runs seeds 0..N-1 and names every seed that violated an
+and without checks, and reports all (the last two: what checking costs an honest swarm).
+`--speculative` / `--no-speculative` turn the clients' speculative decoding on or off (the
+scenario's [clients] speculative); with it on, `--baseline` also runs the same scenario and seed
+without it and compares decode tokens/s. `sweep SCENARIO --seeds N` runs seeds 0..N-1 and names every seed that violated an
 invariant; `list` names the built-in scenarios.
 """
 
@@ -34,9 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="overrides the share of hostile hosts (the scenario's [hostile] fraction; 0: none)")
     run.add_argument("--verify-rate", type=float, metavar="R",
                      help="overrides the clients' spot-check rate (the scenario's [clients] verify_rate; 0: off)")
+    run.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
+                     help="overrides whether clients decode speculatively (the scenario's [clients] speculative)")
     run.add_argument("--baseline", action="store_true",
                      help="also run the same scenario and seed without hostile hosts (and, when clients check, "
-                          "without checks either), and compare")
+                          "without checks either; when they speculate, without speculation), and compare")
     run.add_argument("--out", type=Path, help="where report.json and the plots go (default sim-out/NAME-seedN)")
     run.add_argument("--checkpoint", type=Path, help="model directory for compute = 'torch' scenarios")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -51,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--duration")
     sweep.add_argument("--hostile", type=float, metavar="FRACTION")
     sweep.add_argument("--verify-rate", type=float, metavar="R")
+    sweep.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None)
     commands.add_parser("list", help="name the built-in scenarios")
     return parser
 
@@ -64,7 +70,8 @@ def sweep(args: argparse.Namespace) -> int:
 
     duration = parse_duration(args.duration, "--duration") if args.duration else None
     base = load_scenario(args.scenario).scaled(nodes=args.nodes, clients=args.clients, duration_s=duration,
-                                               hostile=args.hostile, verify_rate=args.verify_rate)
+                                               hostile=args.hostile, verify_rate=args.verify_rate,
+                                               speculative=args.speculative)
     started, failed = time.perf_counter(), []
     for seed in range(args.seeds):
         result = run_scenario(base.scaled(seed=seed))
@@ -73,7 +80,7 @@ def sweep(args: argparse.Namespace) -> int:
               f"failed {counts['failed_with_error']:3d} hung {counts['hung']} "
               f"{'ok' if result.ok else 'VIOLATED: ' + result.violations[0]} ({result.wall_s:.1f} s)", flush=True)
         if not result.ok:
-            failed.append(replay_command(result, args.scenario))
+            failed.append(replay_command(result, args.scenario, speculative_flag=args.speculative is not None))
     print(f"{args.seeds} seeds in {time.perf_counter() - started:.1f} s wall; "
           f"{len(failed)} violated the invariants" + "".join(f"\n  replay: {c}" for c in failed))
     return 1 if failed else 0
@@ -81,13 +88,15 @@ def sweep(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from simulations.plots import write_plots
-    from simulations.report import baseline_summary, build_report, checks_cost, summary, write_report
+    from simulations.report import (
+        baseline_summary, build_report, checks_cost, speculation_gain, summary, write_report,
+    )
     from simulations.runner import run_scenario
 
     duration = parse_duration(args.duration, "--duration") if args.duration else None
     scenario = load_scenario(args.scenario).scaled(nodes=args.nodes, clients=args.clients, duration_s=duration,
                                                    seed=args.seed, spans=args.spans, hostile=args.hostile,
-                                                   verify_rate=args.verify_rate)
+                                                   verify_rate=args.verify_rate, speculative=args.speculative)
     level = getattr(logging, args.log_level.upper(), None)
     if not isinstance(level, int):
         raise ScenarioError("--log-level", f"{args.log_level!r} is not a logging level")
@@ -97,7 +106,12 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("sim-out") / f"{scenario.name}-seed{scenario.seed}"
     report = build_report(result, scenario_arg=args.scenario)
     ok = result.ok
-    if args.baseline:
+    if args.baseline and scenario.clients.speculative:
+        off = run_scenario(scenario.scaled(speculative=False), checkpoint=args.checkpoint,
+                           progress=not args.no_progress, log_level=level)
+        report["without_speculation"] = speculation_gain(result, off, scenario_arg=args.scenario)
+        ok = ok and off.ok
+    if args.baseline and (scenario.hostile.fraction > 0 or not scenario.clients.speculative):
         base = run_scenario(scenario.scaled(hostile=0.0), checkpoint=args.checkpoint, progress=not args.no_progress,
                             log_level=level)
         report["baseline"] = baseline_summary(base, report, scenario_arg=args.scenario)

@@ -10,6 +10,8 @@ them with integer affine arithmetic that depends on the position and on a runnin
 block's inputs (its "KV cache"). Every operation is exact in float64, so any split of the blocks
 into hops, any chunking, and any correct replay give bit-identical results, while a lost or
 misplaced position changes every later token. The stand-in head turns the channels into a token.
+A step of at most `ROW_EXACT_TOKENS` tokens leaves the running sums at each of its positions in the
+cache, so a rewind may cut inside it (speculative decoding keeps a prefix of its drafts).
 `TimedSpan` wraps a real span with the same `modelled_seconds`, for small runs with real math.
 """
 
@@ -25,7 +27,7 @@ import numpy as np
 from shard.batch import EXACT_BATCH_ROWS, exact_batch_rows
 from shard.config import ModelConfig
 from shard.errors import CacheFull, InvalidInput, ShardError
-from shard.interfaces import BatchStep, Cache, Span
+from shard.interfaces import ROW_EXACT_TOKENS, BatchStep, Cache, Span
 from simulations.scenario import DeviceProfile, ModelShape
 
 LIVE = 1  # channels of the stand-in activations that carry information (kept small: it is the simulator's own
@@ -69,10 +71,14 @@ class StandInWeights:
         self.embed_rows = self.embed.tolist()  # token -> its LIVE channels, as Python floats
         self.readout_row = self.readout.tolist()
 
-    def block(self, index: int, live: np.ndarray, state: np.ndarray, first_position: int) -> np.ndarray:
-        """Block `index` on `live` [B, T, LIVE] (integers); updates `state` [B] (running input sum)."""
+    def block(self, index: int, live: np.ndarray, state: np.ndarray, first_position: int,
+              prefixes: list[np.ndarray] | None = None) -> np.ndarray:
+        """Block `index` on `live` [B, T, LIVE] (integers); updates `state` [B] (running input sum) and
+        appends the running sum at each position [B, T] to `prefixes` when given."""
         prefix = (state[:, None] + np.cumsum(live[:, :, 0], axis=1)) % PRIME  # [B, T]
         state[:] = prefix[:, -1]
+        if prefixes is not None:
+            prefixes.append(prefix)
         positions = np.arange(first_position + 1, first_position + 1 + live.shape[1], dtype=np.float64)
         out = live * self.scale[index] + prefix[:, :, None] * self.mix[index] + positions[None, :, None] * self.shift[index]
         return out % PRIME
@@ -96,7 +102,10 @@ class StandInWeights:
 
 
 class VirtualCache:
-    """A session's cache as the cost model keeps it: a running sum per block, the real size in bytes."""
+    """A session's cache as the cost model keeps it: a running sum per block, the real size in bytes.
+
+    It keeps the running sums at every step boundary, and at every position inside a step of at
+    most `ROW_EXACT_TOKENS` tokens, so `truncate` may cut there (a rewind after speculation)."""
 
     def __init__(self, blocks: int, batch: int, max_length: int, nbytes: int):
         self.batch, self.max_length, self.nbytes = batch, max_length, nbytes
@@ -108,7 +117,12 @@ class VirtualCache:
         if self.length + new_tokens > self.max_length:
             raise CacheFull(self.length + new_tokens, self.max_length)
 
-    def advance(self, new_tokens: int) -> None:
+    def advance(self, new_tokens: int, inside: np.ndarray | None = None) -> None:
+        """`new_tokens` positions were written; `inside` [new_tokens - 1, blocks, batch]: the running
+        sums after each of them but the last (the state holds those after the last)."""
+        if inside is not None:
+            for t, state in enumerate(inside, start=self.length + 1):
+                self._snapshots[t] = state
         self.length += new_tokens
         self._snapshots[self.length] = self.state.copy()
 
@@ -138,6 +152,8 @@ class CostModelSpan:
     def batch_rows(self) -> int:
         return exact_batch_rows(self.quant)
 
+    chunk_invariant = True  # exact integer arithmetic, whatever the steps
+
     def sub_span(self, start: int, end: int) -> CostModelSpan:
         if not self.start <= start < end <= self.end:
             raise InvalidInput(f"[{start}, {end}) is not within [{self.start}, {self.end})")
@@ -160,22 +176,31 @@ class CostModelSpan:
         out = np.array(hidden, dtype=np.float32)
         offset = 0
         for tokens in passes if len(passes) > 1 else (hidden.shape[1],):
-            out[:, offset:offset + tokens, :LIVE] = self._blocks(out[:, offset:offset + tokens, :LIVE], cache)
-            cache.advance(tokens)
+            keep = 1 < tokens <= ROW_EXACT_TOKENS  # a rewind may cut inside such a pass: keep each position's sums
+            out[:, offset:offset + tokens, :LIVE], inside = self._blocks(out[:, offset:offset + tokens, :LIVE],
+                                                                         cache, keep)
+            cache.advance(tokens, inside)
             offset += tokens
         return out
 
-    def _blocks(self, live: np.ndarray, cache: VirtualCache) -> np.ndarray | list:
+    def _blocks(self, live: np.ndarray, cache: VirtualCache, keep: bool) -> tuple[np.ndarray | list, np.ndarray | None]:
+        """The blocks on `live` [B, T, LIVE]; with `keep`, also the running sums after each position
+        but the last, [T - 1, blocks, B] (for `VirtualCache.advance`)."""
         if live.shape[0] == 1 and live.shape[1] <= PYTHON_MAX_TOKENS:  # one sequence: Python floats, position by position
             state, first = cache.state[:, 0].tolist(), cache.length
-            out = [self.weights.blocks_one_position(self.start, row, state, first + t)
-                   for t, row in enumerate(live[0].tolist())]
+            out, inside = [], []
+            for t, row in enumerate(live[0].tolist()):
+                out.append(self.weights.blocks_one_position(self.start, row, state, first + t))
+                if keep:
+                    inside.append(list(state))
             cache.state[:, 0] = state
-            return out
+            return out, np.array(inside[:-1])[:, :, None] if keep else None
         live = live.astype(np.float64)
+        prefixes = []
         for offset, index in enumerate(range(self.start, self.end)):
-            live = self.weights.block(index, live, cache.state[offset], cache.length)
-        return live
+            live = self.weights.block(index, live, cache.state[offset], cache.length, prefixes if keep else None)
+        # prefixes: per block [B, T] -> [T - 1, blocks, B]
+        return live, np.stack(prefixes)[:, :, :-1].transpose(2, 0, 1).copy() if keep else None
 
     def run_batch(self, steps: Sequence[BatchStep]) -> list[np.ndarray | Exception]:
         """Concurrent sessions' steps; their cost is one `modelled_seconds` (the node's)."""
@@ -201,6 +226,10 @@ class TimedSpan:
     @property
     def batch_rows(self) -> int:
         return self.span.batch_rows
+
+    @property
+    def chunk_invariant(self) -> bool:
+        return self.span.chunk_invariant
 
     def sub_span(self, start: int, end: int) -> TimedSpan:
         return TimedSpan(self.span.sub_span(start, end), self.device)

@@ -47,6 +47,52 @@ def throughput_summary(sessions: Sequence[SessionRecord]) -> dict:
                             "p95": _round(percentile(per_session, 95))}}
 
 
+def decode_summary(sessions: Sequence[SessionRecord]) -> dict:
+    """Decode speed of completed sessions: tokens after the first over decode time, in all
+    (`tokens_per_s`) and per session; and what speculation did (`[clients] speculative`): drafts
+    sent and kept, and decode passes per decoded token (1 without speculation)."""
+    done = [s for s in sessions if s.outcome == "completed" and s.decode_s > 0 and s.tokens > 1]
+    decoded, seconds = sum(s.tokens - 1 for s in done), sum(s.decode_s for s in done)
+    per_session = [s.decode_tokens_per_s for s in done]
+    drafted, accepted, passes = (sum(s.drafted for s in done), sum(s.accepted for s in done),
+                                 sum(s.passes for s in done))
+    return {"sessions": len(done), "tokens": decoded, "seconds": _round(seconds),
+            "tokens_per_s": _round(decoded / seconds) if seconds > 0 else None,
+            "per_session": {"p5": _round(percentile(per_session, 5)), "p50": _round(percentile(per_session, 50)),
+                            "p95": _round(percentile(per_session, 95))},
+            "speculation": {"passes": passes, "drafted": drafted, "accepted": accepted,
+                            "acceptance": _round(accepted / drafted, 4) if drafted else None,
+                            "passes_per_token": _round(passes / decoded, 4) if passes and decoded else None}}
+
+
+def speculation_gain(on: RunResult, off: RunResult, *, scenario_arg: str = "") -> dict:
+    """The same scenario and seed with speculation (`on`) and without (`off`): decode tokens/s of
+    each (`decode_summary`), their ratio (`ratio_paired`: over the sessions both runs completed, each
+    user's n-th request: the same prompt in both), and whether those produced the same tokens."""
+    with_drafts, without = decode_summary(on.sessions), decode_summary(off.sessions)
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else round(a / b, 3)
+
+    def by_user(result: RunResult) -> dict[tuple[str, int], SessionRecord]:
+        counts: Counter = Counter()
+        keyed = {}
+        for s in sorted(result.sessions, key=lambda x: x.started):
+            keyed[(s.user, counts[s.user])] = s
+            counts[s.user] += 1
+        return keyed
+
+    a, b = by_user(on), by_user(off)
+    both = [k for k in a if k in b and a[k].outcome == b[k].outcome == "completed"]
+    paired_on, paired_off = decode_summary([a[k] for k in both]), decode_summary([b[k] for k in both])
+    return {"on": with_drafts, "off": without, "ratio": ratio(with_drafts["tokens_per_s"], without["tokens_per_s"]),
+            "ratio_paired": ratio(paired_on["tokens_per_s"], paired_off["tokens_per_s"]),
+            "ratio_per_session_p50": ratio(with_drafts["per_session"]["p50"], without["per_session"]["p50"]),
+            "compared_sessions": len(both), "identical_tokens": all(a[k].digest == b[k].digest for k in both),
+            "off_trace_hash": off.trace_hash, "off_invariants": {"ok": off.ok, "violations": off.violations[:50]},
+            "off_replay": replay_command(off, scenario_arg or off.scenario.name, speculative_flag=True)}
+
+
 def recovery_summary(sessions: Sequence[SessionRecord]) -> dict:
     recoveries = [r for s in sessions for r in s.recoveries]
     seconds = [r["seconds"] for r in recoveries]
@@ -140,14 +186,17 @@ def after_first_fault(result: RunResult) -> dict | None:
 
 
 def replay_command(result: RunResult, scenario_arg: str, *, hostile_flag: bool = False,
-                   verify_flag: bool = False) -> str:
+                   verify_flag: bool = False, speculative_flag: bool = False) -> str:
     """The command that replays `result` (with `--hostile`, its fraction, when it has hostile hosts
-    or `hostile_flag` says the scenario's own fraction was overridden; `--verify-rate` likewise)."""
+    or `hostile_flag` says the scenario's own fraction was overridden; `--verify-rate` likewise;
+    `--speculative` when clients speculate, `--no-speculative` when `speculative_flag` says they were
+    told not to)."""
     s = result.scenario
+    speculative = " --speculative" if s.clients.speculative else " --no-speculative" if speculative_flag else ""
     hostile = f" --hostile {s.hostile.fraction:g}" if s.hostile.fraction > 0 or hostile_flag else ""
     verify = f" --verify-rate {s.clients.verify_rate:g}" if s.clients.verify_rate > 0 or verify_flag else ""
     return (f"python -m simulations run {scenario_arg} --seed {s.seed} --nodes {s.churn.nodes} "
-            f"--clients {s.clients.count} --duration {s.duration_s:g}s{hostile}{verify}")
+            f"--clients {s.clients.count} --duration {s.duration_s:g}s{speculative}{hostile}{verify}")
 
 
 def baseline_summary(base: RunResult, report: dict, *, scenario_arg: str) -> dict:
@@ -188,7 +237,7 @@ def build_report(result: RunResult, *, scenario_arg: str = "") -> dict:
         "virtual_per_wall": round(result.virtual_s / result.wall_s, 1) if result.wall_s > 0 else None,
         "trace_hash": result.trace_hash, "model": describe(s.model),
         "sessions": session_summary(result.sessions), "after_first_fault": after_first_fault(result),
-        "tokens_per_s_per_client": throughput_summary(result.sessions),
+        "tokens_per_s_per_client": throughput_summary(result.sessions), "decode": decode_summary(result.sessions),
         "recovery": recovery_summary(result.sessions), "coverage": coverage_summary(result),
         "balance": balance_summary(result),
         "hosts": result.hosts, "network": result.network, "hostile": result.hostile or None,
@@ -256,6 +305,16 @@ def summary(report: dict) -> str:
         lines.append(hostile_line(report["hostile"]))
     if report.get("verification"):
         lines.append(verification_line(report["verification"]))
+    lines.append(decode_line(report["decode"]))
+    if report.get("without_speculation"):
+        g = report["without_speculation"]
+        lines.append(f"without speculation (same seed, trace hash {g['off_trace_hash']}): decode "
+                     f"{_fmt(g['off']['tokens_per_s'])} tok/s, with it {_fmt(g['on']['tokens_per_s'])}: ratio {g['ratio']} "
+                     f"(same sessions: {g['ratio_paired']}; per session p50: {g['ratio_per_session_p50']}); tokens identical in the "
+                     f"{g['compared_sessions']} sessions both completed: {g['identical_tokens']}")
+        if not g["off_invariants"]["ok"]:
+            lines.append("WITHOUT-SPECULATION RUN VIOLATED INVARIANTS: " + "; ".join(g["off_invariants"]["violations"][:3])
+                         + f"; replay with: {g['off_replay']}")
     if report.get("baseline"):
         lines.extend(baseline_lines(report["baseline"], report))
     if report["invariants"]["ok"]:
@@ -265,6 +324,18 @@ def summary(report: dict) -> str:
         lines.extend(f"  {v}" for v in report["invariants"]["violations"][:10])
         lines.append(f"replay with: {report['replay']}")
     return "\n".join(lines)
+
+
+def decode_line(d: dict) -> str:
+    """Decode speed, and speculation's drafts where there were any."""
+    p = d["per_session"]
+    line = (f"decode: {d['tokens']} tokens in {d['sessions']} completed sessions, {_fmt(d['tokens_per_s'])} tok/s "
+            f"(per session p5 / p50 / p95 {_fmt(p['p5'])} / {_fmt(p['p50'])} / {_fmt(p['p95'])})")
+    sp = d["speculation"]
+    if sp["drafted"]:
+        line += (f"; speculation: {sp['accepted']}/{sp['drafted']} drafts kept ({100 * sp['acceptance']:.0f}%), "
+                 f"{sp['passes_per_token']:.3f} passes per token")
+    return line
 
 
 def fetch_line(f: dict) -> str:

@@ -188,6 +188,11 @@ class ClientSpec:
     probe_timeout_s: float = _duration(3.0)
     ban_s: float = _duration(15.0)
     verify_rate: float = 0.0  # spot checks (`mesh.client.ClientOptions.verify_rate`); 0: off
+    # speculative decoding (`mesh.speculative`): up to `max_drafts` drafts a pass, from
+    # `simulations.drafts.ReferenceDrafter`, each right with probability `draft_acceptance`
+    speculative: bool = False
+    max_drafts: int = 8
+    draft_acceptance: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -301,9 +306,12 @@ class Scenario:
 
     def scaled(self, *, nodes: int | None = None, clients: int | None = None,
                duration_s: float | None = None, seed: int | None = None, spans: str | None = None,
-               hostile: float | None = None, verify_rate: float | None = None) -> Scenario:
+               hostile: float | None = None, verify_rate: float | None = None,
+               speculative: bool | None = None) -> Scenario:
         """This scenario with the command line's overrides applied (`hostile`: its fraction)."""
         changed = self
+        if speculative is not None:
+            changed = dataclasses.replace(changed, clients=dataclasses.replace(changed.clients, speculative=speculative))
         if verify_rate is not None:
             changed = dataclasses.replace(changed, clients=dataclasses.replace(changed.clients, verify_rate=verify_rate))
         if hostile is not None:
@@ -443,6 +451,12 @@ def _check(s: Scenario, where: str) -> None:
         raise ScenarioError(f"{where}: clients", f"prompts plus new tokens exceed model.max_length {s.model.max_length}")
     if not 0 <= s.clients.verify_rate <= 1:
         raise ScenarioError(f"{where}: clients", f"verify_rate must be in [0, 1], got {s.clients.verify_rate}")
+    if not isinstance(s.clients.speculative, bool):
+        raise ScenarioError(f"{where}: clients", f"speculative must be true or false, got {s.clients.speculative!r}")
+    if not 1 <= s.clients.max_drafts <= 15:  # mesh.speculative.MAX_DRAFTS: the token and its drafts fit a row-exact step
+        raise ScenarioError(f"{where}: clients", f"max_drafts must be in [1, 15], got {s.clients.max_drafts}")
+    if not 0 <= s.clients.draft_acceptance <= 1:
+        raise ScenarioError(f"{where}: clients", f"draft_acceptance must be in [0, 1], got {s.clients.draft_acceptance}")
     if s.duration_s <= 0:
         raise ScenarioError(where, "duration must be positive")
     if s.balance.spans not in SPAN_POLICIES:

@@ -26,6 +26,7 @@ from protocol import Codec
 from shard.errors import ShardError
 from shard.sampling import SamplingParams
 from simulations import churn
+from simulations.drafts import ReferenceDrafter
 from simulations.trace import token_digest
 
 EXPLICIT_ERRORS = (NoRouteError, GenerationFailed, HopFailed, ShardError)
@@ -49,18 +50,29 @@ class SessionRecord:
     recoveries: list[dict] = field(default_factory=list)  # {"at", "seconds", "reason", "replayed", "failed_peer"}
     met: list[str] = field(default_factory=list)  # every peer on the route at some point: the last, failed, replacements
     verification: dict = field(default_factory=dict)  # `mesh.spot_check.VerificationReport.to_json`
+    digest: str = ""  # of the tokens (`simulations.trace.token_digest`)
+    passes: int = 0  # decode passes through the route, with speculation (`mesh.speculative.SpeculationReport`)
+    drafted: int = 0  # drafts sent
+    accepted: int = 0  # drafts kept
 
     @property
     def tokens_per_s(self) -> float:
         total = self.prefill_s + self.decode_s
         return self.tokens / total if total > 0 else 0.0
 
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first over decode time (the first comes from the prefill)."""
+        return (self.tokens - 1) / self.decode_s if self.decode_s > 0 and self.tokens > 1 else 0.0
+
     def to_json(self) -> dict:
         return {"user": self.user, "region": self.region, "started": round(self.started, 3),
                 "ended": round(self.ended, 3), "outcome": self.outcome, "error": self.error,
-                "prompt_tokens": self.prompt_tokens, "tokens": self.tokens, "route": self.peers,
-                "tokens_per_s": round(self.tokens_per_s, 3), "recoveries": self.recoveries,
-                "verification": self.verification}
+                "prompt_tokens": self.prompt_tokens, "tokens": self.tokens, "route": self.peers, "digest": self.digest,
+                "tokens_per_s": round(self.tokens_per_s, 3), "prefill_s": round(self.prefill_s, 4),
+                "decode_s": round(self.decode_s, 4), "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+                "recoveries": self.recoveries, "verification": self.verification,
+                "speculation": {"passes": self.passes, "drafted": self.drafted, "accepted": self.accepted}}
 
 
 class User:
@@ -68,20 +80,32 @@ class User:
         self.world, self.peer_id, self.region = world, peer_id, region
         self.think_s, self.until = think_s, until
         self.rng = random.Random(f"{world.seed}:user:{peer_id}")
+        self.generations = 0  # generations drafted for (speculation)
         world.network.place(peer_id, region, world.scenario.device(world.scenario.clients.device))
 
     def options(self) -> ClientOptions:
         spec = self.world.scenario.clients
         return ClientOptions(codec=Codec.FP32, open_timeout_s=spec.open_timeout_s, probe_timeout_s=spec.probe_timeout_s,
                              step_timeout_s=spec.step_timeout_s, request_timeout_s=spec.request_timeout_s,
-                             ban_s=spec.ban_s, verify_rate=spec.verify_rate, seed=self.rng.randrange(2**32))
+                             ban_s=spec.ban_s, verify_rate=spec.verify_rate, seed=self.rng.randrange(2**32),
+                             speculative=spec.speculative, max_drafts=spec.max_drafts)
+
+    def drafter(self, prompt_ids: list[int]) -> ReferenceDrafter:
+        """A generation's drafter (`Client(drafter=...)`), seeded by the user and the generation's
+        number, not from `rng`, so a run with speculation asks for the same requests as one without."""
+        self.generations += 1
+        rng = random.Random(f"{self.world.seed}:drafts:{self.peer_id}:{self.generations}")
+        return ReferenceDrafter(self.world.model.weights, self.world.model.blocks,
+                                acceptance=self.world.scenario.clients.draft_acceptance, rng=rng)
 
     async def run(self) -> None:
         """Requests until `until`; the last one may finish after it."""
         model = self.world.model
         async with MemoryTransport.open(self.world.network, self.peer_id) as transport:
+            # stand-in weights: drafts of their true continuation; a real checkpoint: the client's prompt lookup
+            drafter = self.drafter if hasattr(model, "weights") else None
             client = Client(transport, self.world.directory, model.model_dir, options=self.options(),
-                            head=model.head, tokenizer=None)
+                            head=model.head, tokenizer=None, drafter=drafter)
             while True:
                 rate = churn.day_factor(trio.current_time(), self.world.scenario.day_night) / self.think_s
                 at = trio.current_time() + self.rng.expovariate(rate)
@@ -131,7 +155,7 @@ class User:
 
     def _finish(self, record: SessionRecord, report: GenerationReport, prompt: list[int], wanted: int) -> None:
         record.ended = trio.current_time()
-        record.tokens = len(report.token_ids)
+        record.tokens, record.digest = len(report.token_ids), token_digest(report.token_ids)
         record.prefill_s, record.decode_s, record.hops = report.prefill_s, report.decode_s, len(report.hops)
         record.peers = [hop.peer_id for hop in report.hops]
         record.recoveries = [{"at": round(r.detected_at, 3), "seconds": round(r.seconds, 4), "reason": r.reason[:120],
@@ -139,6 +163,8 @@ class User:
                              for r in report.recoveries]
         record.met = sorted(set(record.peers).union(*({r.failed_peer, *r.replacements} for r in report.recoveries)))
         record.verification = report.verification.to_json()
+        spec = report.speculation
+        record.passes, record.drafted, record.accepted = spec.passes, spec.drafted, spec.accepted
         hostile = self.world.hostile.ids if self.world.hostile is not None else frozenset()
         for peer in set(report.verification.banned) - hostile:
             self.world.violation(f"session of {self.peer_id} started at {record.started:.3f} s banned honest peer "

@@ -30,7 +30,7 @@
 #define QK 32      /* activation block */
 #define ROWS 4     /* activation rows sharing one pass over a weight row */
 
-int hq_abi(void) { return 2; }
+int hq_abi(void) { return 3; }  /* 3: with attention.c's ha_attend */
 
 const char *hq_isa(void) {
 #if defined(HQ_SIMD) && defined(__AVX512VNNI__) && defined(__AVX512VL__)

@@ -26,8 +26,8 @@ TOKENS = 16
 class FaultySwarm:
     """In-memory nodes whose n-th step can crash or freeze them, in trio's virtual time."""
 
-    def __init__(self, model_dir, nursery: trio.Nursery):
-        self.model_dir, self.nursery = model_dir, nursery
+    def __init__(self, model_dir, nursery: trio.Nursery, quant: str = "none"):
+        self.model_dir, self.nursery, self.quant = model_dir, nursery, quant
         self.network = MemoryNetwork()
         self.directory = MemoryDirectory(trio.current_time)
         self.digest = model_digest(model_dir)
@@ -38,7 +38,7 @@ class FaultySwarm:
         """A node serving [start, end) as peer `name`; `limits` override its `SessionLimits`."""
         transport = await self.nursery.start(self._transport, name)
         if (start, end) not in self.spans:
-            self.spans[(start, end)] = load_span(self.model_dir, start, end)
+            self.spans[(start, end)] = load_span(self.model_dir, start, end, quant=self.quant)
         node = Node(self.spans[(start, end)], "tiny", self.digest, wall_clock=trio.current_time,
                     token_seconds=token_seconds, limits=SessionLimits(compute_in_thread=False, **limits))
         await self.nursery.start(node.run, transport, self.directory)

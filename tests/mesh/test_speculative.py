@@ -20,7 +20,11 @@ from shard.head import load_head
 from shard.pipeline import LocalPipeline
 from shard.sampling import SamplingParams
 from shard.span import load_span
-from tests.mesh.test_failover_memory import PROMPT, swarm, two_routes  # noqa: F401 - swarm: a fixture
+from shard import qkernels
+from tests.mesh.test_failover_memory import PROMPT, FaultySwarm, swarm, two_routes  # noqa: F401 - swarm: a fixture
+
+needs_kernels = pytest.mark.skipif(not qkernels.available(), reason=f"prefix reuse needs the compiled kernels: "
+                                   f"{qkernels.why_unavailable()}")
 
 TOKENS = 40
 PROMPTS = [PROMPT, [3, 8, 3, 8, 3, 8, 11], [60, 61, 62, 63, 60, 61, 62], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
@@ -29,6 +33,25 @@ PROMPTS = [PROMPT, [3, 8, 3, 8, 3, 8, 11], [60, 61, 62, 63, 60, 61, 62], [1, 2, 
 @pytest.fixture(scope="module")
 def local(checkpoint_factory):
     pipeline = LocalPipeline.load(checkpoint_factory("llama"))
+
+    def tokens(prompt: list[int], params: SamplingParams) -> list[int]:
+        return generate_local(pipeline, prompt, params).token_ids
+
+    return tokens
+
+
+@pytest.fixture
+async def int8_swarm(checkpoint_factory):
+    """Nodes of int8 spans: chunk-invariant (row-exact linears, the compiled attention), so routes are kept."""
+    async with trio.open_nursery() as nursery:
+        yield FaultySwarm(checkpoint_factory("llama"), nursery, quant="int8")
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(scope="module")
+def local8(checkpoint_factory):
+    """One process, the same int8 blocks, the whole prompt in one step (however the route was fed)."""
+    pipeline = LocalPipeline.load(checkpoint_factory("llama"), quant="int8")
 
     def tokens(prompt: list[int], params: SamplingParams) -> list[int]:
         return generate_local(pipeline, prompt, params).token_ids
@@ -106,7 +129,9 @@ async def test_a_hop_killed_mid_answer_with_speculation_gives_identical_output(a
     assert report.speculation.accepted > 0
 
 
-async def test_rejected_drafts_leave_no_trace_in_any_nodes_cache(autojump_clock, swarm, checkpoint_factory):
+@needs_kernels
+async def test_rejected_drafts_leave_no_trace_in_any_nodes_cache(autojump_clock, int8_swarm, checkpoint_factory):
+    swarm = int8_swarm
     await swarm.add_node("a", 0, 3)
     await swarm.add_node("b", 3, 6)
     client = await swarm.client(speculative=True, keep_sessions_s=60.0)  # kept: the caches can be read
@@ -114,7 +139,7 @@ async def test_rejected_drafts_leave_no_trace_in_any_nodes_cache(autojump_clock,
     assert report.speculation.accepted > 0 and report.speculation.accepted < report.speculation.drafted  # some rejected
     fed = PROMPTS[3] + report.token_ids[:-1]  # the last token was chosen, never sent
     model = checkpoint_factory("llama")
-    head, spans = load_head(model), [load_span(model, 0, 3), load_span(model, 3, 6)]
+    head, spans = load_head(model), [load_span(model, 0, 3, quant="int8"), load_span(model, 3, 6, quant="int8")]
     caches = [span.new_cache(1, 128) for span in spans]
     hidden = head.embed_tokens(PROMPTS[3])  # a fresh session fed only the accepted tokens, one at a time
     steps = [hidden] + [head.embed_tokens([token]) for token in report.token_ids[:-1]]
@@ -147,7 +172,9 @@ async def test_a_step_that_goes_back_must_say_rewind(autojump_clock, checkpoint_
         await manager.step(session, hidden[:, :1], 9, rewind=True)  # a rewind cannot go forward
 
 
-async def test_a_kept_route_serves_the_next_turn_from_its_prefix(autojump_clock, swarm, local):
+@needs_kernels
+async def test_a_kept_route_serves_the_next_turn_from_its_prefix(autojump_clock, int8_swarm, local8):
+    swarm, local = int8_swarm, local8
     await two_routes(swarm)
     client = await swarm.client(keep_sessions_s=60.0, speculative=True)
     params = SamplingParams(max_new_tokens=12)
@@ -159,12 +186,15 @@ async def test_a_kept_route_serves_the_next_turn_from_its_prefix(autojump_clock,
     assert second.reused_tokens == len(PROMPTS[3]) + len(first.token_ids) - 1  # all but the last answer token
     prefilled = swarm.nodes["b"].manager.tokens_served - served["b"]
     assert prefilled < len(turn)  # only the suffix and the answer were computed again
-    # a different conversation shares a shorter prefix (a rewind inside the kept route), still exact
+    # a different conversation shares a shorter prefix: cut inside the kept route's prompt step, still exact
     other = PROMPTS[3][:5] + [7, 7, 7]
-    assert (await client.generate_text(prompt_ids=other, params=params)).token_ids == local(other, params)
+    third = await client.generate_text(prompt_ids=other, params=params)
+    assert third.token_ids == local(other, params) and third.reused_tokens == 5
 
 
-async def test_a_kept_route_whose_node_died_replays_elsewhere(autojump_clock, swarm, local):
+@needs_kernels
+async def test_a_kept_route_whose_node_died_replays_elsewhere(autojump_clock, int8_swarm, local8):
+    swarm, local = int8_swarm, local8
     await two_routes(swarm)
     client = await swarm.client(keep_sessions_s=60.0)
     params = SamplingParams(max_new_tokens=8)
@@ -178,7 +208,9 @@ async def test_a_kept_route_whose_node_died_replays_elsewhere(autojump_clock, sw
     assert (recovery.failed_peer, recovery.replacements) == ("b", ["d"])
 
 
-async def test_kept_routes_expire_and_their_sessions_close(autojump_clock, swarm, local):
+@needs_kernels
+async def test_kept_routes_expire_and_their_sessions_close(autojump_clock, int8_swarm, local8):
+    swarm, local = int8_swarm, local8
     await two_routes(swarm)
     client = await swarm.client(keep_sessions_s=30.0)
     params = SamplingParams(max_new_tokens=4)
@@ -191,3 +223,15 @@ async def test_kept_routes_expire_and_their_sessions_close(autojump_clock, swarm
     assert len(client.kept) == 1  # the expired route closed, the new one kept
     await client.aclose()
     assert not any(node.manager.sessions for node in swarm.nodes.values())
+
+
+async def test_routes_through_float_spans_are_not_kept(autojump_clock, swarm, local):
+    """Float GEMMs round with the row count: a conversation fed in other steps could answer otherwise."""
+    await two_routes(swarm)
+    client = await swarm.client(keep_sessions_s=60.0)
+    params = SamplingParams(max_new_tokens=4)
+    first = await client.generate_text(prompt_ids=PROMPTS[0], params=params)
+    assert len(client.kept) == 0 and not any(node.manager.sessions for node in swarm.nodes.values())
+    turn = PROMPTS[0] + first.token_ids
+    again = await client.generate_text(prompt_ids=turn, params=params)
+    assert again.reused_tokens == 0 and again.token_ids == local(turn, params)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from protocol import (
-    AUTO, CAPABILITIES, DATA_CHANNEL, INFERENCE_PROTOCOL, INFO_PROTOCOL, REFERENCE_SPEEDS, REPLAY_CHUNKS, REWIND_STEPS, Codec,
+    AUTO, CAPABILITIES, CHUNK_INVARIANT, DATA_CHANNEL, INFERENCE_PROTOCOL, INFO_PROTOCOL, REFERENCE_SPEEDS, REPLAY_CHUNKS, REWIND_STEPS, Codec,
     CodecSpeed, Hello, LinkEstimate, choose_session_codec, negotiate, session_codec,
 )
 
@@ -21,7 +21,7 @@ def hellos(client_codecs=tuple(Codec), hop_codecs=tuple(Codec), speeds=REFERENCE
 
 def test_protocol_ids_and_capabilities_are_the_protocols():
     assert (INFERENCE_PROTOCOL, INFO_PROTOCOL) == ("/hearth/inference/1", "/hearth/info/1")
-    assert set(CAPABILITIES) == {DATA_CHANNEL, REPLAY_CHUNKS, REWIND_STEPS}
+    assert set(CAPABILITIES) == {DATA_CHANNEL, REPLAY_CHUNKS, REWIND_STEPS, CHUNK_INVARIANT}
 
 
 def test_negotiation_keeps_what_both_hellos_list():

@@ -85,6 +85,37 @@ def test_a_truncated_cache_redoes_a_step_identically():
     assert np.array_equal(span.run(step.copy(), cache), first) and cache.length == len(PROMPT) + 1
 
 
+@pytest.mark.parametrize("batch", [1, 2])  # one sequence: the Python path; two: the array path
+def test_a_rewind_inside_a_short_step_leaves_no_trace_of_the_rejected_positions(batch):
+    """Speculation: a 6-token step, cut back to 3 of its positions, then more steps: the same bits as
+    a cache that only ever saw the kept positions."""
+    head, spans = StandInHead(CONFIG, WEIGHTS), [CostModelSpan(SHAPE, CONFIG, WEIGHTS, LAPTOP, 0, 5),
+                                                 CostModelSpan(SHAPE, CONFIG, WEIGHTS, LAPTOP, 5, 12)]
+
+    def embed(ids: list[int]) -> np.ndarray:
+        return np.repeat(head.embed_tokens(ids), batch, axis=0)
+
+    def run(hidden: np.ndarray, caches: list[VirtualCache]) -> np.ndarray:
+        for span, cache in zip(spans, caches):
+            hidden = span.run(hidden, cache)
+        return hidden
+
+    spoken, fresh = [span.new_cache(batch, 64) for span in spans], [span.new_cache(batch, 64) for span in spans]
+    prompt = PROMPT * 3  # a prefill longer than ROW_EXACT_TOKENS
+    run(embed(prompt), spoken)
+    run(embed(prompt), fresh)
+    drafted = run(embed([7, 11, 13, 40, 41, 42]), spoken)  # the last token and 5 drafts; 2 are kept
+    for cache in spoken:
+        cache.truncate(len(prompt) + 3)
+    kept = run(embed([7, 11, 13]), fresh)
+    assert np.array_equal(drafted[:, :3], kept)
+    for ids in ([50], [51, 52, 53], [54]):  # later steps: decode and another short one
+        assert np.array_equal(run(embed(ids), spoken), run(embed(ids), fresh))
+    assert [c.length for c in spoken] == [c.length for c in fresh] == [len(prompt) + 8] * 2
+    with pytest.raises(ValueError):  # inside a long step (a prefill), only its boundaries are kept
+        spoken[0].truncate(len(prompt) - 2)
+
+
 def test_the_cache_budget_is_the_real_model_s():
     span = CostModelSpan(SHAPE, CONFIG, WEIGHTS, LAPTOP, 2, 6)
     cache = span.new_cache(1, 100)
