@@ -23,6 +23,7 @@ from mesh.discovery import Discovery, PeerRecord
 from mesh.errors import TransportError
 from mesh.backoff import BanList
 from mesh.batcher import Job, MicroBatcher
+from mesh.draft_model import DraftModel
 from mesh.first_blocks import FirstBlocks, LocalRun, check_local_blocks
 from mesh.kept_sessions import DEFAULT_MAX_ROUTES, KeptRoute, KeptSessions
 from mesh.pipeline import Recovery, RoutePipeline, StepTiming
@@ -84,6 +85,7 @@ class ClientOptions:
     # a time in one pass; the output is the same as without it (off with spot checks, which check steps)
     speculative: bool = False
     max_drafts: int = DEFAULT_MAX_DRAFTS
+    draft_model: str | Path | None = None  # drafts from this small model sharing the tokenizer (mesh.draft_model)
     # prefix reuse (mesh.kept_sessions): a finished generation's route stays open this long, and a
     # request starting with its tokens prefills only the rest (0: off); at most `max_kept_routes`
     keep_sessions_s: float = 0.0
@@ -104,6 +106,8 @@ class ClientOptions:
             raise InvalidInput(f"trusted peers must be a frozenset of peer ids, got {self.trusted_peers!r}")
         if self.swarm_secret is not None and not isinstance(self.swarm_secret, SwarmSecret):
             raise InvalidInput(f"swarm secret must be a mesh.swarm_secret.SwarmSecret, got {type(self.swarm_secret)}")
+        if self.draft_model is not None and not self.speculative:
+            raise InvalidInput("a draft model drafts for speculation: set speculative too")
         if not 1 <= self.max_drafts <= MAX_DRAFTS:
             raise InvalidInput(f"max drafts must be in [1, {MAX_DRAFTS}], got {self.max_drafts}")
         if not self.keep_sessions_s >= 0 or self.max_kept_routes < 1:
@@ -155,8 +159,6 @@ class Client:
                  options: ClientOptions = ClientOptions(), head: Head | None = None,
                  tokenizer: Tokenizer | None = None, drafter: Callable[[list[int]], Drafter] | None = None):
         self.transport, self.discovery, self.options = transport, discovery, options
-        # each generation's drafter, from its prompt ids (speculation): prompt lookup unless given
-        self.drafter = drafter if drafter is not None else lambda prompt_ids: PromptLookup()
         self.kept = KeptSessions(options.keep_sessions_s, max_routes=options.max_kept_routes)
         self._said_not_reusable = False
         opened = open_model_dir(model_dir)
@@ -165,6 +167,15 @@ class Client:
         self.first_blocks = None if options.local_blocks == 0 else FirstBlocks.load(
             opened, options.local_blocks, quant=options.local_quant)  # None: none (auto may find no room)
         self.tokenizer = tokenizer if tokenizer is not None else opened.tokenizer()
+        # each generation's drafter, from its prompt ids (speculation): the draft model, else prompt lookup
+        self.draft_model = None if options.draft_model is None else DraftModel.load(
+            options.draft_model, vocab_size=self.config.vocab_size)
+        if drafter is not None:
+            self.drafter = drafter
+        elif self.draft_model is not None:
+            self.drafter = lambda prompt_ids: self.draft_model.start(self.config.max_position_embeddings)
+        else:
+            self.drafter = lambda prompt_ids: PromptLookup()
         self.manifest_hash = opened.digest
         self.model_id = opened.name
         self.rtts: dict[str, float] = {}
@@ -385,12 +396,13 @@ class Client:
         max_length = min(limit, len(ids) + params.max_new_tokens)
         await self.kept.expire()
         reuse = self.kept.take(ids, max_length) if self.options.keep_sessions_s > 0 and not self.options.verify_rate else None
+        report.reused_tokens = 0 if reuse is None else reuse.position
         if reuse is not None:
             pipeline, local, room = reuse.route.pipeline, reuse.route.local, reuse.route.max_length
             pipeline.restart(trio.current_time() + self.options.request_timeout_s)
-            report.reused_tokens = reuse.position
             log.info("prefix reuse: %d of the prompt's %d tokens are held by a kept route", reuse.position, len(ids))
         else:
+            await self.kept.make_room(self._generating + 1)  # idle routes give way to this generation's sessions
             room = max_length if self.options.keep_sessions_s == 0 else min(limit, max(2 * max_length, KEEP_ROOM))
             pipeline = self._pipeline(room)
             local = self.first_blocks.start(room) if self.first_blocks is not None else None

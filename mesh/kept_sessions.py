@@ -4,7 +4,7 @@ whose token ids start with what that route's caches hold continues there.
 A chat client (any OpenAI-API client) sends the whole conversation each turn; without reuse every
 hop would prefill it again. `KeptSessions` holds finished generations' routes (`KeptRoute`: the
 pipeline, the local blocks' run, the token ids its caches hold), each for `keep_s` seconds, at most
-`max_routes` of them. `take` finds the one sharing the longest prefix with a new request and cuts
+`max_routes` of them, fewer while generations run (`make_room`). `take` finds the one sharing the longest prefix with a new request and cuts
 it back to the longest exact point within that prefix (`RoutePipeline.can_rewind_to`): the new
 request then prefills only its suffix. A kept route is a live session on each node, idle and
 counted against the node's budgets like any other: a node that needs the room evicts idle sessions
@@ -74,6 +74,13 @@ class KeptSessions:
         route.expires = trio.current_time() + self.keep_s
         self._routes.append(route)
         while len(self._routes) > self.max_routes:
+            await self._close(self._routes.pop(0))
+
+    async def make_room(self, live: int) -> None:
+        """Close the oldest kept routes until they and `live` generations together are at most
+        `max_routes`: a node limits the sessions one peer holds (8 by default), and idle routes must
+        not take a new generation's place."""
+        while self._routes and len(self._routes) + live > self.max_routes:
             await self._close(self._routes.pop(0))
 
     async def expire(self) -> int:

@@ -87,6 +87,9 @@ def add_speculation_arguments(parser: argparse.ArgumentParser, *, server: bool) 
                              "(prompt lookup) are checked several at a time in one pass through the route; "
                              "the answer is the same, fewer passes where it repeats its prompt "
                              f"(default: {'on' if server else 'off'})")
+    parser.add_argument("--draft-model", type=Path, metavar="DIR|FILE.gguf",
+                        help="speculation's drafts from this small model on this device, which must share the "
+                             "model's tokenizer (implies --speculative; default: prompt lookup)")
     parser.add_argument("--max-drafts", type=int, default=DEFAULT_MAX_DRAFTS, metavar="N",
                         help=f"speculation: at most N guessed tokens per pass, 1-{MAX_DRAFTS} (default "
                              f"{DEFAULT_MAX_DRAFTS}; fewer are sent where they are seldom kept)")
@@ -104,7 +107,11 @@ def speculation_options(args: argparse.Namespace) -> dict:
     keep = getattr(args, "keep_sessions", 0.0)
     if not keep >= 0:
         raise InvalidInput(f"--keep-sessions must be >= 0 seconds (0: off), got {keep}")
-    return dict(speculative=args.speculative, max_drafts=args.max_drafts, keep_sessions_s=keep)
+    draft = getattr(args, "draft_model", None)
+    if draft is not None and not draft.exists():
+        raise InvalidInput(f"--draft-model {draft}: no such file or directory")
+    return dict(speculative=args.speculative or draft is not None, max_drafts=args.max_drafts, draft_model=draft,
+                keep_sessions_s=keep)
 
 
 def parse_verify_rate(rate: float) -> float:

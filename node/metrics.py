@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from mesh.discovery import Discovery, PeerRecord
 from node.sessions import SessionManager
 from protocol import ErrorCode, Step, StepResult
-from shard.interfaces import Span
+from shard.interfaces import ROW_EXACT_TOKENS, Span
 
 disable_created_metrics()  # no `_created` series beside each counter: Prometheus has no use for them
 
@@ -62,7 +62,9 @@ class NodeMetrics:
             "(evicted, idle, draining, moved, bad data): each is a failover its client suffers", ["code"], registry=r)
         self.failovers_served = Counter(
             "hearth_failovers_served", "Sessions that rebuilt a failed node's cache from a client's replay", registry=r)
-        self.steps = Counter("hearth_steps", "Steps computed, by kind (decode, prefill, replay)", ["kind"], registry=r)
+        self.steps = Counter("hearth_steps", "Steps computed, by kind (decode: one token; prefill: a session's "
+                             "first step or a longer one; speculative: a later step of 2-16 tokens, a token and "
+                             "its drafts; replay)", ["kind"], registry=r)
         self.step_tokens = Counter("hearth_step_tokens", "Token positions computed in steps", registry=r)
         self.compute_seconds = Histogram("hearth_step_compute_seconds", "Compute time of one step through the span",
                                          buckets=COMPUTE_BUCKETS, registry=r)
@@ -85,7 +87,8 @@ class NodeMetrics:
 
     def step(self, message: Step, result: StepResult, *, first: bool) -> None:
         tokens = message.hidden.shape[1] if len(message.hidden.shape) > 1 else 1
-        kind = "replay" if message.replay else "prefill" if tokens > 1 else "decode"
+        kind = "replay" if message.replay else "decode" if tokens == 1 else \
+            "speculative" if not first and tokens <= ROW_EXACT_TOKENS else "prefill"
         if message.replay and first:
             self.failovers_served.inc()
         self.steps.labels(kind).inc()

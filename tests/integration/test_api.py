@@ -341,10 +341,13 @@ def test_metrics_count_a_generation_on_the_api_and_on_every_hop(api_swarm):
         before, after = nodes_before[peer], scrape(url)
         hops = 1 if peer in on_route else 0
         assert moved(before, after, "hearth_sessions_opened_total") == hops, peer
+        # the API speculates: each decode pass is a token alone or with its drafts
+        drafts = answer["hearth"]["speculation"]
         assert moved(before, after, "hearth_steps_total", kind="prefill") == hops
-        assert moved(before, after, "hearth_steps_total", kind="decode") == hops * (completion - 1)
-        assert moved(before, after, "hearth_step_tokens_total") == hops * (prompt + completion - 1)
-        assert moved(before, after, "hearth_step_compute_seconds_count") == hops * completion
+        assert (moved(before, after, "hearth_steps_total", kind="decode")
+                + moved(before, after, "hearth_steps_total", kind="speculative")) == hops * drafts["passes"]
+        assert moved(before, after, "hearth_step_tokens_total") == hops * (prompt + drafts["passes"] + drafts["drafted"])
+        assert moved(before, after, "hearth_step_compute_seconds_count") == hops * (1 + drafts["passes"])
         assert total(after, "hearth_activation_bytes_total") - total(before, "hearth_activation_bytes_total") > 0 or not hops
         assert after[("hearth_sessions_open", ())] == 0 and after[("hearth_kv_cache_reserved_bytes", ())] == 0
         assert after[("hearth_kv_cache_budget_bytes", ())] > 0

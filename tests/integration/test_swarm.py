@@ -49,11 +49,12 @@ async def test_three_nodes_equal_hearth_run_exactly(local_swarm, monkeypatch):
 
     common = ["--model", str(local_swarm.model_dir), "--prompt-ids", "5,17,33", "--max-new-tokens", "6", "--json"]
     remote = await run_command([sys.executable, "-m", "node.cli", "generate", "--bootstrap", local_swarm.nodes[1].addr,
-                                "--codec", "fp32", *common])
+                                "--codec", "fp32", "--speculative", *common])
     local = await run_command([sys.executable, "-m", "node.cli", "run", *common])
     assert remote.returncode == 0, remote.stderr
     remote_out, local_out = json.loads(remote.stdout), json.loads(local.stdout)
-    assert remote_out["token_ids"] == local_out["token_ids"]
+    assert remote_out["token_ids"] == local_out["token_ids"]  # speculating, token for token the same
+    assert remote_out["speculation"]["enabled"] and remote_out["speculation"]["passes"] >= 1
     assert remote_out["local_blocks"] == 1  # the command's default (auto): block 0 ran in the client
     assert [hop["start"] for hop in remote_out["route"]] == [1, 2, 4] and remote_out["recoveries"] == []
 

@@ -235,3 +235,37 @@ async def test_routes_through_float_spans_are_not_kept(autojump_clock, swarm, lo
     turn = PROMPTS[0] + first.token_ids
     again = await client.generate_text(prompt_ids=turn, params=params)
     assert again.reused_tokens == 0 and again.token_ids == local(turn, params)
+
+
+@needs_kernels
+async def test_kept_routes_give_way_to_new_generations_within_a_nodes_per_peer_limit(autojump_clock, int8_swarm):
+    swarm = int8_swarm
+    await swarm.add_node("a", 0, 3, max_sessions_per_peer=2)
+    await swarm.add_node("b", 3, 6, max_sessions_per_peer=2)
+    client = await swarm.client(keep_sessions_s=60.0, max_kept_routes=2)
+    params = SamplingParams(max_new_tokens=3)
+    for prompt in ([9, 9, 1], [8, 8, 2], [7, 7, 3], [6, 6, 4]):  # no shared prefix: each opens a route
+        report = await client.generate_text(prompt_ids=prompt, params=params)
+        assert report.recoveries == [] and len(client.kept) <= 2
+    assert [len(node.manager.sessions) for node in swarm.nodes.values()] == [2, 2]  # the last two kept
+
+
+async def test_a_draft_model_on_the_client_drafts_and_the_output_is_unchanged(autojump_clock, swarm, local,
+                                                                              checkpoint_factory):
+    await two_routes(swarm)
+    client = await swarm.client(speculative=True, draft_model=checkpoint_factory("llama"))  # the model itself
+    params = SamplingParams(max_new_tokens=TOKENS)
+    for prompt in PROMPTS[:2]:
+        report = await client.generate_text(prompt_ids=prompt, params=params)
+        assert report.token_ids == local(prompt, params)
+        counts = report.speculation.sources["draft-model"]
+        assert counts[1] >= 0.9 * counts[0] > 0  # its own drafts: nearly all kept
+        assert report.speculation.passes < TOKENS / 2
+
+
+def test_a_draft_model_must_share_the_vocabulary(checkpoint_factory):
+    from mesh.draft_model import DraftModel
+    from shard.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="a draft model must share the model's tokenizer"):
+        DraftModel.load(checkpoint_factory("llama"), vocab_size=12345)
