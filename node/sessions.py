@@ -23,7 +23,7 @@ from mesh.virtual_time import sleep_until
 from node.chaos import Chaos
 from protocol import Codec, ErrorCode
 from shard.errors import ShardError
-from shard.interfaces import BatchStep, Cache, Span
+from shard.interfaces import ROW_EXACT_TOKENS, BatchStep, Cache, Span
 
 
 class SessionRefused(Exception):
@@ -57,7 +57,8 @@ class SessionLimits:
     batch_wait_s: float = 0.015
     batch_window_s: float = 2.0
     evict_idle_s: float = 30.0  # a session idle this long may be evicted to make room for a new one
-    # Positions of prefill (steps of more than one: prompts, rewinds, replays; decode steps are free)
+    # Positions of prefill (steps of more than 16: prompts, rewinds, replays; decode steps and a token
+    # with its drafts, `ROW_EXACT_TOKENS` at most, are free)
     # one peer may have computed a minute, saved up to a minute's worth; a peer past it is refused,
     # go elsewhere. 8 whole default contexts: an honest long prompt always fits. 0: unlimited.
     max_prefill_tokens_per_minute: int = 8 * 4096
@@ -277,7 +278,7 @@ class SessionManager:
                                  retry_elsewhere=True)
         self.check_input(session, hidden.shape, start_position, rewind=rewind)
         rows = hidden.shape[0] * hidden.shape[1]
-        if hidden.shape[1] > 1:
+        if hidden.shape[1] > ROW_EXACT_TOKENS:  # a token and its drafts cost at most 16 decode steps: free too
             self._charge_prefill(session.peer_id, rows)
         if rows <= self.limits.inline_max_tokens and len(chunks) <= 1:
             output, seconds = await self._decode(_Step(session, hidden, start_position))

@@ -59,16 +59,7 @@ async def test_three_nodes_equal_hearth_run_exactly(local_swarm, monkeypatch):
     assert [hop["start"] for hop in remote_out["route"]] == [1, 2, 4] and remote_out["recoveries"] == []
 
 
-async def test_nothing_is_central_after_the_bootstrap_node_stops(local_swarm):
-    await local_swarm.start([(0, 3), (0, 3), (3, 6)])
-    bootstrap, other, last = local_swarm.nodes
-    await bootstrap.stop()
-    report = await generate(last.addr, local_swarm.model_dir)
-    assert report.token_ids == local_tokens(local_swarm.model_dir, PROMPT, 12)
-    assert bootstrap.peer_id not in [hop["peer_id"] for hop in report.route]
-
-
-async def test_four_concurrent_clients_each_get_their_own_output(local_swarm):
+async def test_four_concurrent_clients_each_get_their_own_output_then_the_sync_client_and_connect(local_swarm):
     await local_swarm.start(local_swarm.spans(2))
     prompts = [PROMPT, [8, 8, 8], [100, 3], [40, 41, 42, 43, 44]]
     results = {}
@@ -81,6 +72,7 @@ async def test_four_concurrent_clients_each_get_their_own_output(local_swarm):
             nursery.start_soon(one, i)
     for i, prompt in enumerate(prompts):
         assert results[i] == local_tokens(local_swarm.model_dir, prompt, 8)
+    await sync_client_and_connect(local_swarm)  # on the same swarm
 
 
 async def test_raw_libp2p_garbage_gets_error_replies_and_the_node_keeps_serving(local_swarm):
@@ -153,10 +145,9 @@ async def test_a_household_secret_admits_and_trusts_only_its_own(checkpoint_fact
             assert set(refused.value.refused) == {first.peer_id, second.peer_id}
 
 
-async def test_sync_client_for_plain_python_and_mesh_connect_for_async(local_swarm):
+async def sync_client_and_connect(local_swarm) -> None:
+    """`mesh.SyncClient` for plain Python and `mesh.connect` for async code, on a started swarm."""
     import mesh
-
-    await local_swarm.start(local_swarm.spans(2))
 
     def plain_python():  # in a thread of its own, as code that is not async runs it
         with mesh.SyncClient(bootstrap=[local_swarm.nodes[0].addr], model=local_swarm.model_dir,

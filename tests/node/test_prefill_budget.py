@@ -100,10 +100,12 @@ async def test_a_prefill_past_the_peers_budget_is_refused_go_elsewhere(autojump_
 async def test_decode_steps_are_never_charged(autojump_clock, span):
     manager = SessionManager(span, SessionLimits(compute_in_thread=False, max_prefill_tokens_per_minute=64))
     session = manager.open("s", "alice", 0, 6, 64, 1)
-    await manager.step(session, hidden(8), 0)
-    assert manager.prefill_budgets.charge("alice", 56, trio.current_time()) == 0.0  # the rest of the minute's
-    for position in range(8, 64):  # a whole session of decoding with an empty budget
+    await manager.step(session, hidden(20), 0)
+    assert manager.prefill_budgets.charge("alice", 44, trio.current_time()) == 0.0  # the rest of the minute's
+    for position in range(20, 48):  # decoding with an empty budget
         await manager.step(session, hidden(1), position)
+    for position in range(48, 64, 8):  # a token and its drafts: a decode step too
+        await manager.step(session, hidden(8), position)
     assert manager.prefill_budgets.level("alice", trio.current_time()) < 1
 
 
