@@ -129,6 +129,7 @@ class Hoarder:
 
     async def _step(self, hop: HopSession, tokens: int, what: str) -> bool:
         """`tokens` positions from position 0 (the session rewound); False once the session is lost."""
+        hop.rewind(0)  # says so (Step.rewind: refused outright without it); the history keeps one step
         try:
             await hop.step(np.zeros((1, tokens, self.hidden_size), np.float32), 0, timeout=STEP_TIMEOUT_S)
         except HopFailed as err:
@@ -136,6 +137,5 @@ class Hoarder:
             self.counts[f"{what}_lost_{kind}"] += 1
             self.world.trace.record(f"{what}_lost", peer=self.host.peer_id, node=hop.peer_id, why=kind)
             return False
-        hop.history.clear()  # nothing to replay: the hoarder never fails over
         self.counts[f"{what}s"] += 1
         return True

@@ -15,6 +15,8 @@ import trio
 
 from mesh.session import HopFailed
 from protocol import Retry
+from shard.generate import generate_local
+from shard.pipeline import LocalPipeline
 from shard.sampling import SamplingParams
 from tests.adversarial.test_slot_hoarding import honest_tokens, open_session, peer, sample
 from tests.mesh import test_failover_memory
@@ -68,13 +70,15 @@ async def test_a_peer_re_prefilling_in_a_loop_is_refused_past_its_budget(autojum
     assert outcomes == ["served", "served", "refused"]
 
 
-async def test_a_client_refused_for_its_budget_fails_over_to_another_node(autojump_clock, swarm, expected):
+async def test_a_client_refused_for_its_budget_fails_over_to_another_node(autojump_clock, swarm, checkpoint_factory):
     node = await swarm.add_node("a", 0, 6, max_prefill_tokens_per_minute=BUDGET)
     await swarm.add_node("b", 0, 6, token_seconds=0.01)  # slower: the client prefers a
     client = await swarm.client(request_timeout_s=120.0)
     node.manager.prefill_budgets.charge("user", BUDGET, trio.current_time())  # its minute spent on a
-    report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=TOKENS))
-    assert report.token_ids == expected
+    prompt = PROMPT * 3  # more than 16 positions: prefill (a token and its drafts are free, as decode steps)
+    params = SamplingParams(max_new_tokens=TOKENS)
+    report = await client.generate_text(prompt_ids=prompt, params=params)
+    assert report.token_ids == generate_local(LocalPipeline.load(checkpoint_factory("llama")), prompt, params).token_ids
     [recovery] = report.recoveries
     assert (recovery.failed_peer, recovery.replacements) == ("a", ["b"])
     assert "prefill budget" in recovery.reason
