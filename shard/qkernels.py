@@ -19,8 +19,9 @@ from torch import Tensor
 
 from shard.errors import QuantizationError
 
-ABI = 3
+ABI = 4
 BLOCK = 32  # activation values per scale, as in the C file
+TILE = 16  # int4 output rows per weight tile, as in the C file
 # Largest K for which the int8 path's int32 sums cannot overflow (255 * 128 * K < 2**31: the
 # VNNI path sums (a + 128) * w before taking 128 * sum(w) off).
 MAX_INT8_K = (2**31 - 1) // (255 * 128)
@@ -58,8 +59,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.hq_i8_quantize.restype = None
     lib.hq_i8_linear.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
     lib.hq_i8_linear.restype = _int
-    lib.hq_i4_mm.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]
+    lib.hq_i4_mm.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]
     lib.hq_i4_mm.restype = _int
+    lib.hq_i4_tile_bytes.argtypes = [_i64, _i64]
+    lib.hq_i4_tile_bytes.restype = _i64
     lib.hq_rms_norm.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float]
     lib.hq_rms_norm.restype = None
     lib.ha_attend.argtypes = [_ptr, _ptr, _ptr, _ptr] + [_i64] * 11 + [ctypes.c_float, _int]
@@ -164,10 +167,52 @@ class Int8Weights:
         return out
 
 
+def tile_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """Portable int4 (qweight uint8 [N, K/2]: column 2j low nibble, 2j+1 high; bf16 scales and
+    zeros [N, K/group]) -> the compiled kernel's tiles, uint8 [ceil(N/16), K/group, 64 + 8 * group].
+
+    A tile holds 16 output rows (the last one padded with zero weights). Per group: the 16 scales,
+    the 16 zeros (bf16 bytes), then per block of 32 columns four chunks of 64 bytes; in chunk k,
+    row i's four bytes are columns 8k + j (low nibble) and 8k + 4 + j (high), j = 0..3. The same
+    bytes as the portable format, rearranged: 0.5 byte per weight plus 4 bytes per group."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    groups, per_group = k // group_size, group_size // BLOCK
+    codes = torch.stack([qweight & 15, qweight >> 4], dim=-1).reshape(n, k)
+    pad = -n % TILE
+    if pad:
+        codes = torch.cat([codes, torch.full((pad, k), 8, dtype=torch.uint8)])
+        scales = torch.cat([scales, torch.zeros(pad, groups, dtype=scales.dtype)])
+        zeros = torch.cat([zeros, torch.zeros(pad, groups, dtype=zeros.dtype)])
+    count = (n + pad) // TILE
+    # column within a block = 8 * chunk + 4 * nibble + j
+    codes = codes.view(count, TILE, groups, per_group, 4, 2, 4).permute(0, 2, 3, 4, 1, 6, 5)
+    weights = (codes[..., 0] | (codes[..., 1] << 4)).reshape(count, groups, per_group * 4 * 64)
+
+    def per_tile(values: Tensor) -> Tensor:  # [N, groups] bf16 -> [count, groups, 32] bytes
+        return values.reshape(count, TILE, groups).transpose(1, 2).contiguous().view(torch.uint8)
+
+    return torch.cat([per_tile(scales), per_tile(zeros), weights], dim=2).contiguous()
+
+
+def untile_int4(tiles: Tensor, n: int, k: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of `tile_int4`: the portable (qweight, scales, zeros) of the first n rows."""
+    count, groups, per_group = tiles.shape[0], k // group_size, group_size // BLOCK
+
+    def per_row(part: Tensor) -> Tensor:  # [count, groups, 32] bytes -> [n, groups] bf16
+        return part.contiguous().view(torch.bfloat16).transpose(1, 2).reshape(count * TILE, groups)[:n]
+
+    scales, zeros = per_row(tiles[..., :2 * TILE]), per_row(tiles[..., 2 * TILE:4 * TILE])
+    weights = tiles[..., 4 * TILE:].reshape(count, groups, per_group, 4, TILE, 4)
+    codes = torch.stack([weights & 15, weights >> 4], dim=-1)  # [count, g, b, chunk, row, j, nibble]
+    codes = codes.permute(0, 4, 1, 2, 3, 6, 5).reshape(count * TILE, k)[:n]
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), scales.contiguous(), zeros.contiguous()
+
+
 class Int4Weights:
-    """Portable int4 weights (qweight uint8 [N, K/2], bf16 scales and zeros [N, K/group]), checked
-    once, for `linear(x)`: x quantized to int8 per block of 32 values, int4 x int8 products
-    (shard/csrc/qmatmul.c says how, and why each row is exact alone)."""
+    """int4 weights for `linear(x)`: x quantized to int8 per block of 32 values, int4 x int8
+    products (shard/csrc/qmatmul.c says how, and why each row is exact alone). Built from the
+    portable tensors (qweight uint8 [N, K/2], bf16 scales and zeros [N, K/group]), checked once;
+    holds only the kernel's tiles (`tile_int4`), from which `portable()` rebuilds them."""
 
     def __init__(self, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int):
         n, k = qweight.shape[0], qweight.shape[1] * 2
@@ -177,15 +222,29 @@ class Int4Weights:
         _need(qweight, "int4 qweight", torch.uint8, (n, k // 2))
         _need(scales, "int4 scales", torch.bfloat16, (n, k // group_size))
         _need(zeros, "int4 zeros", torch.bfloat16, (n, k // group_size))
-        self.qweight, self.scales, self.zeros = qweight, scales, zeros
+        self.tiles = tile_int4(qweight, scales, zeros, group_size)
         self.n, self.k, self.group_size = n, k, group_size
+
+    @classmethod
+    def of_tiles(cls, tiles: Tensor, n: int, k: int, group_size: int) -> Int4Weights:
+        """Adopt tiles `tile_int4` made (checked against n, k and the group)."""
+        if not i4_fits(k, group_size):
+            raise QuantizationError(
+                f"no compiled int4 kernel for in_features {k}, group {group_size}")
+        groups = k // group_size
+        _need(tiles, "int4 tiles", torch.uint8, (-(-n // TILE), groups, 4 * TILE + group_size * TILE // 2))
+        weights = cls.__new__(cls)
+        weights.tiles, weights.n, weights.k, weights.group_size = tiles, n, k, group_size
+        return weights
+
+    def portable(self) -> tuple[Tensor, Tensor, Tensor]:
+        return untile_int4(self.tiles, self.n, self.k, self.group_size)
 
     def linear(self, x: Tensor) -> Tensor:
         x = _activations(x, self.k)
         out = torch.empty(x.shape[0], self.n, dtype=torch.float32)
-        if _LIB.hq_i4_mm(x.data_ptr(), self.qweight.data_ptr(), self.scales.data_ptr(),
-                         self.zeros.data_ptr(), out.data_ptr(), x.shape[0], self.n, self.k,
-                         self.group_size, torch.get_num_threads()):
+        if _LIB.hq_i4_mm(x.data_ptr(), self.tiles.data_ptr(), out.data_ptr(), x.shape[0], self.n,
+                         self.k, self.group_size, torch.get_num_threads()):
             raise MemoryError("int4 kernel: no memory for its scratch buffers")
         return out
 

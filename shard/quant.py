@@ -335,10 +335,11 @@ def cpu_int4_codes(packed: Tensor, n_rows: int, k: int) -> Tensor:
 class Int4Linear(nn.Module):
     """Linear layer with int4 weights, asymmetric per group along `in`; fp32 in, fp32 out.
 
-    When torch's CPU int4 kernel fits, the weights live only in the kernel's layout
-    (`kernel_weight`, `kernel_scale_zeros`: non-persistent buffers, never saved) and
-    `state_dict()` rebuilds the portable tensors from it, so int4 costs 0.5 byte per weight.
-    Otherwise the portable buffers `qweight`, `scales`, `zeros` are used by the fallback.
+    The weights live in the layout of the kernel that runs, so int4 costs 0.5 byte per weight:
+    the compiled kernel's tiles (`kernel_tiles`), else torch's CPU int4 kernel's layout
+    (`kernel_weight`, `kernel_scale_zeros`); both are non-persistent buffers, and `state_dict()`
+    rebuilds the portable tensors from them. Otherwise the portable buffers `qweight`, `scales`,
+    `zeros` are used by the dequantizing fallback.
     """
 
     def __init__(
@@ -362,6 +363,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", _bias_or_none(bias, out_features, device))
         self.register_buffer("kernel_weight", None, persistent=False)
         self.register_buffer("kernel_scale_zeros", None, persistent=False)
+        self.register_buffer("kernel_tiles", None, persistent=False)
 
     @classmethod
     def from_float(
@@ -376,24 +378,21 @@ class Int4Linear(nn.Module):
         return layer
 
     def uses_compiled(self) -> bool:
-        """Whether forwards run the compiled int4 x int8 kernel (on the portable tensors)."""
+        """Whether forwards run the compiled int4 x int8 kernel."""
         return _has_compiled() and qkernels.i4_fits(self.in_features, self.group_size)
 
     def compiled(self) -> qkernels.Int4Weights | None:
-        """The compiled kernel's view of the portable tensors, or None where it does not run.
-        Checked once per set of tensors (this runs at every forward: buffers read from
-        `_buffers`, not through nn.Module's slower attribute lookup)."""
-        if not _has_compiled():
+        """The compiled kernel's weights (its tiles), or None where it does not run. Tiles made
+        before the kernels went away (tests switch them off) are left to `portable()`. This runs at
+        every forward: buffers read from `_buffers`, not nn.Module's slower attribute lookup."""
+        tiles = self._buffers["kernel_tiles"]
+        if tiles is None or not _has_compiled():
             return None
-        buffers = self._buffers
-        qweight, scales, zeros = buffers["qweight"], buffers["scales"], buffers["zeros"]
         cached = self.__dict__.get("_compiled")
-        if cached is not None and cached.qweight is qweight and cached.scales is scales and cached.zeros is zeros:
-            return cached
-        if qweight is None or not qkernels.i4_fits(self.in_features, self.group_size):
-            return None
-        self._compiled = qkernels.Int4Weights(qweight, scales, zeros, self.group_size)
-        return self._compiled
+        if cached is None or cached.tiles is not tiles:
+            cached = self._compiled = qkernels.Int4Weights.of_tiles(
+                tiles, self.out_features, self.in_features, self.group_size)
+        return cached
 
     def kernel_fits(self) -> bool:
         """Whether this torch has the CPU int4 kernel and this layer's shape suits it."""
@@ -405,10 +404,14 @@ class Int4Linear(nn.Module):
         )
 
     def _adopt(self, qweight: Tensor, scales: Tensor, zeros: Tensor) -> None:
-        """Take portable tensors; derive the kernel layout when the kernel fits."""
+        """Take portable tensors; keep them in the layout of the kernel that fits, if any."""
         self.qweight, self.scales, self.zeros = (
             qweight.contiguous(), scales.contiguous(), zeros.contiguous())
-        self.kernel_weight = self.kernel_scale_zeros = None
+        self.kernel_weight = self.kernel_scale_zeros = self.kernel_tiles = None
+        if self.uses_compiled():
+            self.kernel_tiles = qkernels.tile_int4(self.qweight, self.scales, self.zeros, self.group_size)
+            self.qweight = self.scales = self.zeros = None  # state_dict() rebuilds them
+            return
         if not self.kernel_fits():
             return
         codes = unpack_nibbles(qweight)  # [out, in]
@@ -420,9 +423,12 @@ class Int4Linear(nn.Module):
             self.qweight = self.scales = self.zeros = None  # state_dict() rebuilds them
 
     def portable(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(qweight, scales, zeros) in the portable format, rebuilt from the kernel's if dropped."""
+        """(qweight, scales, zeros) in the portable format, rebuilt from a kernel's if dropped."""
         if self.qweight is not None:
             return self.qweight, self.scales, self.zeros
+        if self.kernel_tiles is not None:
+            return qkernels.untile_int4(
+                self.kernel_tiles, self.out_features, self.in_features, self.group_size)
         codes = cpu_int4_codes(self.kernel_weight, self.out_features, self.in_features)
         scale_zeros = self.kernel_scale_zeros
         return (

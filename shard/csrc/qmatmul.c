@@ -11,11 +11,9 @@
  * operation compiled with -ffp-contract=off, so the compiler cannot re-associate or fuse them
  * differently in different tile sizes.
  *
- * int4 weights are shard/quant.py's portable format: per output row, bytes holding column 2j in
- * the low nibble and 2j+1 in the high one; per group of G columns a bf16 scale s and zero z;
- * w = (code - 8) * s + z. Activations are quantized here per block of 32 values (as llama.cpp's
- * Q8_0): q = round(x / d), d = absmax / 127. With isum = sum(code * q) and qsum = sum(q) over a
- * block, the block contributes d * s * isum + d * qsum * (z - 8 s).
+ * int4 weights: per group of G columns of an output row a bf16 scale s and zero z, w = (code - 8)
+ * * s + z, laid out in tiles of 16 rows (below). Activations are quantized here per block of 32
+ * values (as llama.cpp's Q8_0): q = round(x / d), d = absmax / 127.
  */
 #include <math.h>
 #include <stdint.h>
@@ -30,7 +28,7 @@
 #define QK 32      /* activation block */
 #define ROWS 4     /* activation rows sharing one pass over a weight row */
 
-int hq_abi(void) { return 3; }  /* 3: with attention.c's ha_attend */
+int hq_abi(void) { return 4; }  /* 4: int4 weights in tiles of 16 rows */
 
 const char *hq_isa(void) {
 #if defined(HQ_SIMD) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -207,20 +205,35 @@ int hq_i8_linear(const float *x, const int8_t *w, const uint16_t *scales, float 
 
 /* ---- int4 x int8 -> fp32 ----------------------------------------------------------------- */
 
-/* Activations are laid out for the weights' nibbles, two blocks (a "pair", 64 columns) at a time:
- * [even columns of block 2p | even of 2p+1 | odd of 2p | odd of 2p+1], 16 bytes each, so that one
- * 32-byte load of weights (two blocks of packed nibbles) gives the matching low nibbles with one
- * mask and the high ones with one shift and mask. A last unpaired block is [even | odd].
- * dv holds, per pair, [d(2p) x4, d(2p+1) x4]: the int32 lanes 0-3 of a pair's dot product belong
- * to block 2p, lanes 4-7 to 2p+1. c[g] = sum over the group's blocks of d * sum(q). */
-static inline int64_t q_offset(int64_t b, int j, int64_t blocks) {
-    const int64_t pair = b / 2;
-    if (b == blocks - 1 && blocks % 2)
-        return pair * 64 + (j & 1) * 16 + (j >> 1);
-    return pair * 64 + (j & 1) * 32 + (b & 1) * 16 + (j >> 1);
+/* Weights in tiles of 16 output rows (shard/qkernels.py's `tile_int4` builds them from the
+ * portable format and says the byte order): per group of G columns, the tile's 16 bf16 scales and
+ * 16 bf16 zeros, then per block of 32 columns four chunks of 64 bytes, chunk k holding for each
+ * row i four bytes: byte j = code of column 8k + j (low nibble) | code of column 8k + 4 + j (high).
+ * One vector load thus gives the same eight columns of 16 rows, one output per int32 lane: a
+ * block's dot products are 8 `vpdpbusd` against broadcast activations, with no horizontal sums,
+ * and the scale arithmetic is shared by 16 outputs (llama.cpp repacks Q4_0 the same way).
+ *
+ * Per output, in this order whatever the row count, tile position and thread count:
+ *   acc = 0; per group g (s, z its scale and zero; m = z - 8 s, fused):
+ *     per block b of g: acc = fma(float(isum_b), d_b * s, acc)   (isum_b exact in int32)
+ *     acc = fma(c_g, m, acc)                                        (c_g = sum of d_b * sum(q_b))
+ * which is sum over columns of x * ((code - 8) s + z) with x ~ d q, quantized per block of 32. */
+
+#define TILE 16           /* output rows per weight tile: one int32 lane each */
+#ifndef I4_ROWS
+#define I4_ROWS 4         /* activation rows sharing one pass over a tile */
+#endif
+#define PREFETCH 4096     /* bytes ahead in the weight stream (measured: 1.4x at one thread) */
+
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
 
-static void quantize_row(const float *x, int64_t K, int64_t group, int8_t *q, float *dv, float *c) {
+/* Per row: q[k] = round(x[k] / d_b) for the block b holding k, d_b = absmax / 127, and per group
+ * c_g = sum over its blocks, in order, of d_b * sum(q_b). */
+static void quantize_row(const float *x, int64_t K, int64_t group, int8_t *q, float *d, float *c) {
     const int64_t blocks = K / QK, per_group = group / QK;
     for (int64_t b = 0; b < blocks; b++) {
         const float *xb = x + b * QK;
@@ -232,207 +245,215 @@ static void quantize_row(const float *x, int64_t K, int64_t group, int8_t *q, fl
         for (int j = 0; j < QK; j++) {
             float v = nearbyintf(xb[j] * inv);
             v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : (v == v ? v : 0.0f));
-            q[q_offset(b, j, blocks)] = (int8_t)v;
+            q[b * QK + j] = (int8_t)v;
             sum += (int32_t)v;
         }
-        for (int l = 0; l < 4; l++) dv[b * 4 + l] = db;
+        d[b] = db;
         const float contribution = db * (float)sum;
         c[b / per_group] = (b % per_group) ? c[b / per_group] + contribution : contribution;
     }
 }
 
-#ifdef HQ_SIMD
-static inline __m128i dot_u8s8_128(__m128i acc, __m128i u, __m128i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm_dpbusd_epi32(acc, u, s);
-#elif defined(__AVXVNNI__)
-    return _mm_dpbusd_avx_epi32(acc, u, s);
-#else
-    return _mm_add_epi32(acc, _mm_madd_epi16(_mm_maddubs_epi16(u, s), _mm_set1_epi16(1)));
-#endif
+/* Sixteen lanes, one per output row of a tile: one zmm with AVX-512, two ymm with AVX2, an array
+ * otherwise. Each lane runs the same scalar operations in all three (fma is fused everywhere). */
+#if defined(HQ_SIMD) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+typedef __m512i lanes_i;
+typedef __m512 lanes_f;
+static inline lanes_f lf_zero(void) { return _mm512_setzero_ps(); }
+static inline lanes_f lf_bf16(const uint8_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-
-/* The weight scales of one pair as [s(2p) x4, s(2p+1) x4]. */
-static inline __m256 pair_scale(const uint16_t *s, int64_t pair, int64_t per_group) {
-    const float lo = bf16_to_f32(s[(2 * pair) / per_group]), hi = bf16_to_f32(s[(2 * pair + 1) / per_group]);
-    return _mm256_setr_ps(lo, lo, lo, lo, hi, hi, hi, hi);
+static inline lanes_f lf_zero_term(lanes_f s, lanes_f z) { return _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z); }
+static inline lanes_f lf_block(lanes_i isum, float d, lanes_f s, lanes_f acc) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(_mm512_set1_ps(d), s), acc);
 }
-
-/* Weight rows (outputs) per tile when there are at least ROWS activation rows: measured on
- * issue 16's model, four make a 128-token prefill 1.3x faster, while a decode step (one row) runs
- * fastest with one (two to four weight streams at once cost up to 1.5x). */
-#define COLS 4
-
-#ifdef HQ_SIMD
-/* The weight scales pairs p..p+3 use (groups of 32: eight, of 64: four, of 128: two), as floats
- * in the low lanes; loads never reach past the row's last scale. */
-static inline __m256 scales_of_four_pairs(const uint16_t *s, int64_t p, int64_t per_group) {
-    __m128i raw;
-    if (per_group == 1) {
-        raw = _mm_loadu_si128((const __m128i *)(s + 2 * p));
-    } else if (per_group == 2) {
-        raw = _mm_loadl_epi64((const __m128i *)(s + p));
-    } else {
-        int32_t two;
-        memcpy(&two, s + p / 2, sizeof two);
-        raw = _mm_cvtsi32_si128(two);
-    }
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+static inline lanes_f lf_group(float c, lanes_f m, lanes_f acc) { return _mm512_fmadd_ps(_mm512_set1_ps(c), m, acc); }
+static inline void lf_store(float *y, lanes_f v) { _mm512_storeu_ps(y, v); }
+static inline lanes_i li_zero(void) { return _mm512_setzero_si512(); }
+/* the low and high nibbles of one 64-byte chunk */
+static inline void li_chunk(const uint8_t *p, lanes_i *lo, lanes_i *hi) {
+    const __m512i raw = _mm512_loadu_si512((const void *)p), low = _mm512_set1_epi8(0x0f);
+    *lo = _mm512_and_si512(raw, low);
+    *hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
 }
-
-/* One pair (64 columns) of one weight row against R activation rows: acc[r][j] += the pair's
- * int32 dot products, as floats, times sp * d (sp: the pair's weight scales, d: the activations'). */
-static inline __attribute__((always_inline)) void pair_step(
-    const int8_t *q, const float *dv, int64_t K, int64_t dstride, const uint8_t *wrow, int64_t p,
-    __m256 sp, const int R, __m256 acc[][COLS], int j) {
+/* acc + the four products of each lane's bytes with the four activations at a */
+static inline lanes_i li_dot(lanes_i acc, lanes_i w, const int8_t *a) {
+    return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(load_i32(a)));
+}
+#elif defined(HQ_SIMD)
+typedef struct { __m256i v[2]; } lanes_i;
+typedef struct { __m256 v[2]; } lanes_f;
+static inline lanes_f lf_zero(void) { return (lanes_f){{_mm256_setzero_ps(), _mm256_setzero_ps()}}; }
+static inline lanes_f lf_bf16(const uint8_t *p) { return (lanes_f){{bf16x8_to_f32((const uint16_t *)p), bf16x8_to_f32((const uint16_t *)p + 8)}}; }
+static inline lanes_f lf_zero_term(lanes_f s, lanes_f z) {
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    return (lanes_f){{_mm256_fnmadd_ps(eight, s.v[0], z.v[0]), _mm256_fnmadd_ps(eight, s.v[1], z.v[1])}};
+}
+static inline lanes_f lf_block(lanes_i isum, float d, lanes_f s, lanes_f acc) {
+    const __m256 dv = _mm256_set1_ps(d);
+    return (lanes_f){{_mm256_fmadd_ps(_mm256_cvtepi32_ps(isum.v[0]), _mm256_mul_ps(dv, s.v[0]), acc.v[0]),
+                      _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum.v[1]), _mm256_mul_ps(dv, s.v[1]), acc.v[1])}};
+}
+static inline lanes_f lf_group(float c, lanes_f m, lanes_f acc) {
+    const __m256 cv = _mm256_set1_ps(c);
+    return (lanes_f){{_mm256_fmadd_ps(cv, m.v[0], acc.v[0]), _mm256_fmadd_ps(cv, m.v[1], acc.v[1])}};
+}
+static inline void lf_store(float *y, lanes_f v) { _mm256_storeu_ps(y, v.v[0]), _mm256_storeu_ps(y + 8, v.v[1]); }
+static inline lanes_i li_zero(void) { return (lanes_i){{_mm256_setzero_si256(), _mm256_setzero_si256()}}; }
+static inline void li_chunk(const uint8_t *p, lanes_i *lo, lanes_i *hi) {
     const __m256i low = _mm256_set1_epi8(0x0f);
-    const __m256i raw = _mm256_loadu_si256((const __m256i *)(wrow + p * 32));
-    const __m256i lo = _mm256_and_si256(raw, low);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-    for (int r = 0; r < R; r++) {
-        const int8_t *qp = q + r * K + p * 64;
-        __m256i isum = dot_u8s8(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i *)qp));
-        isum = dot_u8s8(isum, hi, _mm256_loadu_si256((const __m256i *)(qp + 32)));
-        const __m256 scale = _mm256_mul_ps(sp, _mm256_loadu_ps(dv + r * dstride + p * 8));
-        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[r][j]);
+    for (int h = 0; h < 2; h++) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(p + 32 * h));
+        lo->v[h] = _mm256_and_si256(raw, low);
+        hi->v[h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
     }
 }
-#endif
-#endif
-
-/* A tile: `rows` activation rows (R <= ROWS) against `cols` weight rows (C <= COLS), each output
- * accumulated over the pairs in order into one vector, so an output's operations do not depend on
- * R, C or where the tile lies. Activations are loaded once per pair for all C outputs, weights
- * unpacked once for all R rows. */
-static inline __attribute__((always_inline)) void i4_tile(
-    const int8_t *q, const float *dv, const float *c, int64_t K, int64_t group, const uint8_t *wq,
-    const uint16_t *s, const uint16_t *z, const int R, const int C, float *y, int64_t N) {
-    const int64_t blocks = K / QK, per_group = group / QK, groups = K / group;
-    const int64_t pairs = blocks / 2, dstride = blocks * 4, wstride = K / 2;
-    float out[ROWS][COLS];
-#ifdef HQ_SIMD
-    __m256 acc[ROWS][COLS];
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < C; j++) acc[r][j] = _mm256_setzero_ps();
-    /* Four pairs at a time: their weight scales come from one small load, spread to each pair as
-     * [s(first block) x4, s(second block) x4] by a permute with a fixed index per pair. */
-    __m256i spread[4];
-    for (int i = 0; i < 4; i++)
-        spread[i] = per_group == 1 ? _mm256_setr_epi32(2 * i, 2 * i, 2 * i, 2 * i, 2 * i + 1, 2 * i + 1, 2 * i + 1, 2 * i + 1)
-                                   : _mm256_set1_epi32(per_group == 2 ? i : i / 2);
-    int64_t p = 0;
-    for (; p + 4 <= pairs; p += 4) {
-        __m256 four[COLS];
-        for (int j = 0; j < C; j++) four[j] = scales_of_four_pairs(s + j * groups, p, per_group);
-        for (int i = 0; i < 4; i++)
-            for (int j = 0; j < C; j++)
-                pair_step(q, dv, K, dstride, wq + j * wstride, p + i,
-                          _mm256_permutevar8x32_ps(four[j], spread[i]), R, acc, j);
-    }
-    for (; p < pairs; p++) { /* the last pairs, fewer than four */
-        for (int j = 0; j < C; j++)
-            pair_step(q, dv, K, dstride, wq + j * wstride, p, pair_scale(s + j * groups, p, per_group), R, acc, j);
-    }
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < C; j++) out[r][j] = hsum_f32(acc[r][j]);
-    if (blocks % 2) { /* the unpaired last block, four lanes */
-        const int64_t b = blocks - 1;
-        const __m128i low4 = _mm_set1_epi8(0x0f);
-        for (int j = 0; j < C; j++) {
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(wq + j * wstride + b * 16));
-            const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
-            const __m128 sb = _mm_set1_ps(bf16_to_f32(s[j * groups + b / per_group]));
-            for (int r = 0; r < R; r++) {
-                const int8_t *qp = q + r * K + pairs * 64;
-                __m128i isum = dot_u8s8_128(_mm_setzero_si128(), lo, _mm_loadu_si128((const __m128i *)qp));
-                isum = dot_u8s8_128(isum, hi, _mm_loadu_si128((const __m128i *)(qp + 16)));
-                __m128 part = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_mul_ps(sb, _mm_loadu_ps(dv + r * dstride + b * 4)));
-                part = _mm_add_ps(part, _mm_movehl_ps(part, part));
-                part = _mm_add_ss(part, _mm_movehdup_ps(part));
-                out[r][j] += _mm_cvtss_f32(part);
-            }
-        }
-    }
-    /* sum over groups of c * (z - 8 s), eight groups at a time, then the rest in order */
-    const int64_t vec = groups / 8 * 8;
-    for (int j = 0; j < C; j++) {
-        __m256 cacc[ROWS];
-        for (int r = 0; r < R; r++) cacc[r] = _mm256_setzero_ps();
-        for (int64_t g = 0; g < vec; g += 8) {
-            const __m256 m = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), bf16x8_to_f32(s + j * groups + g),
-                                              bf16x8_to_f32(z + j * groups + g));
-            for (int r = 0; r < R; r++)
-                cacc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(c + r * groups + g), m, cacc[r]);
-        }
-        for (int r = 0; r < R; r++) out[r][j] += hsum_f32(cacc[r]);
-    }
+static inline lanes_i li_dot(lanes_i acc, lanes_i w, const int8_t *a) {
+    const __m256i av = _mm256_set1_epi32(load_i32(a)); /* codes <= 15: maddubs cannot saturate */
+    return (lanes_i){{dot_u8s8(acc.v[0], w.v[0], av), dot_u8s8(acc.v[1], w.v[1], av)}};
+}
 #else
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < C; j++) {
-            float sum = 0.0f;
-            for (int64_t b = 0; b < blocks; b++) {
-                int32_t isum = 0;
-                for (int k = 0; k < QK; k++) {
-                    const uint8_t byte = wq[j * wstride + b * (QK / 2) + k / 2];
-                    isum += ((k & 1) ? byte >> 4 : byte & 15) * q[r * K + q_offset(b, k, blocks)];
-                }
-                sum += (float)isum * (dv[r * dstride + b * 4] * bf16_to_f32(s[j * groups + b / per_group]));
-            }
-            out[r][j] = sum;
+typedef struct { int32_t v[TILE]; } lanes_i;
+typedef struct { float v[TILE]; } lanes_f;
+static inline lanes_f lf_zero(void) { return (lanes_f){{0}}; }
+static inline lanes_f lf_bf16(const uint8_t *p) {
+    lanes_f out;
+    for (int i = 0; i < TILE; i++) {
+        uint16_t raw;
+        memcpy(&raw, p + 2 * i, sizeof raw);
+        out.v[i] = bf16_to_f32(raw);
+    }
+    return out;
+}
+static inline lanes_f lf_zero_term(lanes_f s, lanes_f z) {
+    for (int i = 0; i < TILE; i++) z.v[i] = fmaf(-8.0f, s.v[i], z.v[i]);
+    return z;
+}
+static inline lanes_f lf_block(lanes_i isum, float d, lanes_f s, lanes_f acc) {
+    for (int i = 0; i < TILE; i++) acc.v[i] = fmaf((float)isum.v[i], d * s.v[i], acc.v[i]);
+    return acc;
+}
+static inline lanes_f lf_group(float c, lanes_f m, lanes_f acc) {
+    for (int i = 0; i < TILE; i++) acc.v[i] = fmaf(c, m.v[i], acc.v[i]);
+    return acc;
+}
+static inline void lf_store(float *y, lanes_f v) { memcpy(y, v.v, sizeof v.v); }
+static inline lanes_i li_zero(void) { return (lanes_i){{0}}; }
+static inline void li_chunk(const uint8_t *p, lanes_i *lo, lanes_i *hi) {
+    /* lane i's four bytes, packed as four 8-bit codes in one int32 each */
+    for (int i = 0; i < TILE; i++) {
+        uint32_t l = 0, h = 0;
+        for (int j = 0; j < 4; j++) {
+            l |= (uint32_t)(p[4 * i + j] & 15) << (8 * j);
+            h |= (uint32_t)(p[4 * i + j] >> 4) << (8 * j);
         }
-    const int64_t vec = 0;
+        lo->v[i] = (int32_t)l, hi->v[i] = (int32_t)h;
+    }
+}
+static inline lanes_i li_dot(lanes_i acc, lanes_i w, const int8_t *a) {
+    for (int i = 0; i < TILE; i++)
+        for (int j = 0; j < 4; j++) acc.v[i] += (int32_t)(((uint32_t)w.v[i] >> (8 * j)) & 255) * a[j];
+    return acc;
+}
 #endif
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < C; j++) {
-            float tail = out[r][j];
-            for (int64_t g = vec; g < groups; g++) {
-                const float sg = bf16_to_f32(s[j * groups + g]);
-                tail += c[r * groups + g] * (bf16_to_f32(z[j * groups + g]) - 8.0f * sg);
-            }
-            y[r * N + j] = tail;
-        }
+
+static inline lanes_i li_add(lanes_i a, lanes_i b) {
+#if defined(HQ_SIMD) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    return _mm512_add_epi32(a, b);
+#elif defined(HQ_SIMD)
+    return (lanes_i){{_mm256_add_epi32(a.v[0], b.v[0]), _mm256_add_epi32(a.v[1], b.v[1])}};
+#else
+    for (int i = 0; i < TILE; i++) a.v[i] += b.v[i];
+    return a;
+#endif
 }
 
-/* y[m, n] = sum_k x[m, k] * w[n, k] for portable int4 w. K % group == 0, group % 32 == 0.
- * Returns 0, or -1 when scratch memory could not be had. */
-int hq_i4_mm(const float *x, const uint8_t *qweight, const uint16_t *scales, const uint16_t *zeros,
-             float *y, int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
+/* One weight tile (16 outputs) against R activation rows (R <= I4_ROWS): each chunk's nibbles are
+ * unpacked once for all R rows. Integer sums are split in two per row (chunks 0-1, 2-3) for
+ * shorter dependency chains; being exact, the split does not change them. */
+static inline __attribute__((always_inline)) void i4_tile(
+    const int8_t *q, const float *d, const float *c, int64_t K, int64_t group, const uint8_t *tile,
+    const int R, float *y, int64_t N, int64_t cols) {
+    const int64_t blocks = K / QK, groups = K / group, per_group = group / QK;
+    lanes_f acc[I4_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = lf_zero();
+    const uint8_t *p = tile;
+    for (int64_t g = 0, b = 0; g < groups; g++) {
+        const lanes_f s = lf_bf16(p), m = lf_zero_term(s, lf_bf16(p + 2 * TILE));
+        p += 4 * TILE;
+        for (int64_t i = 0; i < per_group; i++, b++, p += 4 * 64) {
+#ifdef HQ_SIMD
+            for (int l = 0; l < 4; l++) _mm_prefetch((const char *)(p + PREFETCH + 64 * l), _MM_HINT_T0);
+#endif
+            lanes_i first[I4_ROWS], second[I4_ROWS];
+            for (int r = 0; r < R; r++) first[r] = li_zero(), second[r] = li_zero();
+            for (int k = 0; k < 4; k++) {
+                lanes_i lo, hi;
+                li_chunk(p + 64 * k, &lo, &hi);
+                for (int r = 0; r < R; r++) {
+                    const int8_t *a = q + r * K + b * QK + 8 * k;
+                    lanes_i *sum = k < 2 ? &first[r] : &second[r];
+                    *sum = li_dot(li_dot(*sum, lo, a), hi, a + 4);
+                }
+            }
+            for (int r = 0; r < R; r++)
+                acc[r] = lf_block(li_add(first[r], second[r]), d[r * blocks + b], s, acc[r]);
+        }
+        for (int r = 0; r < R; r++) acc[r] = lf_group(c[r * groups + g], m, acc[r]);
+    }
+    for (int r = 0; r < R; r++) {
+        if (cols == TILE) {
+            lf_store(y + r * N, acc[r]);
+        } else { /* the last tile of a layer whose outputs are not a multiple of 16 */
+            float out[TILE];
+            lf_store(out, acc[r]);
+            memcpy(y + r * N, out, sizeof(float) * (size_t)cols);
+        }
+    }
+}
+
+/* Bytes of one tile: per group 16 scales and 16 zeros (bf16) and 16 x G / 2 bytes of codes. */
+int64_t hq_i4_tile_bytes(int64_t K, int64_t group) { return (K / group) * 4 * TILE + TILE * K / 2; }
+
+/* y[m, n] = sum_k x[m, k] * w[n, k] for tiled int4 w (N rows padded to tiles of 16).
+ * K % group == 0, group % 32 == 0. Returns 0, or -1 when scratch memory could not be had. */
+int hq_i4_mm(const float *x, const uint8_t *tiles, float *y, int64_t M, int64_t N, int64_t K,
+             int64_t group, int threads) {
     const int64_t blocks = K / QK, groups = K / group;
     int8_t *q = malloc((size_t)(M * K));
-    float *dv = malloc(sizeof(float) * (size_t)(M * blocks * 4));
+    float *d = malloc(sizeof(float) * (size_t)(M * blocks));
     float *c = malloc(sizeof(float) * (size_t)(M * groups));
-    if (!q || !dv || !c) {
-        free(q), free(dv), free(c);
+    if (!q || !d || !c) {
+        free(q), free(d), free(c);
         return -1;
     }
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && M > 1)
     for (int64_t m = 0; m < M; m++)
-        quantize_row(x + m * K, K, group, q + m * K, dv + m * blocks * 4, c + m * groups);
-    const int64_t width = M >= ROWS ? COLS : 1, tiles = (N + width - 1) / width;
+        quantize_row(x + m * K, K, group, q + m * K, d + m * blocks, c + m * groups);
+    const int64_t count = (N + TILE - 1) / TILE, stride = hq_i4_tile_bytes(K, group);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t t = 0; t < tiles; t++) {
-        const int64_t n = t * width;
-        const int cols = (int)(N - n < width ? N - n : width);
-        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
-            const int rows = (int)(M - m0 < ROWS ? M - m0 : ROWS);
-#define I4_TILE(R, C) i4_tile(q + m0 * K, dv + m0 * blocks * 4, c + m0 * groups, K, group, \
-                              qweight + n * (K / 2), scales + n * groups, zeros + n * groups, R, C, \
-                              y + m0 * N + n, N)
-#define I4_COLS(R) switch (cols) { \
-            case 1: I4_TILE(R, 1); break; case 2: I4_TILE(R, 2); break; \
-            case 3: I4_TILE(R, 3); break; default: I4_TILE(R, 4); break; }
-            /* constant tile sizes keep the accumulators in registers */
-            switch (rows) {
-            case 1: I4_COLS(1); break;
-            case 2: I4_COLS(2); break;
-            case 3: I4_COLS(3); break;
-            default: I4_COLS(4); break;
+    for (int64_t t = 0; t < count; t++) {
+        const int64_t n = t * TILE, cols = N - n < TILE ? N - n : TILE;
+        for (int64_t m0 = 0; m0 < M; m0 += I4_ROWS) {
+            const int rows = (int)(M - m0 < I4_ROWS ? M - m0 : I4_ROWS);
+#define I4_TILE(R) i4_tile(q + m0 * K, d + m0 * blocks, c + m0 * groups, K, group, tiles + t * stride, \
+                           R, y + m0 * N + n, N, cols)
+            switch (rows) { /* constant row counts keep the accumulators in registers */
+            case 1: I4_TILE(1); break;
+            case 2: I4_TILE(2); break;
+            case 3: I4_TILE(3); break;
+#if I4_ROWS > 4
+            case 4: I4_TILE(4); break;
+            case 5: I4_TILE(5); break;
+            case 6: I4_TILE(6); break;
+            case 7: I4_TILE(7); break;
+#endif
+            default: I4_TILE(I4_ROWS); break;
             }
-#undef I4_COLS
 #undef I4_TILE
         }
     }
-    free(q), free(dv), free(c);
+    free(q), free(d), free(c);
     return 0;
 }
 

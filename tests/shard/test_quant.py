@@ -140,7 +140,8 @@ def test_kernel_path_matches_dequantize_path(mode, group_size, rows, compiled, m
 @needs_compiled
 def test_compiled_kernels_are_used_where_they_fit():
     int4 = Int4Linear.from_float(randn(40, 128))  # any out_features
-    assert int4.uses_compiled() and int4.kernel_weight is None and int4.qweight is not None
+    assert int4.uses_compiled() and int4.kernel_weight is None and int4.qweight is None
+    assert int4.kernel_tiles.shape == (3, 4, 64 + 16 * 16)  # 40 rows in 3 tiles of 16: 0.5 byte per weight
     assert Int4Linear.from_float(randn(64, 128), group_size=64).uses_compiled()
     assert qkernels.i8_fits(128) and not qkernels.i8_fits(136)  # in % 32 != 0: torch's _int_mm
     assert not qkernels.i8_fits(qkernels.MAX_INT8_K + 32)
@@ -423,6 +424,46 @@ def test_compiled_int4_gives_each_row_exactly_what_it_gets_alone(in_features, gr
         torch.set_num_threads(threads)
     reference = quant.int4_dequant_matmul(x, *layer.portable(), group_size) + layer.bias
     assert rel_err(together, reference) < INT8_W8A8_MAX_ERROR  # rows that dwarf the bias: 0.5%
+
+
+@pytest.mark.parametrize("out_features,in_features,group_size", [(16, 64, 32), (40, 320, 64), (33, 640, 128), (1, 32, 32)])
+def test_int4_tiles_hold_the_portable_tensors(out_features, in_features, group_size):
+    """The compiled kernel keeps only its tiles; the portable tensors (state_dict, GGUF checks)
+    come back from them unchanged, for row counts that leave the last tile part empty."""
+    qweight, scales, zeros = quant.quantize_int4(randn(out_features, in_features), group_size)
+    tiles = qkernels.tile_int4(qweight, scales, zeros, group_size)
+    assert tiles.numel() == -(-out_features // 16) * (16 * in_features // 2 + 4 * 16 * in_features // group_size)
+    back = qkernels.untile_int4(tiles, out_features, in_features, group_size)
+    assert all(torch.equal(a, b) for a, b in zip(back, (qweight, scales, zeros)))
+
+
+@needs_compiled
+def test_int4_kernel_gives_the_same_bits_on_every_instruction_set(tmp_path):
+    """A replacement node on another CPU must continue a session exactly: the kernel built for
+    AVX2 without VNNI and for plain x86-64 (portable C) gives what this CPU's build gives."""
+    import ctypes
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    sources = Path(qkernels.__file__).parent / "csrc"
+    layer = Int4Linear.from_float(randn(40, 640, scale=0.02), group_size=128)
+    x = randn(6, 640, seed=3) * torch.linspace(0.01, 30, 6).unsqueeze(1)
+    expected = layer(x)
+    for name, arch in (("haswell", "-march=haswell"), ("portable", "-march=x86-64")):
+        library = tmp_path / f"_qkernels_{name}.so"
+        subprocess.run([compiler, "-shared", "-fPIC", "-O3", arch, "-fopenmp", "-ffp-contract=off",
+                        "-fno-math-errno", "-std=c11", "-o", str(library), str(sources / "qmatmul.c"),
+                        str(sources / "attention.c"), "-lm"], check=True, capture_output=True, timeout=120)
+        lib = ctypes.CDLL(str(library))
+        lib.hq_i4_mm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        out = torch.empty(6, 40)
+        tiles = layer.kernel_tiles
+        assert lib.hq_i4_mm(x.data_ptr(), tiles.data_ptr(), out.data_ptr(), 6, 40, 640, 128, 1) == 0
+        assert torch.equal(out, expected), name
 
 
 @needs_compiled
