@@ -14,7 +14,10 @@ bits) and int4 in groups of 32 against Q4_1 (both 5.0 bits), with the ratio and 
 bytes read per decoded token against the read bandwidth measured in the same run.
 
 Needs the optional `bench` extra (`pip install -e '.[bench]'`: llama-cpp-python compiles
-llama.cpp, about 10 minutes on 2 cores, and gguf). The test suite never needs it.
+llama.cpp, about 10 minutes on 2 cores, and gguf). The test suite never needs it. On CPUs with AMX
+(Sapphire Rapids and later) llama.cpp 0.3.36 built natively dies in its AMX matmul (a general
+protection fault at `ldtilecfg`, measured here); the script refuses such a build and says how to
+build llama.cpp without AMX (its AVX-512 VNNI and repacked Q4_0 paths, its fastest that run).
 
     python benchmarks/bench_vs_llamacpp.py [--threads 1 2] [--rounds 2] [--tokens 32] [--model DIR]
                                            [--work DIR]  (keeps the GGUF files for the next run)
@@ -145,6 +148,21 @@ def quantize(f16: Path, kind: str) -> Path:
 
 def prompt_ids(vocab: int) -> list[int]:
     return torch.randint(259, vocab, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+AMX_OFF = ("CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+           "-DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON "
+           "-DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF\" "
+           "pip install --no-deps --force-reinstall --no-cache-dir llama-cpp-python==0.3.36")
+
+
+def check_llamacpp() -> None:
+    """Refuse a llama.cpp build that uses AMX: it crashes the process in its first matmul here."""
+    import llama_cpp
+
+    if "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode():
+        sys.exit("llama-cpp-python was built with AMX, whose matmul crashes llama.cpp 0.3.36 on this CPU "
+                 f"(a general protection fault); rebuild it without AMX:\n  {AMX_OFF}")
 
 
 def llamacpp_run(model: Path, threads: int, tokens: int, prompt: list[int]) -> tuple[float, list[float]]:
@@ -324,6 +342,7 @@ def main() -> None:
         source.write_text(stamp)
         import json
 
+        check_llamacpp()
         prompt = prompt_ids(json.loads((model_dir / "config.json").read_text())["vocab_size"])
         bandwidth = read_bandwidth()
         print(f"read bandwidth {bandwidth:.1f} GB/s; batch 1, {PROMPT_TOKENS}-token prompt, "

@@ -55,8 +55,12 @@ class Attention(nn.Module):
         B, T, _ = qkv.shape
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         rotated = (heads + kv_heads) * head_dim  # q and k, rotated at once: [B, T, H + KV, hd]
-        qk = apply_rotary(qkv[..., :rotated].view(B, T, heads + kv_heads, head_dim),
-                          cos.unsqueeze(-2), sin.unsqueeze(-2))
+        if compiled_ops(qkv) and cos.dim() == 2:  # the same bits in one call, in place
+            qkv = qkernels.rope_(qkv.contiguous(), heads + kv_heads, head_dim, cos, sin)
+            qk = qkv[..., :rotated].view(B, T, heads + kv_heads, head_dim)
+        else:
+            qk = apply_rotary(qkv[..., :rotated].view(B, T, heads + kv_heads, head_dim),
+                              cos.unsqueeze(-2), sin.unsqueeze(-2))
         q = qk[:, :, :heads].transpose(1, 2)  # [B, H, T, hd]
         k = qk[:, :, heads:].transpose(1, 2)  # [B, KV, T, hd]
         v = qkv[..., rotated:].view(B, T, kv_heads, head_dim).transpose(1, 2)
@@ -65,6 +69,11 @@ class Attention(nn.Module):
             return qkernels.attend(q, keys, values, self.sliding_window).view(B, T, heads * head_dim)
         out = _attention(q, keys.to(q.dtype), values.to(q.dtype), mask)  # [B, H, T, hd]
         return out.transpose(1, 2).reshape(B, T, heads * head_dim)
+
+
+def compiled_ops(x: torch.Tensor) -> bool:
+    """Whether the compiled element-wise steps (rotary embedding, SwiGLU) run on x: fp32, no autograd."""
+    return x.dtype == torch.float32 and qkernels.available() and not torch.is_grad_enabled()
 
 
 def compiled_attention(q: torch.Tensor, keys: torch.Tensor) -> bool:
@@ -113,7 +122,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, T, D] -> [B, T, D]
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if compiled_ops(gate_up):
+            return self.down_proj(qkernels.silu_mul(gate_up))  # one call: e^ by the attention's exp8
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

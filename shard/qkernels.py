@@ -1,5 +1,6 @@
 """The compiled kernels (shard/csrc/qmatmul.c: quantized matmuls, RMSNorm; shard/csrc/attention.c:
-attention one query row at a time), loaded with ctypes.
+attention one query row at a time; shard/csrc/block_ops.c: rotary embedding, SwiGLU), loaded with
+ctypes.
 
 setup.py builds `shard/_qkernels*.so` for the installing CPU; when it is missing or does not load,
 `available()` is False, `why_unavailable()` says why, and shard/quant.py runs pure torch.
@@ -67,6 +68,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.hq_rms_norm.restype = None
     lib.ha_attend.argtypes = [_ptr, _ptr, _ptr, _ptr] + [_i64] * 11 + [ctypes.c_float, _int]
     lib.ha_attend.restype = _int
+    lib.hb_rope.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64]
+    lib.hb_rope.restype = None
+    lib.hb_silu_mul.argtypes = [_ptr, _ptr, _i64, _i64]
+    lib.hb_silu_mul.restype = None
     return lib, ""
 
 
@@ -289,4 +294,29 @@ def attend(q: Tensor, keys: Tensor, values: Tensor, window: int | None) -> Tenso
                             window or 0, hd**-0.5, torch.get_num_threads())
     if failed:
         raise MemoryError("attention: no memory for the scores of one row")
+    return out
+
+
+def rope_(qkv: Tensor, heads: int, head_dim: int, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding in place on the first `heads` heads of each row of fp32 qkv [B, T, width]
+    (contiguous), cos and sin [T, head_dim] fp32: the bits of shard.rope.apply_rotary. Returns qkv."""
+    B, T, width = qkv.shape
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.dtype != torch.float32 or tuple(table.shape) != (T, head_dim) or not table.is_contiguous():
+            raise QuantizationError(f"{name} is {table.dtype} {tuple(table.shape)}, expected float32 [{T}, {head_dim}]")
+    if (qkv.dtype != torch.float32 or not qkv.is_contiguous() or qkv.device.type != "cpu" or head_dim % 2
+            or heads * head_dim > width):
+        raise QuantizationError(f"rotary embedding of {qkv.dtype} {tuple(qkv.shape)}: {heads} heads of {head_dim}")
+    _LIB.hb_rope(qkv.data_ptr(), B * T, width, heads, head_dim, cos.data_ptr(), sin.data_ptr(), T)
+    return qkv
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """SwiGLU's middle: fp32 [..., 2 I] (gate then up) -> silu(gate) * up [..., I], element by element."""
+    if gate_up.dtype != torch.float32 or gate_up.shape[-1] % 2 or gate_up.device.type != "cpu":
+        raise QuantizationError(f"silu_mul of {gate_up.dtype} {tuple(gate_up.shape)}")
+    gate_up = gate_up.contiguous()
+    inner = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], inner, dtype=torch.float32)
+    _LIB.hb_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inner), inner)
     return out
