@@ -515,3 +515,35 @@ def test_compiled_rms_norm_matches_torch_and_keeps_rows_apart():
         qkernels.rms_norm(x.double(), weight, 1e-6)
     with pytest.raises(QuantizationError, match="norm weight"):
         qkernels.rms_norm(x, weight.double(), 1e-6)
+
+
+@needs_compiled
+@pytest.mark.parametrize("batch,tokens,heads,head_dim", [(1, 1, 40, 64), (2, 5, 6, 16), (1, 130, 12, 128)])
+def test_compiled_rotary_embedding_has_the_bits_of_apply_rotary(batch, tokens, heads, head_dim):
+    from shard.rope import apply_rotary, rotary_tables
+
+    width = (heads + 4) * head_dim  # the rotated heads, then values that must stay as they are
+    qkv = randn(batch, tokens, width, seed=tokens) * 3
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    cos, sin = rotary_tables(inv_freq, torch.arange(7, 7 + tokens), torch.float32)
+    expected = apply_rotary(qkv[..., :heads * head_dim].view(batch, tokens, heads, head_dim),
+                            cos.unsqueeze(-2), sin.unsqueeze(-2))
+    out = qkernels.rope_(qkv.clone(), heads, head_dim, cos, sin)
+    assert torch.equal(out[..., :heads * head_dim].view(batch, tokens, heads, head_dim), expected)
+    assert torch.equal(out[..., heads * head_dim:], qkv[..., heads * head_dim:])
+    with pytest.raises(QuantizationError, match="cos"):
+        qkernels.rope_(qkv.clone(), heads, head_dim, cos[:, :2].contiguous(), sin)
+
+
+@needs_compiled
+def test_compiled_silu_mul_is_element_wise_and_close_to_torch():
+    gate_up = randn(5, 2 * 1001, seed=8) * 8  # rows of 1,001: a partial last eight
+    gate_up[0, :3] = torch.tensor([-500.0, 500.0, 0.0])
+    out = qkernels.silu_mul(gate_up)
+    expected = torch.nn.functional.silu(gate_up[:, :1001]) * gate_up[:, 1001:]
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
+    for i in range(5):
+        assert torch.equal(out[i:i + 1], qkernels.silu_mul(gate_up[i:i + 1]))
+    with pytest.raises(QuantizationError, match="silu_mul"):
+        qkernels.silu_mul(gate_up[:, :3])
