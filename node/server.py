@@ -270,9 +270,11 @@ class InferenceServer:
                     continue
                 self._stepping[session.session_id] = False
                 try:
+                    first_step = session.steps == 0
                     result = await self._step(session, message)
                     waiting_for, scope.deadline = "answer", trio.current_time() + io
                     await stream.send_unbounded(result)
+                    self.metrics.step(message, result, first=first_step)  # once answered: off the client's wait
                 finally:
                     if self._stepping.pop(session.session_id):
                         scope.cancel()  # asked to stop during the step: now that it is answered
@@ -300,13 +302,10 @@ class InferenceServer:
             raise refusal(ErrorCode.UNEXPECTED_MESSAGE, f"expected step, got {message.TYPE}")
         self.manager.check_input(session, message.hidden.shape, message.start_position, rewind=message.rewind)
         hidden = decode_tensor(message.hidden)
-        first = session.steps == 0
         output, seconds = await self.manager.step(session, hidden, message.start_position, message.chunks,
                                                   rewind=message.rewind)
-        result = StepResult(session_id=session.session_id, step=message.step, hidden=encode_tensor(output, session.codec),
-                            compute_seconds=seconds)
-        self.metrics.step(message, result, first=first)
-        return result
+        return StepResult(session_id=session.session_id, step=message.step, hidden=encode_tensor(output, session.codec),
+                          compute_seconds=seconds)
 
     def drain(self) -> None:
         """Refuse new sessions and end open ones with an error telling their clients to go elsewhere."""
