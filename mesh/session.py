@@ -76,6 +76,18 @@ class LinkBook:
 
 
 @dataclass
+class HopTimes:
+    """Where a hop's timed round trips went besides the node's compute, summed over its steps
+    (seconds). What is left of the round trips is the way between: sealing, the kernel, waking up
+    each side, and the framing of the node's answer."""
+
+    send: float = 0.0  # the step built, encoded and framed here, until its bytes went to the stream
+    node_before: float = 0.0  # the node from the step's bytes arriving until it had the output, less compute
+    node_after: float = 0.0  # the node from then until its answer's tensor was encoded
+    receive: float = 0.0  # the answer's bytes read here until its output was checked and decoded
+
+
+@dataclass
 class StepRecord:
     start_position: int
     hidden: np.ndarray  # the input sent, [B, T, D] float32
@@ -105,6 +117,7 @@ class HopSession:
     history: list[StepRecord] = field(default_factory=list)
     compute_seconds: float = 0.0  # the node's compute, as it reports it
     wall_seconds: float = 0.0  # our round trips, compute included
+    times: HopTimes = field(default_factory=HopTimes)  # where the timed round trips went besides compute
     replays_chunks: bool = False  # the node runs a multi-step replay chunk by chunk (Step.chunks)
     links: LinkBook | None = None  # where each step's bytes and time are recorded
     rewinds_steps: bool = False  # the node takes Step.rewind and computes short steps row-exactly
@@ -212,7 +225,12 @@ class HopSession:
             self.history.extend(StepRecord(start_position + int(a), hidden[:, a:b]) for a, b in zip(offsets, offsets[1:]))
         self.compute_seconds += reply.compute_seconds
         if timed:
-            self.wall_seconds += trio.current_time() - sent.started
+            now, times = trio.current_time(), self.times
+            self.wall_seconds += now - sent.started
+            times.send += self.stream.last_write_at - sent.started
+            times.node_before += reply.before_compute_seconds
+            times.node_after += reply.after_compute_seconds
+            times.receive += now - self.stream.last_read_at
             if self.links is not None:
                 wire = self.stream.bytes_sent + self.stream.bytes_received - sent.wire_before
                 self.links.record(self.peer_id, Exchange(wire, answered - sent.started - reply.compute_seconds))
