@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import statistics
 import subprocess
@@ -226,6 +227,8 @@ async def run(args: argparse.Namespace) -> None:
                                                                              extra_args=node_args, hosts=bed.hosts))
             for swarm in swarms.values():
                 await swarm.start(swarm.spans(3), timeout=600)
+            gc.collect()
+            gc.freeze()  # as a node does: no full collection of the set-up's objects lands in a measured step
             local, times, hop_rounds = [], {name: [] for name in swarms}, {name: [] for name in swarms}
             for round_ in range(args.rounds):  # interleaved, so that the shared machine's drift hits all alike
                 local += single_process(pipeline, args.tokens)
