@@ -7,7 +7,13 @@ client in this process (steps over the nodes' data channels, as by default). The
 --rounds rounds, so that the shared machine's drift hits both alike; the ratio is of the medians
 per token (means beside them). Per hop it prints the node's own compute per decode step, the same
 span run in this process, and the round trip; and a plain trio TCP round trip between two
-processes with a message of one hop's size, so the swarm's per-hop overhead can be read against it.
+processes with a message of one hop's size, so the swarm's per-hop overhead can be read against it:
+hot, and as in the swarm: the echoing process busy for a hop's compute before each answer and idle
+for the other hops' between requests (each side sleeps, then wakes up; on a virtual machine whose
+idle cores halt, waking up is most of the difference).
+Per hop it also splits the overhead (round trip less compute) as the client and the node measured
+it (`mesh.session.HopTimes`, the node's part carried in its answers): the client's send path, the
+node before and after its compute, the client's receive path, and the rest: the way between.
 Per node it prints the peak resident memory against its span's weight bytes (issue 16: within
 1.15x of the weights plus the KV budget).
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import statistics
 import subprocess
@@ -29,7 +36,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_local import model_or_build  # noqa: E402
 from mesh.client import ClientOptions, GenerationReport  # noqa: E402
 from mesh.join import connect  # noqa: E402
+from mesh.session import HopTimes  # noqa: E402
 from node.swarm import LocalSwarm  # noqa: E402
 from shard.config import load_config  # noqa: E402
 from shard.generate import generate_local  # noqa: E402
@@ -50,9 +58,13 @@ from shard.span import load_span  # noqa: E402
 PROMPT_TOKENS = 128
 
 ECHO_SERVER = textwrap.dedent("""
-    import sys, trio
+    import sys, time, trio
+    BUSY_S = float(sys.argv[1])  # spun before each answer, as a node computes
     async def echo(stream):
         while data := await stream.receive_some(1 << 16):
+            until = time.perf_counter() + BUSY_S
+            while time.perf_counter() < until:
+                pass
             await stream.send_all(data)
     async def main():
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -84,22 +96,30 @@ async def swarm_decode(bootstrap: str, model_dir: Path, tokens: int, data_channe
             timings.append(now - started)
             started = now
             if not after_prefill:
-                after_prefill = [(hop.compute_s, hop.total_s) for hop in report.hops]
+                after_prefill = [(hop.compute_s, hop.total_s, replace(hop.times)) for hop in report.hops]
     steps = len(timings) - 1
-    decode = [HopDecode(hop.peer_id, hop.start, hop.end, (hop.compute_s - c) / steps, (hop.total_s - t) / steps)
-              for hop, (c, t) in zip(report.hops, after_prefill)]
+    decode = [HopDecode(hop.peer_id, hop.start, hop.end, (hop.compute_s - c) / steps, (hop.total_s - t) / steps,
+                        HopTimes(*((now - then) / steps for now, then in zip(astuple(hop.times), astuple(times)))))
+              for hop, (c, t, times) in zip(report.hops, after_prefill)]
     return timings[1:], decode
 
 
 @dataclass
 class HopDecode:
-    """One hop's mean seconds per decode step: the node's own compute, and the client's round trip."""
+    """One hop's mean seconds per decode step: the node's own compute, the client's round trip, and
+    where the round trip went besides compute."""
 
     peer_id: str
     start: int
     end: int
     compute_s: float
     round_trip_s: float
+    times: HopTimes
+
+    @property
+    def between_s(self) -> float:
+        """The round trip less compute and every part the two ends timed: the way between them."""
+        return self.round_trip_s - self.compute_s - sum(astuple(self.times))
 
 
 def resident(pids: list[int]) -> list[tuple[int, int]]:
@@ -141,9 +161,11 @@ def span_decode_seconds(model_dir: Path, quant: str, bounds: list[tuple[int, int
     return result
 
 
-async def tcp_round_trip(message_bytes: int, repeats: int = 200) -> float:
-    """Median seconds for a `message_bytes` message to go to an echo process on loopback and back."""
-    server = await trio.lowlevel.open_process([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE)
+async def tcp_round_trip(message_bytes: int, repeats: int = 200, busy_s: float = 0.0, idle_s: float = 0.0) -> float:
+    """Median seconds for a `message_bytes` message to go to an echo process on loopback and back,
+    less the `busy_s` the echo process spins before each answer; this side sleeps `idle_s` before each."""
+    server = await trio.lowlevel.open_process([sys.executable, "-c", ECHO_SERVER, str(busy_s)],
+                                              stdout=subprocess.PIPE)
     try:
         printed = b""
         with trio.fail_after(60):
@@ -153,12 +175,13 @@ async def tcp_round_trip(message_bytes: int, repeats: int = 200) -> float:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         payload, times = b"x" * message_bytes, []
         for _ in range(repeats):
+            await trio.sleep(idle_s)
             started = time.perf_counter()
             await stream.send_all(payload)
             received = 0
             while received < message_bytes:
                 received += len(await stream.receive_some(1 << 16))
-            times.append(time.perf_counter() - started)
+            times.append(time.perf_counter() - started - busy_s)
         await stream.aclose()
         return statistics.median(times)
     finally:
@@ -204,6 +227,8 @@ async def run(args: argparse.Namespace) -> None:
                                                                              extra_args=node_args, hosts=bed.hosts))
             for swarm in swarms.values():
                 await swarm.start(swarm.spans(3), timeout=600)
+            gc.collect()
+            gc.freeze()  # as a node does: no full collection of the set-up's objects lands in a measured step
             local, times, hop_rounds = [], {name: [] for name in swarms}, {name: [] for name in swarms}
             for round_ in range(args.rounds):  # interleaved, so that the shared machine's drift hits all alike
                 local += single_process(pipeline, args.tokens)
@@ -222,7 +247,11 @@ async def run(args: argparse.Namespace) -> None:
         hops = {name: mean_hops(rounds) for name, rounds in hop_rounds.items()}
         spans = span_decode_seconds(model_dir, args.quant, [(h.start, h.end) for h in hops["loopback"]], args.tokens)
         hidden = load_config(model_dir).hidden_size
-        tcp_s = await tcp_round_trip(hidden * 2 + 200)  # one fp16 decode step plus framing
+        busy_s = statistics.median(hop.compute_s for hop in hops["loopback"])
+        idle_s = sum(hop.compute_s for hop in hops["loopback"]) - busy_s
+        # one fp16 decode step plus framing: hot, and as a hop's (busy for its compute, idle for the others')
+        tcp_s = (await tcp_round_trip(hidden * 2 + 200),
+                 await tcp_round_trip(hidden * 2 + 200, 50, busy_s, idle_s), busy_s, idle_s)
     report(local, times, hops, spans, tcp_s, args)
     memory_report(bounds, weights, memory)
 
@@ -242,11 +271,13 @@ def test_bed():
 
 def mean_hops(rounds: list[list[HopDecode]]) -> list[HopDecode]:
     return [HopDecode(h.peer_id, h.start, h.end, statistics.fmean(r[i].compute_s for r in rounds),
-                      statistics.fmean(r[i].round_trip_s for r in rounds)) for i, h in enumerate(rounds[0])]
+                      statistics.fmean(r[i].round_trip_s for r in rounds),
+                      HopTimes(*map(statistics.fmean, zip(*(astuple(r[i].times) for r in rounds)))))
+            for i, h in enumerate(rounds[0])]
 
 
 def report(local: list[float], swarms: dict[str, list[float]], hops: dict[str, list[HopDecode]],
-           spans: list[float], tcp_s: float, args) -> None:
+           spans: list[float], tcp_s: tuple[float, float, float, float], args) -> None:
     """Median and mean seconds per token of each; the ratio is of medians (the mean is shown beside it)."""
     local_s = statistics.median(local)
     print(f"\nquant {args.quant}, batch 1, {PROMPT_TOKENS}-token prompt, {args.rounds} x {args.tokens} tokens; "
@@ -259,15 +290,25 @@ def report(local: list[float], swarms: dict[str, list[float]], hops: dict[str, l
         median, mean = statistics.median(values), statistics.fmean(values)
         print(f"{name:<46}{median * 1e3:>10.1f}{mean * 1e3:>9.1f}{1 / median:>9.2f}{local_s / median:>8.2f}"
               f"{statistics.fmean(local) / mean:>16.2f}")
+    hot_s, busy_rt_s, busy_s, idle_s = tcp_s
     for name, values in swarms.items():
         overhead = (statistics.median(values) - local_s) / len(hops[name])
         print(f"{name}: per-hop overhead {overhead * 1e3:.2f} ms vs plain trio TCP round trip on loopback "
-              f"{tcp_s * 1e3:.3f} ms ({overhead / tcp_s:.1f}x)")
-        print("  per decode step (means):        node compute   same span here   round trip   wire (round trip - compute)")
+              f"{hot_s * 1e3:.3f} ms ({overhead / hot_s:.1f}x); {busy_rt_s * 1e3:.3f} ms as a hop's, the echo "
+              f"busy {busy_s * 1e3:.1f} ms before each answer and idle {idle_s * 1e3:.1f} ms between "
+              f"({overhead / busy_rt_s:.1f}x)")
+        print("  per decode step (means, ms):    node compute   same span here   round trip   wire (round trip - compute)")
         for hop, here in zip(hops[name], spans):
-            print(f"    hop {hop.peer_id[-8:]} [{hop.start:>2}, {hop.end:>2}):   {hop.compute_s * 1e3:>9.1f} ms   "
-                  f"{here * 1e3:>11.1f} ms   {hop.round_trip_s * 1e3:>7.1f} ms   "
-                  f"{(hop.round_trip_s - hop.compute_s) * 1e3:>8.1f} ms")
+            print(f"    hop {hop.peer_id[-8:]} [{hop.start:>2}, {hop.end:>2}):   {hop.compute_s * 1e3:>9.2f}      "
+                  f"{here * 1e3:>11.2f}      {hop.round_trip_s * 1e3:>7.2f}      "
+                  f"{(hop.round_trip_s - hop.compute_s) * 1e3:>8.2f}")
+        print("  where the wire time went (ms): client send + node before compute + node after + client receive "
+              "+ between (sealing, kernel, wake-ups, the answer's framing)")
+        for hop in hops[name]:
+            t = hop.times
+            print(f"    hop {hop.peer_id[-8:]}:  {(hop.round_trip_s - hop.compute_s) * 1e3:.2f} = {t.send * 1e3:.2f} "
+                  f"+ {t.node_before * 1e3:.2f} + {t.node_after * 1e3:.2f} + {t.receive * 1e3:.2f} "
+                  f"+ {hop.between_s * 1e3:.2f}")
 
 
 def memory_report(bounds: list[tuple[int, int]], weights: list[int], memory: list[tuple[int, int]]) -> None:

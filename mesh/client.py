@@ -13,7 +13,7 @@ import itertools
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from mesh.first_blocks import FirstBlocks, LocalRun, check_local_blocks
 from mesh.kept_sessions import DEFAULT_MAX_ROUTES, KeptRoute, KeptSessions
 from mesh.pipeline import Recovery, RoutePipeline, StepTiming
 from mesh.routing import DEFAULT_RTT_S, ROUTING_MODES, NoRouteError, Route, ServerSpan, plan_route
-from mesh.session import CLIENT_SOFTWARE, HopFailed, HopSession, LinkBook, open_hop
+from mesh.session import CLIENT_SOFTWARE, HopFailed, HopSession, HopTimes, LinkBook, open_hop
 from mesh.speculative import (
     DEFAULT_MAX_DRAFTS, MAX_DRAFTS, Drafter, DraftLength, PromptLookup, Speculation, SpeculationReport,
 )
@@ -122,6 +122,7 @@ class HopReport:
     end: int
     compute_s: float = 0.0
     total_s: float = 0.0  # round trips including compute
+    times: HopTimes = field(default_factory=HopTimes)  # where total_s went besides compute
 
 
 @dataclass
@@ -582,7 +583,8 @@ class RowLogits:
 
 
 def _hop_reports(hops: list[HopSession]) -> list[HopReport]:
-    return [HopReport(h.peer_id, h.start, h.end, h.compute_seconds, h.wall_seconds) for h in hops]
+    return [HopReport(h.peer_id, h.start, h.end, h.compute_seconds, h.wall_seconds, replace(h.times))
+            for h in hops]
 
 
 def _account(report: GenerationReport, seconds: float, *, first: bool) -> None:

@@ -76,18 +76,27 @@ class SealedStream(ByteStream):
         return bytes((direction,)) + counter.to_bytes(11, "big")
 
     async def send_all(self, data: bytes) -> None:
-        async with self._lock:  # records must reach the socket in nonce order
-            view = memoryview(data)
+        # Records must reach the socket in nonce order, so writers take turns. A free lock is taken
+        # without the scheduling round `Lock.acquire` adds: that round came before every decode
+        # step's bytes left, on the client and the node (about 70 us each in bench_swarm).
+        if self._lock.locked():
+            await self._lock.acquire()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._lock.acquire_nowait()
+        try:
             records = []
-            for offset in range(0, max(len(view), 1), MAX_RECORD_BYTES):
-                sealed = self._aead.encrypt(self._nonce(self._send_dir, self._sent),
-                                            bytes(view[offset:offset + MAX_RECORD_BYTES]), None)
+            for offset in range(0, max(len(data), 1), MAX_RECORD_BYTES):
+                plain = data if len(data) <= MAX_RECORD_BYTES else data[offset:offset + MAX_RECORD_BYTES]
+                sealed = self._aead.encrypt(self._nonce(self._send_dir, self._sent), plain, None)
                 self._sent += 1
-                records.append(_LENGTH.pack(len(sealed)) + sealed)
+                records += (_LENGTH.pack(len(sealed)), sealed)
             try:
                 await self._socket.send_all(b"".join(records))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
                 raise StreamClosed(self.peer_id, f"data channel write failed ({type(err).__name__})") from err
+        finally:
+            self._lock.release()
 
     async def receive_some(self, max_bytes: int) -> bytes:
         if not self._plain:

@@ -89,11 +89,13 @@ class RoutePipeline:
 
     async def forward(self, hidden: np.ndarray, position: int) -> np.ndarray:
         """Run `hidden` [B, T, D] at `position` through every hop, replacing hops that fail."""
-        index = 0
+        index, decoded_from = 0, None
         while index < len(self.hops):
             hop = self.hops[index]
             try:
-                hidden = await hop.step(hidden, position, timeout=self._timeout(hidden.shape[1]))
+                hidden = await hop.step(hidden, position, timeout=self._timeout(hidden.shape[1]),
+                                        decoded_from=decoded_from)
+                decoded_from = hop.answer  # the next hop may be sent it as it came (same values)
                 if self.observe is not None:
                     self.observe(hop, position, hidden)
                 index += 1

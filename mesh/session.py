@@ -26,6 +26,7 @@ from protocol import (
     CAPABILITIES, CHUNK_INVARIANT, DATA_CHANNEL, INFERENCE_PROTOCOL, REFERENCE_SPEEDS, REWIND_STEPS, REPLAY_CHUNKS,
     CloseSession, Codec, Error,
     Exchange, Hello, LinkEstimate, Message, OpenSession, ProtocolError, Retry, Role, SessionOpened, Step, StepResult,
+    WireTensor,
     classify, decode_tensor, encode_tensor, estimate_link, session_codec,
 )
 from shard.interfaces import ROW_EXACT_TOKENS
@@ -75,6 +76,18 @@ class LinkBook:
 
 
 @dataclass
+class HopTimes:
+    """Where a hop's timed round trips went besides the node's compute, summed over its steps
+    (seconds). What is left of the round trips is the way between: sealing, the kernel, waking up
+    each side, and the framing of the node's answer."""
+
+    send: float = 0.0  # the step built, encoded and framed here, until its bytes went to the stream
+    node_before: float = 0.0  # the node from the step's bytes arriving until it had the output, less compute
+    node_after: float = 0.0  # the node from then until its answer's tensor was encoded
+    receive: float = 0.0  # the answer's bytes read here until its output was checked and decoded
+
+
+@dataclass
 class StepRecord:
     start_position: int
     hidden: np.ndarray  # the input sent, [B, T, D] float32
@@ -89,6 +102,7 @@ class SentStep:
     chunks: tuple[int, ...]
     started: float  # trio clock
     wire_before: int  # the stream's bytes before it
+    decoded_from: WireTensor | None = None  # what `hidden` was decoded from (the previous hop's answer)
 
 
 @dataclass
@@ -103,11 +117,13 @@ class HopSession:
     history: list[StepRecord] = field(default_factory=list)
     compute_seconds: float = 0.0  # the node's compute, as it reports it
     wall_seconds: float = 0.0  # our round trips, compute included
+    times: HopTimes = field(default_factory=HopTimes)  # where the timed round trips went besides compute
     replays_chunks: bool = False  # the node runs a multi-step replay chunk by chunk (Step.chunks)
     links: LinkBook | None = None  # where each step's bytes and time are recorded
     rewinds_steps: bool = False  # the node takes Step.rewind and computes short steps row-exactly
     chunk_invariant: bool = False  # the node's outputs do not depend on how positions are split into steps
     rewinding: bool = False  # the next step starts before the node's end: it says so (Step.rewind)
+    answer: WireTensor | None = None  # the last step's output as it arrived: the next hop may be sent it as is
 
     @property
     def length(self) -> int:
@@ -142,10 +158,12 @@ class HopSession:
         return True
 
     async def step(self, hidden: np.ndarray, start_position: int, *, timeout: float, replay: bool = False,
-                   chunks: tuple[int, ...] = ()) -> np.ndarray:
+                   chunks: tuple[int, ...] = (), decoded_from: WireTensor | None = None) -> np.ndarray:
         """Send `hidden` [B, T, D] at `start_position` (as `chunks` of the original steps, when
-        replaying several at once); the hop's output. Raises HopFailed."""
-        sent = self._sent(hidden, start_position, chunks)
+        replaying several at once); the hop's output. `decoded_from`: the tensor `hidden` was
+        decoded from (the previous hop's `answer`), sent as it is where that gives the same values
+        (`encode_tensor`). Raises HopFailed."""
+        sent = self._sent(hidden, start_position, chunks, decoded_from)
         try:
             reply = await self.stream.request(self._message(sent, replay), timeout=timeout)
         except (TransportError, ProtocolError) as err:
@@ -170,13 +188,15 @@ class HopSession:
             raise HopFailed(self.peer_id, self.start, self.end, str(err)) from err
         return self._answer(sent, reply, timed=False)  # its time is the client's, not the link's
 
-    def _sent(self, hidden: np.ndarray, start_position: int, chunks: tuple[int, ...]) -> SentStep:
+    def _sent(self, hidden: np.ndarray, start_position: int, chunks: tuple[int, ...],
+              decoded_from: WireTensor | None = None) -> SentStep:
         return SentStep(hidden, start_position, chunks, trio.current_time(),
-                        self.stream.bytes_sent + self.stream.bytes_received)
+                        self.stream.bytes_sent + self.stream.bytes_received, decoded_from)
 
     def _message(self, sent: SentStep, replay: bool) -> Step:
         return Step(session_id=self.session_id, step=self.step_number, start_position=sent.start_position,
-                    hidden=encode_tensor(sent.hidden, self.codec), replay=replay, chunks=sent.chunks,
+                    hidden=encode_tensor(sent.hidden, self.codec, decoded_from=sent.decoded_from),
+                    replay=replay, chunks=sent.chunks,
                     rewind=self.rewinding)
 
     def _answer(self, sent: SentStep, reply: Message, *, timed: bool) -> np.ndarray:
@@ -196,6 +216,7 @@ class HopSession:
         if output.shape != hidden.shape:
             raise HopFailed(self.peer_id, self.start, self.end,
                             f"step result has shape {list(output.shape)}, sent {list(hidden.shape)}")
+        self.answer = reply.hidden
         # replayed inputs too, in their original chunks: a later failover replays them again
         if len(chunks) <= 1:
             self.history.append(StepRecord(start_position, hidden))
@@ -204,7 +225,12 @@ class HopSession:
             self.history.extend(StepRecord(start_position + int(a), hidden[:, a:b]) for a, b in zip(offsets, offsets[1:]))
         self.compute_seconds += reply.compute_seconds
         if timed:
-            self.wall_seconds += trio.current_time() - sent.started
+            now, times = trio.current_time(), self.times
+            self.wall_seconds += now - sent.started
+            times.send += self.stream.last_write_at - sent.started
+            times.node_before += reply.before_compute_seconds
+            times.node_after += reply.after_compute_seconds
+            times.receive += now - self.stream.last_read_at
             if self.links is not None:
                 wire = self.stream.bytes_sent + self.stream.bytes_received - sent.wire_before
                 self.links.record(self.peer_id, Exchange(wire, answered - sent.started - reply.compute_seconds))

@@ -80,7 +80,9 @@ class Transport(abc.ABC):
 
 class MessageStream:
     """Protocol messages over a `ByteStream`; each read and write is bounded by `io_timeout`.
-    `bytes_sent` and `bytes_received` count what crossed the stream (a client times its link by them)."""
+    `bytes_sent` and `bytes_received` count what crossed the stream (a client times its link by them);
+    `last_write_at` is when the last message's frame went to the byte stream, `last_read_at` when the
+    byte stream last gave us bytes (trio's clock: both sides split a step's time with them)."""
 
     def __init__(self, raw: ByteStream, role: Role, *, io_timeout: float = DEFAULT_IO_TIMEOUT_S,
                  max_frame_bytes: int | None = None):
@@ -90,6 +92,7 @@ class MessageStream:
         self.connection = Connection(role, **kwargs)
         self.io_timeout = io_timeout
         self.bytes_sent = self.bytes_received = 0
+        self.last_write_at = self.last_read_at = 0.0
 
     @property
     def agreement(self) -> Agreement | None:
@@ -108,6 +111,7 @@ class MessageStream:
         with trio.move_on_after(seconds):
             data = b"".join(self.connection.send(message) for message in messages)
             self.bytes_sent += len(data)
+            self.last_write_at = trio.current_time()
             return await self.raw.send_all(data)
         raise TransportTimeout(self.peer_id, f"sending {len(messages)} messages", seconds)
 
@@ -131,6 +135,7 @@ class MessageStream:
         (a served session's loop moves one scope's deadline instead of entering a scope per message)."""
         data = self.connection.send(message)
         self.bytes_sent += len(data)
+        self.last_write_at = trio.current_time()
         await self.raw.send_all(data)
 
     async def receive_unbounded(self) -> Message:
@@ -140,6 +145,7 @@ class MessageStream:
             if not data:
                 raise StreamClosed(self.peer_id)
             self.bytes_received += len(data)
+            self.last_read_at = trio.current_time()
             self.connection.receive_data(data)
         return message
 

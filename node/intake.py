@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import trio
+
 from mesh.errors import StreamClosed
 from mesh.transport import READ_CHUNK, ByteStream, MessageStream
 from node.sessions import SessionRefused
@@ -116,6 +118,7 @@ class BudgetedStream(MessageStream):
             if not data:
                 raise StreamClosed(self.peer_id)
             self.bytes_received += len(data)
+            self.last_read_at = trio.current_time()
             try:
                 self.budget.reserve(self.peer_id, len(data))
             except BufferFull:

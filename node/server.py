@@ -258,8 +258,9 @@ class InferenceServer:
                 if first is None:
                     waiting_for, scope.deadline = "message", trio.current_time() + idle
                     message = await stream.receive_unbounded()
+                    arrived = stream.last_read_at
                 else:
-                    message, first = first, None
+                    message, first, arrived = first, None, trio.current_time()
                 waiting_for, scope.deadline = "", math.inf
                 if isinstance(message, CloseSession):
                     log.info("session %s closed after %d steps", session.session_id, session.steps)
@@ -270,9 +271,11 @@ class InferenceServer:
                     continue
                 self._stepping[session.session_id] = False
                 try:
-                    result = await self._step(session, message)
+                    first_step = session.steps == 0
+                    result = await self._step(session, message, arrived)
                     waiting_for, scope.deadline = "answer", trio.current_time() + io
                     await stream.send_unbounded(result)
+                    self.metrics.step(message, result, first=first_step)  # once answered: off the client's wait
                 finally:
                     if self._stepping.pop(session.session_id):
                         scope.cancel()  # asked to stop during the step: now that it is answered
@@ -295,18 +298,19 @@ class InferenceServer:
     def _ended(self, session: ServedSession) -> None:
         self._stop(session.session_id)
 
-    async def _step(self, session: ServedSession, message: Message) -> StepResult:
+    async def _step(self, session: ServedSession, message: Message, arrived: float) -> StepResult:
+        """Compute a step that arrived at `arrived` (trio's clock); its answer says where the node's time went."""
         if not isinstance(message, Step):
             raise refusal(ErrorCode.UNEXPECTED_MESSAGE, f"expected step, got {message.TYPE}")
         self.manager.check_input(session, message.hidden.shape, message.start_position, rewind=message.rewind)
         hidden = decode_tensor(message.hidden)
-        first = session.steps == 0
         output, seconds = await self.manager.step(session, hidden, message.start_position, message.chunks,
                                                   rewind=message.rewind)
-        result = StepResult(session_id=session.session_id, step=message.step, hidden=encode_tensor(output, session.codec),
-                            compute_seconds=seconds)
-        self.metrics.step(message, result, first=first)
-        return result
+        computed = trio.current_time()
+        encoded = encode_tensor(output, session.codec)
+        return StepResult(session_id=session.session_id, step=message.step, hidden=encoded, compute_seconds=seconds,
+                          before_compute_seconds=max(0.0, computed - seconds - arrived),
+                          after_compute_seconds=trio.current_time() - computed)
 
     def drain(self) -> None:
         """Refuse new sessions and end open ones with an error telling their clients to go elsewhere."""

@@ -362,12 +362,19 @@ class StepResult(Message):
     step: int
     hidden: WireTensor
     compute_seconds: float = 0.0
+    # The node's own time on the step besides compute, for the client's accounting: from the step's
+    # last bytes arriving until the output was computed (reading, checks, decoding, waiting for the
+    # compute), and from then until this answer's tensor was encoded (its framing and writing not counted).
+    before_compute_seconds: float = 0.0
+    after_compute_seconds: float = 0.0
 
     def validate(self) -> None:
         _str(self, "session_id", self.session_id, max_chars=MAX_ID_CHARS, empty=False)
         _int(self, "step", self.step, 0, U64)
         _hidden(self, self.hidden)
         _float(self, "compute_seconds", self.compute_seconds)
+        _float(self, "before_compute_seconds", self.before_compute_seconds)
+        _float(self, "after_compute_seconds", self.after_compute_seconds)
 
 
 @dataclass(frozen=True, kw_only=True)

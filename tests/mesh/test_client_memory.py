@@ -75,6 +75,17 @@ async def test_three_hops_give_the_local_tokens(swarm):
     assert [hop["peer_id"] for hop in report.route] == ["a", "b", "c"]
 
 
+async def test_each_hop_report_splits_its_round_trips_between_the_client_the_node_and_the_way_between(swarm):
+    for name, (start, end) in {"a": (0, 3), "b": (3, 6)}.items():
+        await swarm.add_node(name, start, end, data_channels=DataChannels("127.0.0.1") if name == "b" else None)
+    client = await swarm.client("user")
+    report = await client.generate_text(prompt_ids=PROMPT, params=SamplingParams(max_new_tokens=4))
+    for hop in report.hops:  # one clock for both ends here: the parts follow one another within each round trip
+        parts = dataclasses.astuple(hop.times)
+        assert min(parts) > 0, hop
+        assert hop.compute_s + sum(parts) <= hop.total_s, hop
+
+
 async def test_seeded_sampling_over_the_network_equals_local(swarm):
     await swarm.add_node("a", 0, 3)
     await swarm.add_node("b", 3, 6)

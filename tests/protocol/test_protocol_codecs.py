@@ -233,3 +233,22 @@ def test_zstd_frames_that_lie_are_rejected() -> None:
     unsized = __import__("zstandard").ZstdCompressor(write_content_size=False).compress(b"x" * 200)
     with pytest.raises(InvalidTensor):
         _zstd_tensor(unsized)
+
+
+@pytest.mark.parametrize("codec", [Codec.FP32, Codec.FP16, Codec.BF16, Codec.FP16_ZSTD])
+def test_a_decoded_tensor_is_passed_on_as_it_came_where_encoding_again_gives_the_same_values(codec: Codec) -> None:
+    array = np.random.default_rng(5).standard_normal((1, 1, 256)).astype(np.float32)
+    received = encode_tensor(array, codec, zstd_context=ZSTD)
+    values = decode_tensor(received, zstd_context=ZSTD)
+    assert encode_tensor(values, codec, decoded_from=received) is received
+    assert decode_tensor(encode_tensor(values, codec, zstd_context=ZSTD), zstd_context=ZSTD).tobytes() == values.tobytes()
+
+
+def test_a_decoded_tensor_is_encoded_again_for_another_codec_dtype_or_a_lossy_codec() -> None:
+    array = np.random.default_rng(6).standard_normal((1, 1, 256)).astype(np.float32)
+    fp16 = encode_tensor(array, Codec.FP16)
+    values = decode_tensor(fp16)
+    assert encode_tensor(values, Codec.FP32, decoded_from=fp16).codec is Codec.FP32
+    assert encode_tensor(values.astype(np.float16), Codec.FP16, decoded_from=fp16).dtype == "float16"
+    int8 = encode_tensor(array, Codec.INT8_BLOCK64)
+    assert encode_tensor(decode_tensor(int8), Codec.INT8_BLOCK64, decoded_from=int8) is not int8

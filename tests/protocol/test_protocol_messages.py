@@ -114,6 +114,8 @@ def test_local_construction_is_validated_too() -> None:
         SpanInfo(model_id="m", manifest_hash="h", start=5, end=5)
     with pytest.raises(InvalidMessage, match="finite number >= 0, got nan"):
         StepResult(session_id="s", step=0, hidden=HIDDEN, compute_seconds=float("nan"))
+    with pytest.raises(InvalidMessage, match="before_compute_seconds must be a finite number >= 0, got -1"):
+        StepResult(session_id="s", step=0, hidden=HIDDEN, before_compute_seconds=-1.0)
     with pytest.raises(InvalidMessage, match="batch_size"):
         OpenSession(session_id="s", model_id="m", manifest_hash="h", start=0, end=1,
                     max_length=8, batch_size=0)

@@ -87,7 +87,7 @@ messages = st.one_of(
     st.builds(Step, session_id=ids, step=u64, start_position=u32, hidden=hidden_states(),
               replay=st.booleans()),
     st.builds(StepResult, session_id=ids, step=u64, hidden=hidden_states(),
-              compute_seconds=rates),
+              compute_seconds=rates, before_compute_seconds=rates, after_compute_seconds=rates),
     st.builds(CloseSession, session_id=ids),
     st.builds(Error, code=st.sampled_from(list(ErrorCode)) | st.integers(0, 0xFFFF),
               reason=st.text(max_size=100), retry_elsewhere=st.booleans(),
