@@ -20,7 +20,7 @@ from torch import Tensor
 
 from shard.errors import QuantizationError
 
-ABI = 4
+ABI = 5
 BLOCK = 32  # activation values per scale, as in the C file
 TILE = 16  # int4 output rows per weight tile, as in the C file
 # Largest K for which the int8 path's int32 sums cannot overflow (255 * 128 * K < 2**31: the
@@ -54,11 +54,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if lib.hq_abi() != ABI:
         return None, f"{path.name} is ABI {lib.hq_abi()}, expected {ABI} (rebuild: pip install -e .)"
     lib.hq_isa.restype = ctypes.c_char_p
-    lib.hq_i8_mm.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
+    lib.hq_i8_mm.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
     lib.hq_i8_mm.restype = _int
     lib.hq_i8_quantize.argtypes = [_ptr, _ptr, _ptr, _i64, _i64]
     lib.hq_i8_quantize.restype = None
-    lib.hq_i8_linear.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
+    lib.hq_i8_linear.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]
     lib.hq_i8_linear.restype = _int
     lib.hq_i4_mm.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]
     lib.hq_i4_mm.restype = _int
@@ -132,7 +132,7 @@ def i8_mm(codes: Tensor, weight: Tensor) -> Tensor:
     _need(codes, "activation codes", torch.int8, (rows, k))
     _need(weight, "int8 weight", torch.int8, (n, k))
     out = torch.empty(rows, n, dtype=torch.int32)
-    if _LIB.hq_i8_mm(codes.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, n, k,
+    if _LIB.hq_i8_mm(codes.data_ptr(), weight.data_ptr(), None, out.data_ptr(), rows, n, k,
                      torch.get_num_threads()):
         raise MemoryError("int8 kernel: no memory for its scratch buffer")
     return out
@@ -162,11 +162,12 @@ class Int8Weights:
         _need(weight, "int8 weight", torch.int8, (n, k))
         _need(scales, "int8 scales", torch.bfloat16, (n,))
         self.weight, self.scales, self.n, self.k = weight, scales, n, k
+        self.wsums = weight.sum(dim=1, dtype=torch.int32)  # each row's, once, not at every call
 
     def linear(self, x: Tensor) -> Tensor:
         x = _activations(x, self.k)
         out = torch.empty(x.shape[0], self.n, dtype=torch.float32)
-        if _LIB.hq_i8_linear(x.data_ptr(), self.weight.data_ptr(), self.scales.data_ptr(),
+        if _LIB.hq_i8_linear(x.data_ptr(), self.weight.data_ptr(), self.scales.data_ptr(), self.wsums.data_ptr(),
                              out.data_ptr(), x.shape[0], self.n, self.k, torch.get_num_threads()):
             raise MemoryError("int8 kernel: no memory for its scratch buffers")
         return out

@@ -26,9 +26,10 @@
 #endif
 
 #define QK 32      /* activation block */
+#define PREFETCH 4096  /* bytes ahead in a weight stream (int4 decode from memory: 1.4x at one thread) */
 #define ROWS 4     /* activation rows sharing one pass over a weight row */
 
-int hq_abi(void) { return 4; }  /* 4: int4 weights in tiles of 16 rows */
+int hq_abi(void) { return 5; }  /* 5: int4 tiles of 16 rows, int8 row sums given */
 
 const char *hq_isa(void) {
 #if defined(HQ_SIMD) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -95,11 +96,13 @@ static inline __m256 bf16x8_to_f32(const uint16_t *p) {
 #define I8_OFFSET 0
 #endif
 
+/* `wsum`, where given, is the row's sum of weights (computed once when the weights load): then
+ * the loop does not sum them again, one `vpdpbusd` of two per 32 weights in a decode step. */
 static inline __attribute__((always_inline)) void i8_rows(const int8_t *a, const uint8_t *ua,
                                                           const int8_t *wn, int64_t blocks,
                                                           int64_t K, int rows, int32_t *out,
-                                                          int64_t ostride) {
-    (void)a; /* read only without VNNI */
+                                                          int64_t ostride, const int32_t *given) {
+    (void)a, (void)given; /* a: read only without VNNI; given: only with it */
     __m256i acc[ROWS];
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_si256();
 #if I8_OFFSET
@@ -107,9 +110,10 @@ static inline __attribute__((always_inline)) void i8_rows(const int8_t *a, const
     const __m256i ones = _mm256_set1_epi8(1);
 #endif
     for (int64_t b = 0; b < blocks; b++) {
+        if (!(b & 1)) _mm_prefetch((const char *)(wn + b * QK + PREFETCH), _MM_HINT_T0);
         const __m256i wb = _mm256_loadu_si256((const __m256i *)(wn + b * QK));
 #if I8_OFFSET
-        wsum = dot_u8s8(wsum, ones, wb);
+        if (!given) wsum = dot_u8s8(wsum, ones, wb);
 #endif
         for (int r = 0; r < rows; r++) {
             const __m256i u = _mm256_loadu_si256((const __m256i *)(ua + r * K + b * QK));
@@ -122,7 +126,7 @@ static inline __attribute__((always_inline)) void i8_rows(const int8_t *a, const
         }
     }
 #if I8_OFFSET
-    const int32_t offset = 128 * hsum_i32(wsum);
+    const int32_t offset = 128 * (given ? *given : hsum_i32(wsum));
 #else
     const int32_t offset = 0;
 #endif
@@ -130,10 +134,10 @@ static inline __attribute__((always_inline)) void i8_rows(const int8_t *a, const
 }
 #endif
 
-/* out[m, n] = sum_k a[m, k] * w[n, k]; |a| <= 127, K % 32 == 0. Returns 0, or -1 when scratch
- * memory could not be had. */
-int hq_i8_mm(const int8_t *a, const int8_t *w, int32_t *out, int64_t M, int64_t N, int64_t K,
-              int threads) {
+/* out[m, n] = sum_k a[m, k] * w[n, k]; |a| <= 127, K % 32 == 0; wsums: each row's sum of weights,
+ * or NULL to compute them. Returns 0, or -1 when scratch memory could not be had. */
+int hq_i8_mm(const int8_t *a, const int8_t *w, const int32_t *wsums, int32_t *out, int64_t M,
+             int64_t N, int64_t K, int threads) {
 #ifdef HQ_SIMD
     uint8_t *ua = malloc((size_t)(M * K));
     if (!ua) return -1;
@@ -143,13 +147,12 @@ int hq_i8_mm(const int8_t *a, const int8_t *w, int32_t *out, int64_t M, int64_t 
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
             const int rows = (int)(M - m0 < ROWS ? M - m0 : ROWS);
-#define I8_ROWS(R) i8_rows(a + m0 * K, ua + m0 * K, w + n * K, blocks, K, R, out + m0 * N + n, N)
-            switch (rows) {
-            case 1: I8_ROWS(1); break;
-            case 2: I8_ROWS(2); break;
-            case 3: I8_ROWS(3); break;
-            default: I8_ROWS(4); break;
-            }
+#define I8_ROWS(R, S) i8_rows(a + m0 * K, ua + m0 * K, w + n * K, blocks, K, R, out + m0 * N + n, N, S)
+#define I8_SUMS(S) switch (rows) { \
+            case 1: I8_ROWS(1, S); break; case 2: I8_ROWS(2, S); break; \
+            case 3: I8_ROWS(3, S); break; default: I8_ROWS(4, S); break; }
+            if (wsums) I8_SUMS(wsums + n) else I8_SUMS(NULL)
+#undef I8_SUMS
 #undef I8_ROWS
         }
     }
@@ -185,15 +188,15 @@ void hq_i8_quantize(const float *x, int8_t *codes, float *steps, int64_t M, int6
 
 /* y[m, n] = float(sum_k code[m, k] * w[n, k]) * step[m] * scale[n], the products in exact int32
  * and the two fp32 multiplications in that order, as quant.py does after torch's _int_mm. */
-int hq_i8_linear(const float *x, const int8_t *w, const uint16_t *scales, float *y, int64_t M,
-                 int64_t N, int64_t K, int threads) {
+int hq_i8_linear(const float *x, const int8_t *w, const uint16_t *scales, const int32_t *wsums,
+                 float *y, int64_t M, int64_t N, int64_t K, int threads) {
     int8_t *codes = malloc((size_t)(M * K));
     float *steps = malloc(sizeof(float) * (size_t)M);
     int32_t *products = malloc(sizeof(int32_t) * (size_t)(M * N));
     int status = -1;
     if (codes && steps && products) {
         hq_i8_quantize(x, codes, steps, M, K);
-        status = hq_i8_mm(codes, w, products, M, N, K, threads);
+        status = hq_i8_mm(codes, w, wsums, products, M, N, K, threads);
     }
     if (status == 0)
         for (int64_t m = 0; m < M; m++)
@@ -223,7 +226,6 @@ int hq_i8_linear(const float *x, const int8_t *w, const uint16_t *scales, float 
 #ifndef I4_ROWS
 #define I4_ROWS 4         /* activation rows sharing one pass over a tile */
 #endif
-#define PREFETCH 4096     /* bytes ahead in the weight stream (measured: 1.4x at one thread) */
 
 static inline int32_t load_i32(const int8_t *p) {
     int32_t v;
