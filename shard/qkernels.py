@@ -237,8 +237,8 @@ class Int4Weights:
         if not i4_fits(k, group_size):
             raise QuantizationError(
                 f"no compiled int4 kernel for in_features {k}, group {group_size}")
-        groups = k // group_size
-        _need(tiles, "int4 tiles", torch.uint8, (-(-n // TILE), groups, 4 * TILE + group_size * TILE // 2))
+        groups = k // group_size  # the C file's layout: hq_i4_tile_bytes per tile of 16 rows
+        _need(tiles, "int4 tiles", torch.uint8, (-(-n // TILE), groups, _LIB.hq_i4_tile_bytes(k, group_size) // groups))
         weights = cls.__new__(cls)
         weights.tiles, weights.n, weights.k, weights.group_size = tiles, n, k, group_size
         return weights

@@ -223,9 +223,7 @@ int hq_i8_linear(const float *x, const int8_t *w, const uint16_t *scales, const 
  * which is sum over columns of x * ((code - 8) s + z) with x ~ d q, quantized per block of 32. */
 
 #define TILE 16           /* output rows per weight tile: one int32 lane each */
-#ifndef I4_ROWS
 #define I4_ROWS 4         /* activation rows sharing one pass over a tile */
-#endif
 
 static inline int32_t load_i32(const int8_t *p) {
     int32_t v;
@@ -444,13 +442,7 @@ int hq_i4_mm(const float *x, const uint8_t *tiles, float *y, int64_t M, int64_t 
             case 1: I4_TILE(1); break;
             case 2: I4_TILE(2); break;
             case 3: I4_TILE(3); break;
-#if I4_ROWS > 4
-            case 4: I4_TILE(4); break;
-            case 5: I4_TILE(5); break;
-            case 6: I4_TILE(6); break;
-            case 7: I4_TILE(7); break;
-#endif
-            default: I4_TILE(I4_ROWS); break;
+            default: I4_TILE(4); break;
             }
 #undef I4_TILE
         }
