@@ -11,15 +11,17 @@ protocol ids streams are opened with (`INFERENCE_PROTOCOL`, `INFO_PROTOCOL`) bel
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
-from mesh.errors import StreamClosed, TransportError, TransportTimeout
+from mesh.errors import DialError, StreamClosed, TransportError, TransportTimeout
 from protocol import INFERENCE_PROTOCOL, INFO_PROTOCOL, Agreement, Connection, Message, Role
 
 __all__ = ["ByteStream", "DEFAULT_IO_TIMEOUT_S", "INFERENCE_PROTOCOL", "INFO_PROTOCOL", "MessageStream",
-           "StreamHandler", "Transport"]
+           "PathKind", "RelayLimits", "StreamHandler", "Transport", "is_relayed_addr"]
 
 DEFAULT_IO_TIMEOUT_S = 30.0
 READ_CHUNK = 1 << 16
@@ -44,6 +46,34 @@ class ByteStream(abc.ABC):
 
 
 StreamHandler = Callable[[ByteStream], Awaitable[None]]
+
+CIRCUIT = "/p2p-circuit"  # in an address: reach the peer after it through the relay before it
+
+
+def is_relayed_addr(addr: str) -> bool:
+    """`/.../p2p/<relay>/p2p-circuit/p2p/<peer>`: the peer is reached through a relay's slot."""
+    return CIRCUIT in addr
+
+
+class PathKind(enum.Enum):
+    """How a new stream to a peer would travel now."""
+
+    DIRECT = "direct"  # a connection of our own to the peer (dialled, accepted, or hole-punched)
+    RELAYED = "relayed"  # through a relay: it sees when and how much, never what (end-to-end encrypted)
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """What a relay grants (`Transport.offer_relay`): slots, connections through it, and how long and
+    how much each may carry. Household defaults: a relay is someone's own machine and uplink."""
+
+    max_reservations: int = 16  # peers holding a slot at once
+    max_reservations_per_ip: int = 4  # of which behind one address (one home)
+    reservation_ttl_s: float = 3600.0  # a slot lasts this long unless renewed
+    max_circuits: int = 32  # relayed connections at once, in all
+    max_circuits_per_peer: int = 4  # of which to or from one peer
+    max_circuit_s: float = 4 * 3600.0  # one relayed connection's lifetime
+    max_circuit_bytes: int = 1 << 30  # and what it may carry, both ways together
 
 
 class Transport(abc.ABC):
@@ -71,6 +101,43 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def add_peer_addrs(self, peer_id: str, addrs: list[str]) -> None:
         """Remember where a peer can be reached (from discovery)."""
+
+    # --- NAT traversal (driven by `mesh.reachability`); a transport without it keeps these defaults ---
+
+    async def dial_back(self, addr: str, *, timeout: float) -> bool:
+        """Whether a new connection to `addr` comes up within `timeout`, never reusing one already
+        open: what a peer asked to check our reachability does. Default: cannot tell (False)."""
+        return False
+
+    def offer_relay(self, limits: RelayLimits) -> None:
+        """Relay for peers that cannot be reached directly, within `limits` (a reachable node's job)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot relay")
+
+    async def reserve(self, relay_peer_id: str, *, timeout: float) -> list[str]:
+        """Take a slot on a connected relay; its relayed addresses for us are in `addrs` from then
+        on (until the relay goes away or `release`) and are returned. Raises DialError when the
+        relay cannot be reached or refuses."""
+        raise DialError(relay_peer_id, f"{type(self).__name__} cannot use relays")
+
+    def release(self, relay_peer_id: str) -> None:
+        """Give up our slot on a relay (its relayed addresses leave `addrs`)."""
+
+    def relays(self) -> list[str]:
+        """The relays we hold a slot on, whose addresses are in `addrs`."""
+        return []
+
+    def path(self, peer_id: str) -> PathKind | None:
+        """How a new stream to `peer_id` would travel now; None when not connected."""
+        return PathKind.DIRECT if peer_id in self.connected_peers() else None
+
+    def connected_peers(self) -> list[str]:
+        """Peers with a connection open now."""
+        return []
+
+    async def upgrade(self, peer_id: str, *, timeout: float) -> bool:
+        """Try to replace a relayed connection to `peer_id` by a direct one (hole punching, both ends
+        taking part); True when new streams to it now travel directly."""
+        return self.path(peer_id) is PathKind.DIRECT
 
     def report_service(self, peer_id: str, *, ok: bool) -> None:
         """How `peer_id` served us: `ok` for a generation it carried to the end, not `ok` for a hop

@@ -29,6 +29,7 @@ from protocol.conversation import (
     INFERENCE_PROTOCOL,
     INFO_PROTOCOL,
     PIECES_PROTOCOL,
+    REACH_PROTOCOL,
     REPLAY_CHUNKS,
     REWIND_STEPS,
     SWARM_PROOF_BYTES,
@@ -67,6 +68,7 @@ from protocol.messages import (
     StepResult,
 )
 from protocol.piece_messages import ManifestData, ManifestRequest, PieceData, PieceRequest
+from protocol.reach_messages import DialBackRequest, DialBackResult
 from protocol.link_estimate import Exchange, LinkEstimate, estimate_link
 from protocol.retry import Retry, classify
 from protocol.session import Role, SessionMachine, State
@@ -74,11 +76,11 @@ from protocol.tensors import Codec, TensorLimits, WireTensor
 
 __all__ = [
     "AUTO", "Agreement", "CAPABILITIES", "CloseSession", "Codec", "CodecChoice", "CodecCost", "CodecSpeed",
-    "Connection", "DATA_CHANNEL", "DATA_KEY_BYTES", "DATA_TOKEN_BYTES", "DEFAULT_CODEC",
+    "Connection", "DATA_CHANNEL", "DialBackRequest", "DialBackResult", "DATA_KEY_BYTES", "DATA_TOKEN_BYTES", "DEFAULT_CODEC",
     "DEFAULT_MAX_FRAME_BYTES", "Error", "ErrorCode", "Exchange", "FrameDecoder", "FrameTooLarge", "Hello",
     "INFERENCE_PROTOCOL", "INFO_PROTOCOL", "InvalidMessage", "InvalidTensor", "LinkEstimate",
     "LocalProtocolError", "MalformedFrame", "ManifestData", "ManifestRequest", "Message", "OpenSession",
-    "PIECES_PROTOCOL", "PROTOCOL_VERSION", "PeerReportedError", "PieceData", "PieceRequest", "Ping", "Pong", "ProtocolError", "REFERENCE_SPEEDS", "REPLAY_CHUNKS", "REWIND_STEPS", "CHUNK_INVARIANT",
+    "PIECES_PROTOCOL", "PROTOCOL_VERSION", "REACH_PROTOCOL", "PeerReportedError", "PieceData", "PieceRequest", "Ping", "Pong", "ProtocolError", "REFERENCE_SPEEDS", "REPLAY_CHUNKS", "REWIND_STEPS", "CHUNK_INVARIANT",
     "RemoteProtocolError", "Retry", "Role", "SUPPORTED_VERSIONS", "SWARM_PROOF_BYTES", "SessionMachine", "SessionOpened",
     "SpanInfo", "State", "Step", "StepResult", "StructureLimits", "TensorLimits",
     "UnknownMessageType", "UnsupportedCodec", "UnsupportedVersion", "WireTensor", "choose_codec",

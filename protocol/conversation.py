@@ -6,6 +6,8 @@ A client reaches a node on two kinds of stream, named by protocol id:
 - `INFO_PROTOCOL`: Hello -> Hello, SpanInfo (what the node serves, its load); Ping -> Pong.
 - `PIECES_PROTOCOL`: Hello -> Hello, then ManifestRequest -> ManifestData (a model's manifest and
   which of its pieces the peer holds) and PieceRequest -> PieceData, one at a time.
+- `REACH_PROTOCOL`: Hello -> Hello, then DialBackRequest -> DialBackResult (can the peer dial us?),
+  between any two peers, nodes and relays alike.
 
 All begin with `Hello` both ways (the session machine enforces it). Each Hello lists the codecs
 its sender speaks (and how fast, `codec_speeds`) and the optional features it supports
@@ -25,6 +27,7 @@ from protocol.tensors import Codec
 INFERENCE_PROTOCOL = "/hearth/inference/1"
 PIECES_PROTOCOL = "/hearth/pieces/1"  # a model's manifest and pieces, from peers that hold them
 INFO_PROTOCOL = "/hearth/info/1"
+REACH_PROTOCOL = "/hearth/reach/1"  # a peer dials us back: are we reachable from outside (`mesh.reachability`)
 
 # Capabilities (Hello.capabilities): a feature runs only when both Hellos list it.
 DATA_CHANNEL = "data-channel-2"  # a session's steps may move to the sealed TCP channel offered in SessionOpened

@@ -43,6 +43,7 @@ class ErrorCode(enum.IntEnum):
     SHUTTING_DOWN = 107
     INTERNAL_ERROR = 108
     PIECE_NOT_HELD = 109  # pieces protocol: this peer does not hold that model, file or piece
+    DIAL_BACK_REFUSED = 110  # reach protocol: an address that is not the asker's own, or too many at once
 
 
 def show_value(value: object) -> str:

@@ -17,8 +17,10 @@ message in which state and where that leads:
     FETCHING   hop     ManifestData   -> IDLE        then its pieces, one request at a time)
     IDLE       client  PieceRequest   -> FETCHING
     FETCHING   hop     PieceData      -> IDLE
+    IDLE       client  DialBackRequest -> CHECKING  (reach streams: the peer dials the client back)
+    CHECKING   hop     DialBackResult -> IDLE
     (any but CLOSED)  either  Error   -> ERRORED
-    (NEW .. FETCHING)  either  Ping, Pong -> unchanged (liveness needs no handshake)
+    (NEW .. CHECKING)  either  Ping, Pong -> unchanged (liveness needs no handshake)
 
 Once both Hellos have passed, `agreement` holds what they agree on (`protocol.conversation`:
 common codecs and their speeds, common capabilities). Besides the table: every session message
@@ -35,6 +37,7 @@ import enum
 from protocol.conversation import Agreement, negotiate
 from protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.piece_messages import ManifestData, ManifestRequest, PieceData, PieceRequest
+from protocol.reach_messages import DialBackRequest, DialBackResult
 from protocol.messages import (
     CloseSession,
     Error,
@@ -67,6 +70,7 @@ class State(enum.Enum):
     OPEN = "open"
     STEPPING = "stepping"
     FETCHING = "fetching"  # pieces protocol: a manifest or piece request in flight
+    CHECKING = "checking"  # reach protocol: a dial-back request in flight
     CLOSED = "closed"
     ERRORED = "errored"
 
@@ -87,9 +91,12 @@ TRANSITIONS: dict[tuple[State, Role, type[Message]], State] = {
     (State.FETCHING, HOP, ManifestData): State.IDLE,
     (State.IDLE, CLIENT, PieceRequest): State.FETCHING,
     (State.FETCHING, HOP, PieceData): State.IDLE,
+    # the reach protocol (REACH_PROTOCOL): one dial-back request at a time after the Hellos
+    (State.IDLE, CLIENT, DialBackRequest): State.CHECKING,
+    (State.CHECKING, HOP, DialBackResult): State.IDLE,
 }
 LIVE_STATES = frozenset({State.NEW, State.GREETED, State.IDLE, State.OPENING, State.OPEN, State.STEPPING,
-                         State.FETCHING})
+                         State.FETCHING, State.CHECKING})
 LIVENESS_MESSAGES = (Ping, Pong)  # allowed in LIVE_STATES, either way
 
 

@@ -13,6 +13,8 @@ from wire_strategies import PROTOCOL_PROFILE, messages
 from protocol import (
     Codec,
     CodecSpeed,
+    DialBackRequest,
+    DialBackResult,
     Error,
     ErrorCode,
     Hello,
@@ -50,7 +52,7 @@ def test_every_type_is_covered_and_carries_the_version() -> None:
     assert set(MESSAGE_TYPES) == {
         "hello", "span_info", "open_session", "session_opened", "step", "step_result",
         "close_session", "error", "ping", "pong", "manifest_request", "manifest_data", "piece_request",
-        "piece_data",
+        "piece_data", "dial_back_request", "dial_back_result",
     }
     assert wire_of(Ping(nonce=1)) == {"type": "ping", "version": 1, "nonce": 1}
 
@@ -211,3 +213,17 @@ def test_a_data_channel_offer_is_all_or_nothing(fields):
 
     with pytest.raises(InvalidMessage):
         SessionOpened(session_id="s", **fields)
+
+
+def test_dial_back_messages_bound_what_a_peer_is_asked_to_dial() -> None:
+    """A DialBackRequest names 1..4 addresses of bounded length; a result holds at most 4 bools."""
+    request = DialBackRequest(addrs=("/ip4/10.0.0.2/tcp/4001/p2p/x",))
+    assert message_from_wire(wire_of(request)) == request
+    for addrs in ([], ["/ip4/10.0.0.2/tcp/1/p2p/x"] * 5, [7], ["x" * 300]):
+        with pytest.raises(InvalidMessage, match="DialBackRequest.addrs"):
+            message_from_wire(wire_of(request) | {"addrs": addrs})
+    result = DialBackResult(reached=(True, False), observed="/ip4/192.0.2.7")
+    assert message_from_wire(wire_of(result)) == result
+    for reached in ([True] * 5, [1], "yes"):
+        with pytest.raises(InvalidMessage, match="DialBackResult.reached"):
+            message_from_wire(wire_of(result) | {"reached": reached})

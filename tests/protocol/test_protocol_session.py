@@ -12,6 +12,8 @@ from protocol import (
     CloseSession,
     Codec,
     Connection,
+    DialBackRequest,
+    DialBackResult,
     Error,
     ErrorCode,
     FrameTooLarge,
@@ -60,6 +62,8 @@ def sample(kind: type[Message], step: int = 0) -> Message:
         ManifestData: lambda: ManifestData(manifest_hash="h", manifest=b"{}"),
         PieceRequest: lambda: PieceRequest(manifest_hash="h", path="model.gguf", index=0),
         PieceData: lambda: PieceData(manifest_hash="h", path="model.gguf", index=0, data=b"x"),
+        DialBackRequest: lambda: DialBackRequest(addrs=("/ip4/10.0.0.2/tcp/4001/p2p/x",)),
+        DialBackResult: lambda: DialBackResult(reached=(True,), observed="/ip4/10.0.0.1"),
     }[kind]()
 
 
@@ -75,9 +79,10 @@ PATHS: dict[State, list[tuple[Role, type[Message]]]] = {
                                (Role.CLIENT, CloseSession)],
     State.ERRORED: HANDSHAKE + [(Role.CLIENT, OpenSession), (Role.HOP, Error)],
     State.FETCHING: HANDSHAKE + [(Role.CLIENT, PieceRequest)],
+    State.CHECKING: HANDSHAKE + [(Role.CLIENT, DialBackRequest)],
 }
 KINDS = [OpenSession, SessionOpened, Step, StepResult, CloseSession, Error, Hello, SpanInfo,
-         Ping, Pong, ManifestRequest, ManifestData, PieceRequest, PieceData]
+         Ping, Pong, ManifestRequest, ManifestData, PieceRequest, PieceData, DialBackRequest, DialBackResult]
 
 
 def machine_in(state: State, role: Role) -> SessionMachine:

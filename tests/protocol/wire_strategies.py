@@ -19,6 +19,8 @@ from protocol import (
     Pong,
     SessionOpened,
     ManifestData,
+    DialBackRequest,
+    DialBackResult,
     ManifestRequest,
     PieceData,
     PieceRequest,
@@ -99,4 +101,6 @@ messages = st.one_of(
               have=st.lists(st.binary(max_size=8), max_size=4).map(tuple)),
     st.builds(PieceRequest, manifest_hash=ids, path=ids, index=u32),
     st.builds(PieceData, manifest_hash=ids, path=ids, index=u32, data=st.binary(max_size=200)),
+    st.builds(DialBackRequest, addrs=st.lists(ids, min_size=1, max_size=4).map(tuple)),
+    st.builds(DialBackResult, reached=st.lists(st.booleans(), max_size=4).map(tuple), observed=st.text(max_size=40)),
 )
