@@ -58,6 +58,7 @@ RETRY: dict[ErrorCode, Retry] = {
     ErrorCode.SHUTTING_DOWN: Retry.ELSEWHERE,
     ErrorCode.INTERNAL_ERROR: Retry.ELSEWHERE,
     ErrorCode.PIECE_NOT_HELD: Retry.ELSEWHERE,
+    ErrorCode.DIAL_BACK_REFUSED: Retry.ELSEWHERE,  # ask another peer
 }
 
 
