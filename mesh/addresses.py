@@ -9,9 +9,10 @@ listening on /ip4/0.0.0.0 was announced, and dialled, at the wildcard itself:
 - Loopback is offered only to a peer that reached us over loopback, or when the host has nothing
   else (every process on one machine). Announcements for everyone (DHT records) leave it out.
 - To a peer that reached us on one of our addresses, that address comes first.
-- Dialling, a peer's addresses go: those we were given for it (bootstrap, its record) first, then
-  what other peers said of it; within each, on a subnet of one of our interfaces first, then other
-  routable ones, loopback last; wildcards, multicast and malformed addresses are dropped.
+- Dialling, a peer's addresses go: direct ones before those through a relay (`/p2p-circuit`); then
+  those we were given for it (bootstrap, its record) first, then what other peers said of it; within
+  each, on a subnet of one of our interfaces first, then other routable ones, loopback last;
+  wildcards, multicast and malformed addresses are dropped.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def dial_order(addrs: Iterable[multiaddr.Multiaddr], interfaces: Sequence[Interf
     other peers said of it, which any of them can make up), so a hostile DHT peer cannot push them
     past a dialler's cap with invented ones."""
     trusted = {_without_peer(a) for a in given}
-    ranked: list[tuple[bool, int, int, multiaddr.Multiaddr]] = []
+    ranked: list[tuple[bool, bool, int, int, multiaddr.Multiaddr]] = []
     seen: set[str] = set()
     for index, addr in enumerate([*given, *addrs]):
         ip, key = ip_of(addr), _without_peer(addr)
@@ -135,12 +136,15 @@ def dial_order(addrs: Iterable[multiaddr.Multiaddr], interfaces: Sequence[Interf
             rank = 0
         else:
             rank = 1
-        ranked.append((key not in trusted, rank, index, addr))
-    return [addr for *_, addr in sorted(ranked, key=lambda r: r[:3])]
+        ranked.append(("/p2p-circuit" in key, key not in trusted, rank, index, addr))
+    return [addr for *_, addr in sorted(ranked, key=lambda r: r[:4])]
 
 
 def _without_peer(addr: multiaddr.Multiaddr) -> str:
-    return str(addr).split("/p2p/", 1)[0]
+    """The address less the peer id it ends in (a relayed address keeps its relay's id)."""
+    text = str(addr)
+    head, _, last = text.rpartition("/p2p/")
+    return head if head and "/" not in last else text
 
 
 def _loopback(addr: multiaddr.Multiaddr) -> bool:

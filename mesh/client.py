@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -34,7 +35,7 @@ from mesh.speculative import (
 )
 from mesh.spot_check import SpotChecks, VerificationReport
 from mesh.swarm_secret import SwarmSecret, proof_of, refusal_reason
-from mesh.transport import MessageStream, Transport
+from mesh.transport import MessageStream, PathKind, Transport
 from mesh.verify import DEFAULT_TOLERANCE, LocalBlocks, RecomputeVerifier
 from protocol import AUTO, INFO_PROTOCOL, Codec, Error, Exchange, Hello, ProtocolError, Role, SpanInfo
 from shard.errors import InvalidInput, PromptTooLong
@@ -48,6 +49,8 @@ from shard.tokenizer import TOKENIZER_FILE, Tokenizer
 log = logging.getLogger("hearth.client")
 
 SPAN_CACHE_MAX = 1 << 14  # peers whose last span info a client keeps (for planning), before it starts over
+RELAYED_RTT_FACTOR = 2.0  # a relayed hop's round trip, as routing weighs it: direct hops are preferred
+UPGRADE_RETRY_S = 60.0  # after hole punching to a peer failed, it is not tried again for this long
 KEEP_ROOM = 1024  # positions at least, for a route kept for prefix reuse: room for the conversation's next turn
 
 
@@ -58,6 +61,7 @@ class ClientOptions:
     codec: Codec | str = AUTO
     open_timeout_s: float = 10.0
     probe_timeout_s: float = 3.0
+    upgrade_timeout_s: float = 5.0  # a peer first reached through a relay: hole punching to it, at most this long
     probe_all_up_to: int = 32  # swarms with at most this many records are probed whole before each plan
     probe_sample: int = 8  # in larger ones: unmeasured peers probed per plan, besides the route's, to learn RTTs
     probe_rounds: int = 2  # in larger ones: rounds of probing, then the route is planned on peers that answered
@@ -123,6 +127,7 @@ class HopReport:
     compute_s: float = 0.0
     total_s: float = 0.0  # round trips including compute
     times: HopTimes = field(default_factory=HopTimes)  # where total_s went besides compute
+    path: str = PathKind.DIRECT.value  # how the hop's session travelled: direct, hole-punched or relayed
 
 
 @dataclass
@@ -179,7 +184,10 @@ class Client:
             self.drafter = lambda prompt_ids: PromptLookup()
         self.manifest_hash = opened.digest
         self.model_id = opened.name
+        # each peer's round trip as the planner weighs it: measured by the last probe; through a relay,
+        # times RELAYED_RTT_FACTOR (a third party's uplink carries it, and one more machine can fail it)
         self.rtts: dict[str, float] = {}
+        self._unpunched: dict[str, float] = {}  # peer -> until when hole punching to it is not tried again
         self.refusals: dict[str, str] = {}  # peer -> why it refused our last probe (an allow-list)
         self.untrusted: set[str] = set()  # peers left out of routes: off `trusted_peers`, or without the swarm's proof
         self.links = LinkBook()  # each peer's link, as probes and steps timed it (for the wire codec)
@@ -214,6 +222,33 @@ class Client:
         return results
 
     async def _probe(self, record: PeerRecord) -> SpanInfo | None:
+        """Its fresh span info (None: it did not answer). A peer that answered through a relay is
+        hole-punched to first (both ends' NATs permitting), and probed again on the direct path."""
+        info = await self._probe_once(record)
+        if info is not None and self.transport.path(record.peer_id) is PathKind.RELAYED \
+                and await self._upgrade(record.peer_id):
+            info = await self._probe_once(record)
+        return info
+
+    async def _upgrade(self, peer_id: str) -> bool:
+        """Hole punching to `peer_id`, unless it failed within `UPGRADE_RETRY_S`; True when direct."""
+        now = trio.current_time()
+        if self._unpunched.get(peer_id, -math.inf) > now:
+            return False
+        try:
+            with trio.move_on_after(self.options.upgrade_timeout_s):
+                if await self.transport.upgrade(peer_id, timeout=self.options.upgrade_timeout_s):
+                    log.info("peer %s: hole-punched to a direct connection", peer_id)
+                    self._unpunched.pop(peer_id, None)
+                    return True
+        except TransportError as err:
+            log.info("peer %s: no direct connection (%s); staying on the relay", peer_id, err)
+        if len(self._unpunched) > SPAN_CACHE_MAX:
+            self._unpunched.clear()
+        self._unpunched[peer_id] = now + UPGRADE_RETRY_S
+        return False
+
+    async def _probe_once(self, record: PeerRecord) -> SpanInfo | None:
         self.transport.add_peer_addrs(record.peer_id, list(record.addrs))
         timeout = self.options.probe_timeout_s
         try:
@@ -229,7 +264,8 @@ class Client:
                     info = hello if isinstance(hello, Error) else await stream.receive_unbounded()
                 finally:
                     await stream.aclose()
-            self.rtts[record.peer_id] = trio.current_time() - started
+            relayed = self.transport.path(record.peer_id) is PathKind.RELAYED
+            self.rtts[record.peer_id] = (trio.current_time() - started) * (RELAYED_RTT_FACTOR if relayed else 1.0)
             self.links.record(record.peer_id, Exchange(stream.bytes_sent + stream.bytes_received, trio.current_time() - asked))
         except (trio.TooSlowError, TransportError, ProtocolError) as err:
             log.info("peer %s does not answer: %s", record.peer_id, err)
@@ -583,7 +619,7 @@ class RowLogits:
 
 
 def _hop_reports(hops: list[HopSession]) -> list[HopReport]:
-    return [HopReport(h.peer_id, h.start, h.end, h.compute_seconds, h.wall_seconds, replace(h.times))
+    return [HopReport(h.peer_id, h.start, h.end, h.compute_seconds, h.wall_seconds, replace(h.times), h.path.value)
             for h in hops]
 
 

@@ -50,11 +50,13 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from mesh import libp2p_addressing
+from mesh.addresses import ip_of
 from mesh.errors import DialError, StreamClosed, TransportError
 from mesh.identity import load_or_create_identity
 from mesh.inbound_guard import InboundGuard, InboundLimits
+from mesh.libp2p_relay import Relaying
 from mesh.peer_cache import PeerCache
-from mesh.transport import ByteStream, StreamHandler, Transport
+from mesh.transport import ByteStream, PathKind, RelayLimits, StreamHandler, Transport, is_relayed_addr
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +182,15 @@ class Libp2pTransport(Transport):
         self.host.get_network().retry_config = RetryConfig(max_retries=1, initial_delay=0.1)
         self.guard = InboundGuard(inbound_limits)  # connections per IP, handshakes, streams per peer
         self.guard.install(self.host.get_network())
+        self.relaying = Relaying(self.host)  # circuit relay v2 and hole punching (`mesh.libp2p_relay`)
         self.peer_id = str(self.host.get_id())
         self._nursery: trio.Nursery | None = None
         self._stack: contextlib.AsyncExitStack | None = None
 
     async def __aenter__(self) -> Libp2pTransport:
+        in_use = _ports_in_use(self.listen)  # libp2p's SO_REUSEPORT listeners would share them silently
+        if in_use:
+            raise ListenError(f"cannot listen on {', '.join(in_use)}: address in use")
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self.host.run(self.listen))
             failed = [str(a) for a in self.listen if str(a) not in self.host.get_network().listeners]
@@ -192,6 +198,7 @@ class Libp2pTransport(Transport):
                 await self._close_host()
             else:
                 self._nursery = await stack.enter_async_context(trio.open_nursery())
+                await self._nursery.start(self.relaying.run)
                 if self.enable_mdns:
                     self._nursery.start_soon(self._connect_mdns_peers)
                 self._stack = stack.pop_all()
@@ -223,8 +230,8 @@ class Libp2pTransport(Transport):
     def addrs(self) -> list[str]:
         """What this host announces to everyone, ending in /p2p/<id>: wildcards become the interfaces
         that are up now, routable first; loopback only when there is nothing else
-        (`mesh.libp2p_addressing`)."""
-        return list(dict.fromkeys(str(addr) for addr in self.host.get_addrs()))
+        (`mesh.libp2p_addressing`); then our addresses through the relays we hold a slot on."""
+        return list(dict.fromkeys([*(str(addr) for addr in self.host.get_addrs()), *self.relaying.addrs()]))
 
     async def push_addrs(self) -> None:
         """Tell connected peers our addresses changed (libp2p's identify push); best effort, bounded."""
@@ -277,6 +284,59 @@ class Libp2pTransport(Transport):
 
     def connected_peers(self) -> list[str]:
         return [str(peer) for peer in self.host.get_connected_peers()]
+
+    # --- NAT traversal (`mesh.libp2p_relay`) ---
+
+    async def dial_back(self, addr: str, *, timeout: float) -> bool:
+        """A plain TCP connection to `addr`'s IP address and port, on a new socket (never libp2p's
+        connection to that peer): whether something listens there that we can reach."""
+        if is_relayed_addr(addr):
+            return False
+        try:
+            maddr = multiaddr.Multiaddr(addr)
+            ip, port = ip_of(maddr), int(maddr.value_for_protocol("tcp"))
+        except Exception:  # not an IP/TCP address: nothing we can dial back
+            return False
+        if ip is None:
+            return False
+        with trio.move_on_after(timeout):
+            try:
+                stream = await trio.open_tcp_stream(str(ip), port)
+            except OSError:
+                return False
+            await stream.aclose()
+            return True
+        return False
+
+    def offer_relay(self, limits: RelayLimits) -> None:
+        self.relaying.offer(limits)
+
+    async def reserve(self, relay_peer_id: str, *, timeout: float) -> list[str]:
+        relay = _parse_peer_id(relay_peer_id)
+        if not self._connected(relay):
+            await self._connect(relay, relay_peer_id, timeout)
+        known = [a for a in self._known.get(relay_peer_id) or _peerstore_addrs(self.host, relay)
+                 if not is_relayed_addr(str(a))]
+        # our relayed addresses are the relay's with /p2p-circuit: loopback ones only where all are
+        routable = [a for a in known if not _is_loopback(a)] or known
+        if not routable:
+            raise DialError(relay_peer_id, "no known address of the relay to announce")
+        return await self.relaying.reserve(relay_peer_id, routable, timeout=timeout)
+
+    def release(self, relay_peer_id: str) -> None:
+        self.relaying.release(relay_peer_id)
+
+    def relays(self) -> list[str]:
+        return self.relaying.relays()
+
+    def path(self, peer_id: str) -> PathKind | None:
+        try:
+            return self.relaying.path(_parse_peer_id(peer_id))
+        except DialError:
+            return None
+
+    async def upgrade(self, peer_id: str, *, timeout: float) -> bool:
+        return await self.relaying.upgrade(_parse_peer_id(peer_id), timeout=timeout)
 
     async def _connect(self, peer: ID, target: str, timeout: float) -> None:
         """Connect to `peer` within `timeout` or raise DialError naming `target`."""
@@ -411,29 +471,63 @@ def _parse_peer_id(peer_id: str) -> ID:
 
 
 def _parse_peer_addr(addr: str) -> tuple[ID, multiaddr.Multiaddr]:
-    """The peer id and the transport part of `/.../p2p/<id>`."""
+    """The peer id and the transport part of `/.../p2p/<id>` (of a relayed address
+    `<relay>/p2p/<relay id>/p2p-circuit/p2p/<id>`, the peer is the last id, the rest is the way)."""
     try:
         maddr = multiaddr.Multiaddr(addr)
     except Exception as err:  # multiaddr raises several error types
         raise DialError(addr, f"not a multiaddr ({err})") from err
-    try:
-        peer_text = maddr.value_for_protocol("p2p")
-    except Exception:  # ProtocolLookupError
-        peer_text = None
+    peer_text = _last_peer(maddr)
     if not peer_text:
         raise DialError(addr, "the address does not end in /p2p/<peer id>")
     peer = _parse_peer_id(peer_text)
     return peer, _strip_p2p(maddr, peer)
 
 
+def _last_peer(maddr: multiaddr.Multiaddr) -> str | None:
+    """The peer id the address ends in, if it ends in one (not a relay's id before /p2p-circuit)."""
+    parts = str(maddr).rsplit("/p2p/", 1)
+    return parts[1] if len(parts) == 2 and "/" not in parts[1] else None
+
+
 def _strip_p2p(maddr: multiaddr.Multiaddr, peer: ID) -> multiaddr.Multiaddr:
-    try:
-        peer_text = maddr.value_for_protocol("p2p")
-    except Exception:  # ProtocolLookupError: no /p2p/ part
+    peer_text = _last_peer(maddr)
+    if peer_text is None:
         return maddr
-    if peer_text and peer_text != str(peer):
+    if peer_text != str(peer):
         raise DialError(str(maddr), f"the address names peer {peer_text}, not {peer}")
-    return maddr.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer_text}")) if peer_text else maddr
+    if is_relayed_addr(str(maddr)):
+        return maddr  # the circuit transport reads the peer from the address itself
+    return multiaddr.Multiaddr(str(maddr).rsplit("/p2p/", 1)[0])
+
+
+def _is_loopback(addr: multiaddr.Multiaddr) -> bool:
+    ip = ip_of(addr)
+    return ip is not None and ip.is_loopback
+
+
+def _ports_in_use(listen: Sequence[multiaddr.Multiaddr]) -> list[str]:
+    """Listen addresses with a fixed TCP port that another socket holds: bound here without
+    SO_REUSEPORT, as libp2p's own listeners (which set it, for hole punching) would not notice."""
+    import socket
+
+    taken = []
+    for addr in listen:
+        ip = ip_of(addr)
+        try:
+            port = int(addr.value_for_protocol("tcp"))
+        except Exception:  # no TCP part
+            continue
+        if ip is None or port == 0:
+            continue
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
+            try:
+                probe.bind((str(ip), port))
+            except OSError:
+                taken.append(str(addr))
+    return taken
 
 
 def _peerstore_addrs(host: IHost, peer: ID) -> list[multiaddr.Multiaddr]:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from mesh.memory_transport import LOOPBACK, MemoryNetwork, MemoryTransport
-from mesh.transport import ByteStream, StreamHandler, Transport
+from mesh.transport import ByteStream, PathKind, RelayLimits, StreamHandler, Transport
 
 
 class LoopbackTransport(Transport):
@@ -49,3 +49,32 @@ class LoopbackTransport(Transport):
 
     def add_peer_addrs(self, peer_id: str, addrs: list[str]) -> None:
         self.inner.add_peer_addrs(peer_id, addrs)
+
+    # NAT traversal is the network's business: the inner transport's (this peer is always direct)
+
+    async def dial_back(self, addr: str, *, timeout: float) -> bool:
+        return await self.inner.dial_back(addr, timeout=timeout)
+
+    def offer_relay(self, limits: RelayLimits) -> None:
+        self.inner.offer_relay(limits)
+
+    async def reserve(self, relay_peer_id: str, *, timeout: float) -> list[str]:
+        return await self.inner.reserve(relay_peer_id, timeout=timeout)
+
+    def release(self, relay_peer_id: str) -> None:
+        self.inner.release(relay_peer_id)
+
+    def relays(self) -> list[str]:
+        return self.inner.relays()
+
+    def path(self, peer_id: str) -> PathKind | None:
+        return PathKind.DIRECT if peer_id == self.peer_id else self.inner.path(peer_id)
+
+    def connected_peers(self) -> list[str]:
+        return self.inner.connected_peers()
+
+    async def upgrade(self, peer_id: str, *, timeout: float) -> bool:
+        return peer_id == self.peer_id or await self.inner.upgrade(peer_id, timeout=timeout)
+
+    def report_service(self, peer_id: str, *, ok: bool) -> None:
+        self.inner.report_service(peer_id, ok=ok)

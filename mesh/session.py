@@ -21,7 +21,7 @@ import trio
 from mesh.data_channel import Offer, check_offered_host, connect as connect_data_channel
 from mesh.errors import TransportError
 from mesh.swarm_secret import SwarmSecret, proof_of, refusal_reason
-from mesh.transport import MessageStream, Transport
+from mesh.transport import MessageStream, PathKind, Transport
 from protocol import (
     CAPABILITIES, CHUNK_INVARIANT, DATA_CHANNEL, INFERENCE_PROTOCOL, REFERENCE_SPEEDS, REWIND_STEPS, REPLAY_CHUNKS,
     CloseSession, Codec, Error,
@@ -124,6 +124,7 @@ class HopSession:
     chunk_invariant: bool = False  # the node's outputs do not depend on how positions are split into steps
     rewinding: bool = False  # the next step starts before the node's end: it says so (Step.rewind)
     answer: WireTensor | None = None  # the last step's output as it arrived: the next hop may be sent it as is
+    path: PathKind = PathKind.DIRECT  # how the session's stream travels (a data channel is direct)
 
     @property
     def length(self) -> int:
@@ -286,11 +287,13 @@ async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, 
         await stream.aclose()
         raise HopFailed(peer_id, start, end, f"expected session_opened, got {reply.TYPE}")
     agreement = stream.agreement
-    if reply.data_address and agreement.supports(DATA_CHANNEL):
+    path = transport.path(peer_id) or PathKind.DIRECT
+    if reply.data_address and agreement.supports(DATA_CHANNEL) and path is PathKind.DIRECT:
+        # only to a node we reached directly: through a relay or NATs its listener is not ours to reach
         stream = await _to_data_channel(stream, reply, timeout=min(timeout, DATA_CHANNEL_TIMEOUT_S))
     return HopSession(peer_id, start, end, stream, session_id, codec, replays_chunks=agreement.supports(REPLAY_CHUNKS),
                       links=links, rewinds_steps=agreement.supports(REWIND_STEPS),
-                      chunk_invariant=agreement.supports(CHUNK_INVARIANT))
+                      chunk_invariant=agreement.supports(CHUNK_INVARIANT), path=path)
 
 
 async def _to_data_channel(stream: MessageStream, opened: SessionOpened, *, timeout: float) -> MessageStream:

@@ -58,7 +58,8 @@ def is_relayed_addr(addr: str) -> bool:
 class PathKind(enum.Enum):
     """How a new stream to a peer would travel now."""
 
-    DIRECT = "direct"  # a connection of our own to the peer (dialled, accepted, or hole-punched)
+    DIRECT = "direct"  # a connection of our own to the peer, dialled or accepted
+    PUNCHED = "hole-punched"  # direct too, made through both ends' NATs after meeting at a relay
     RELAYED = "relayed"  # through a relay: it sees when and how much, never what (end-to-end encrypted)
 
 
@@ -137,7 +138,7 @@ class Transport(abc.ABC):
     async def upgrade(self, peer_id: str, *, timeout: float) -> bool:
         """Try to replace a relayed connection to `peer_id` by a direct one (hole punching, both ends
         taking part); True when new streams to it now travel directly."""
-        return self.path(peer_id) is PathKind.DIRECT
+        return self.path(peer_id) in (PathKind.DIRECT, PathKind.PUNCHED)
 
     def report_service(self, peer_id: str, *, ok: bool) -> None:
         """How `peer_id` served us: `ok` for a generation it carried to the end, not `ok` for a hop
