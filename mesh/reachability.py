@@ -60,9 +60,9 @@ RESERVE_TIMEOUT_S = 10.0
 
 
 class Reachability(enum.Enum):
-    UNKNOWN = "unknown"  # nobody answered yet (no peers, or none that answers)
-    PUBLIC = "public"  # at least PUBLIC_CONFIRMATIONS peers dialled us back
-    PRIVATE = "private"  # peers answered, and fewer than that reached us (behind NAT or a firewall)
+    UNKNOWN = "unknown"  # no answer yet, or fewer than PUBLIC_CONFIRMATIONS peers, all of which reached us
+    PUBLIC = "public"  # at least PUBLIC_CONFIRMATIONS peers dialled us back, and most that answered
+    PRIVATE = "private"  # a peer could not reach us, and not enough others could (behind NAT or a firewall)
 
 
 @dataclass(frozen=True)
@@ -74,14 +74,12 @@ class Answer:
 
 def judge(answers: Sequence[Answer]) -> Reachability:
     """PUBLIC when PUBLIC_CONFIRMATIONS distinct peers reached us and more reached us than not;
-    PRIVATE when peers answered but that is not so; UNKNOWN with no answer."""
-    if not answers:
-        return Reachability.UNKNOWN
+    else PRIVATE when a peer could not; else (no answer, or too few that all reached us) UNKNOWN."""
     reached = {a.peer_id for a in answers if a.reached}
     missed = {a.peer_id for a in answers if not a.reached} - reached
     if len(reached) >= PUBLIC_CONFIRMATIONS and len(reached) > len(missed):
         return Reachability.PUBLIC
-    return Reachability.PRIVATE
+    return Reachability.PRIVATE if missed else Reachability.UNKNOWN
 
 
 def _hello() -> Hello:
@@ -174,11 +172,12 @@ async def ask_dial_back(transport: Transport, peer_id: str, addrs: Sequence[str]
     return Answer(peer_id, any(result.reached), result.observed)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReachSettings:
     relay: bool | None = None  # offer relaying: True, False, or None = only when public
     want_relays: int = 2  # relay slots a node that is not public holds
     check_every_s: float = 300.0  # how often to ask peers whether we are reachable
+    unknown_every_s: float = 30.0  # as long as too few peers answered (and whenever we gain peers)
     watch_every_s: float = 5.0  # how often to check that our relays are still there
     ask_peers: int = 3  # peers asked in one check
     relay_limits: RelayLimits = field(default_factory=RelayLimits)
@@ -206,15 +205,17 @@ class ReachKeeper:
         if self.settings.relay:
             self._offer_relay()
         task_status.started()
-        next_check = -math.inf
+        next_check, peers_then = -math.inf, 0
         while True:
-            now = trio.current_time()
-            if now >= next_check or (self.reachability is not Reachability.PUBLIC and not self._peers()):
+            peers = len(self._peers())
+            gained = self.reachability is Reachability.UNKNOWN and peers > peers_then
+            if peers and (trio.current_time() >= next_check or gained):
                 await self.check()
-                next_check = trio.current_time() + (self.settings.check_every_s if self.reachability
-                                                    is not Reachability.UNKNOWN else self.settings.watch_every_s)
-            if self.reachability is not Reachability.PUBLIC:
-                await self.keep_relays()
+                peers_then = peers
+                next_check = trio.current_time() + (self.settings.unknown_every_s if self.reachability
+                                                    is Reachability.UNKNOWN else self.settings.check_every_s)
+            if self.reachability is not Reachability.PUBLIC and not self.settings.relay:
+                await self.keep_relays()  # (a node told to relay is meant to be reachable: it holds no slots)
             await virtual_time.sleep(self.settings.watch_every_s)
 
     async def wait_checked(self) -> None:

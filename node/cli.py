@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         "api", help="serve the OpenAI-compatible API over the swarm (no blocks)",
         description="Join the swarm as a client and answer OpenAI-style requests on http://HOST:PORT/v1; "
                     "prompts and tokens stay on this device."))
+    from node import relay_command
+
+    relay_command.add_arguments(commands.add_parser(
+        "relay", help="relay for households behind NAT (no blocks); also a bootstrap peer",
+        description="Join the swarm from a publicly reachable machine, answer peers' reachability checks "
+                    "and relay end-to-end encrypted connections to nodes that cannot be dialled directly."))
     swarm = commands.add_parser("swarm", help="start N local nodes splitting a model, until Ctrl-C")
     swarm.add_argument("--model", required=True, metavar="DIR|FILE.gguf")
     swarm.add_argument("--nodes", type=int, default=3, metavar="N")
@@ -89,6 +95,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from node import demo
 
         return demo.run(args)
+    if args.command == "relay":
+        from node import relay_command
+
+        return relay_command.run(args)
     if args.command == "swarm":
         return run_swarm(args)
     if args.command == "manifest":

@@ -33,6 +33,7 @@ import trio
 
 from mesh.balance import choose_span, max_blocks_for
 from mesh.client import Client, ClientOptions
+from mesh.reachability import ReachSettings
 from mesh.first_blocks import AUTO_BLOCKS
 from mesh.swarm_secret import SwarmSecret
 from mesh.data_channel import DataChannels
@@ -48,6 +49,7 @@ from node.logs import add_log_arguments, say, setup_logging
 from node.metrics import NodeMetrics, TimedDiscovery
 from node.model_fetch import FetchedModel, print_progress
 from node.piece_server import UploadLimits
+from node.reach import add_relay_arguments, keep_reachable, reach_settings_from_args
 from node.metrics_http import serve_metrics
 from node.node import Node, measure_token_seconds
 from node.rebalance import BalanceSettings, served_from
@@ -94,6 +96,7 @@ class NodeSettings:
     model_digest: str | None = None  # --model-digest: the model's files come from peers (node.model_fetch)
     cache_dir: Path | None = None  # where fetched pieces go (default ~/.cache/hearth/DIGEST)
     upload: UploadLimits = UploadLimits()  # serving the model's pieces to peers fetching it
+    reach: ReachSettings = ReachSettings()  # behind NAT: relay slots; reachable: relaying for others (node.reach)
 
     @property
     def auto_span(self) -> bool:
@@ -133,6 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--identity", type=Path, metavar="PATH", help="ed25519 key file (created if missing)")
     parser.add_argument("--peer-cache", type=Path, metavar="PATH", help="where to remember peers for rejoining")
     parser.add_argument("--mdns", action="store_true", help="find peers on the LAN")
+    add_relay_arguments(parser)
     parser.add_argument("--max-sessions", type=int, default=16, metavar="N")
     parser.add_argument("--max-sessions-per-peer", type=int, default=8, metavar="N",
                         help="sessions one peer may hold at once (default 8; an API server holds one per user)")
@@ -204,7 +208,8 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
         allowed_peers=read_allow_list(args.allow_peers) if args.allow_peers else None,
         api=api_settings_from_args(args), data_channel=not args.no_data_channel, memory_bytes=args.memory,
         rebalance=not args.no_rebalance, rebalance_every_s=args.rebalance_every,
-        metrics=metrics_bind_from_args(args), chaos=chaos_from_args(args), **household_from_args(args))
+        metrics=metrics_bind_from_args(args), chaos=chaos_from_args(args), reach=reach_settings_from_args(args),
+        **household_from_args(args))
 
 
 def household_from_args(args: argparse.Namespace) -> dict:
@@ -428,6 +433,7 @@ async def serve(settings: NodeSettings, model: OpenModel | None) -> None:
                     say(f"metrics listening on {url}")
                 for addr in transport.addrs:
                     say(f"listening on {addr}")
+                await keep_reachable(nursery, host, settings.reach)  # NAT: relay slots, announced as they come
                 watch = trio.CancelScope()
                 nursery.start_soon(follow_addresses, host, node, watch)
                 async for signum in signals:
