@@ -16,6 +16,11 @@ A peer that failed this request (not merely busy) is left out of its later plans
 has run out, as long as a route exists without it: a ban is short (15 s at first), a step timeout is
 not (10 s), and a peer that over-announces its throughput and then stalls would otherwise be planned
 again and again within one request (issue 18; the simulator's `hostile` scenario).
+
+A hop whose stream ran through a relay and broke (`HopFailed.relay_lost`) is replaced the same way
+but its peer is not banned: the relay went, not necessarily the peer, which the next plan may reach
+again directly (hole-punched) or through another relay; if it is really gone, that dial fails and
+bans it then.
 """
 
 from __future__ import annotations
@@ -140,9 +145,12 @@ class RoutePipeline:
     async def _replace(self, index: int, err: HopFailed) -> None:
         failed = self.hops[index]
         started = trio.current_time()
-        length = self._ban(failed.peer_id, started, busy=err.busy)
-        banned = "for good" if self.bans.banned_for_good(failed.peer_id) else f"for {length:.0f} s"
-        log.warning("%s; banned %s, replaying %d tokens elsewhere", err, banned, failed.length)
+        if err.relay_lost:  # the relay went, not necessarily the peer: it may be reached another way
+            log.warning("%s (through a relay); replaying %d tokens on a new path", err, failed.length)
+        else:
+            length = self._ban(failed.peer_id, started, busy=err.busy)
+            banned = "for good" if self.bans.banned_for_good(failed.peer_id) else f"for {length:.0f} s"
+            log.warning("%s; banned %s, replaying %d tokens elsewhere", err, banned, failed.length)
         with trio.CancelScope(shield=True):
             await failed.close()
         replacements = await self._cover(failed.start, failed.end, failed.history, codec=failed.codec)

@@ -19,7 +19,7 @@ import numpy as np
 import trio
 
 from mesh.data_channel import Offer, check_offered_host, connect as connect_data_channel
-from mesh.errors import TransportError
+from mesh.errors import StreamClosed, TransportError
 from mesh.swarm_secret import SwarmSecret, proof_of, refusal_reason
 from mesh.transport import MessageStream, PathKind, Transport
 from protocol import (
@@ -41,9 +41,11 @@ class HopFailed(Exception):
     """A hop cannot continue: its peer vanished, timed out, refused, or answered nonsense. `retry`
     (`protocol.Retry`) says whether another peer can help, and whether this one is merely busy."""
 
-    def __init__(self, peer_id: str, start: int, end: int, reason: str, *, retry: Retry = Retry.ELSEWHERE):
+    def __init__(self, peer_id: str, start: int, end: int, reason: str, *, retry: Retry = Retry.ELSEWHERE,
+                 relay_lost: bool = False):
         self.peer_id, self.start, self.end = peer_id, start, end
         self.reason, self.retry = reason, retry
+        self.relay_lost = relay_lost  # the stream ran through a relay and broke: the way failed, maybe not the peer
         super().__init__(f"hop {peer_id} for blocks [{start}, {end}) failed: {reason}")
 
     @property
@@ -168,7 +170,7 @@ class HopSession:
         try:
             reply = await self.stream.request(self._message(sent, replay), timeout=timeout)
         except (TransportError, ProtocolError) as err:
-            raise HopFailed(self.peer_id, self.start, self.end, str(err)) from err
+            raise self._failed(err) from err
         return self._answer(sent, reply, timed=True)
 
     async def send_step(self, hidden: np.ndarray, start_position: int, *, timeout: float,
@@ -179,15 +181,19 @@ class HopSession:
         try:
             await self.stream.send(self._message(sent, replay=False), timeout=timeout)
         except (TransportError, ProtocolError) as err:
-            raise HopFailed(self.peer_id, self.start, self.end, str(err)) from err
+            raise self._failed(err) from err
         return sent
 
     async def receive_step(self, sent: SentStep, *, timeout: float) -> np.ndarray:
         try:
             reply = await self.stream.receive(timeout=timeout)
         except (TransportError, ProtocolError) as err:
-            raise HopFailed(self.peer_id, self.start, self.end, str(err)) from err
+            raise self._failed(err) from err
         return self._answer(sent, reply, timed=False)  # its time is the client's, not the link's
+
+    def _failed(self, err: Exception) -> HopFailed:
+        return HopFailed(self.peer_id, self.start, self.end, str(err),
+                         relay_lost=self.path is PathKind.RELAYED and isinstance(err, StreamClosed))
 
     def _sent(self, hidden: np.ndarray, start_position: int, chunks: tuple[int, ...],
               decoded_from: WireTensor | None = None) -> SentStep:
