@@ -52,9 +52,9 @@ def chat_model_dir(tmp_path_factory):
 
 @pytest.fixture
 def netbed():
-    """`netbed(hosts, lans=None)` builds a LAN of distinct hosts in network namespaces
-    (tools/netbed.py); every process in them is killed and every namespace deleted at teardown,
-    whatever the test did."""
+    """`netbed(hosts, lans=None, homes=())` builds a LAN of distinct hosts in network namespaces
+    (tools/netbed.py), with `homes` (`tools.netbed.Home`) behind NAT routers on it; every process
+    in them is killed and every namespace deleted at teardown, whatever the test did."""
     from tools.netbed import NetBed
 
     reason = NetBed.unavailable()
@@ -62,8 +62,10 @@ def netbed():
         pytest.skip(f"no test bed of network namespaces on this machine: {reason}")
     beds = []
 
-    def make(hosts: int, lans: list[list[int]] | None = None) -> NetBed:
-        bed = NetBed(hosts, lans=lans).up()
+    def make(hosts: int, lans: list[list[int]] | None = None, homes=()) -> NetBed:
+        if homes and (reason := NetBed.unavailable(nat=True)):
+            pytest.skip(f"no NAT routers (nftables) in network namespaces on this machine: {reason}")
+        bed = NetBed(hosts, lans=lans, homes=homes).up()
         beds.append(bed)
         return bed
 
