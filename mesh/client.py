@@ -241,6 +241,8 @@ class Client:
                     log.info("peer %s: hole-punched to a direct connection", peer_id)
                     self._unpunched.pop(peer_id, None)
                     return True
+            log.info("peer %s: no direct connection within %g s; staying on the relay", peer_id,
+                     self.options.upgrade_timeout_s)
         except TransportError as err:
             log.info("peer %s: no direct connection (%s); staying on the relay", peer_id, err)
         if len(self._unpunched) > SPAN_CACHE_MAX:

@@ -102,14 +102,24 @@ async def connect(*, bootstrap: Sequence[str] = (), model: str | Path, options: 
     """`async with mesh.connect(bootstrap=[...], model=DIR) as client:` then `client.generate(...)`.
 
     With `mdns` the client also finds the nodes of its LAN (then `bootstrap` may be empty: the
-    request waits for them until its deadline) and listens on every interface, else on loopback.
+    request waits for them until its deadline). It listens on every interface when it finds peers
+    on the LAN or has a bootstrap peer on another machine (hole punching to a node behind NAT dials
+    from the listening port, on the interface that reaches it), else on loopback only.
     """
     import time
 
     if not bootstrap and not mdns:
         raise ValueError("give bootstrap addresses, or mdns=True to find the LAN's nodes")
-    listen = listen or (("/ip4/0.0.0.0/tcp/0",) if mdns else ("/ip4/127.0.0.1/tcp/0",))
+    elsewhere = mdns or not all(_on_loopback(addr) for addr in bootstrap)
+    listen = listen or (("/ip4/0.0.0.0/tcp/0",) if elsewhere else ("/ip4/127.0.0.1/tcp/0",))
     async with joined(bootstrap=bootstrap, listen=listen, peer_cache_path=peer_cache_path, enable_mdns=mdns,
                       wall_clock=wall_clock or time.time, require_peers=bool(bootstrap)) as (transport, discovery):
         client = await trio.to_thread.run_sync(lambda: Client(transport, discovery, model, options=options))
         yield client
+
+
+def _on_loopback(addr: str) -> bool:
+    """Whether a bootstrap multiaddr names this machine (127.0.0.0/8, ::1, localhost)."""
+    parts = addr.split("/")
+    host = parts[2] if len(parts) > 2 else ""
+    return host.startswith("127.") or host in ("::1", "localhost")

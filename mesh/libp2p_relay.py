@@ -19,7 +19,9 @@ ships works once these measured traps are worked around:
 - The relay-client role left at its default also reserved a slot on every relay it dialled
   through: only the stop role (accepting relayed connections) is enabled.
 - DCUtR runs by itself: every 2 s it tries to upgrade each peer we hold a relayed connection to,
-  first by dialling its addresses, then by the CONNECT/SYNC exchange in which both ends dial each
+  first by dialling its addresses (for up to 10 s in 0.8.1, spent in full on a peer behind NAT,
+  whose private addresses never answer: `_PromptDCUtR` gives that `UNILATERAL_DIAL_S`, since our own
+  dial tried them already before it took the relay), then by the CONNECT/SYNC exchange in which both ends dial each
   other's observed address from their listen port (SO_REUSEPORT), which is how TCP gets through two
   port-preserving NATs. `upgrade` starts an attempt at once and waits for it. A direct connection
   is preferred for new streams by the swarm; streams already on the relayed connection stay there
@@ -53,6 +55,7 @@ from mesh.transport import CIRCUIT, PathKind, RelayLimits
 log = logging.getLogger(__name__)
 
 RENEW_BEFORE_S = 120.0  # a reservation this close to expiry is no longer listed: the keeper renews it
+UNILATERAL_DIAL_S = 1.0  # DCUtR's plain dial of a relayed peer's own addresses, before the punch
 
 
 def is_relayed(conn) -> bool:
@@ -163,6 +166,15 @@ def _remote_ip(stream) -> str | None:
     return None if ip is None else str(ip)
 
 
+class _PromptDCUtR(DCUtRProtocol):
+    """DCUtR whose plain dial before the punch gives up after UNILATERAL_DIAL_S."""
+
+    async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
+        with trio.move_on_after(UNILATERAL_DIAL_S):
+            return await super()._try_unilateral_upgrade(peer_id)
+        return False
+
+
 class Relaying:
     """Circuit relay v2 (accepting relayed connections; relaying on `offer`) and DCUtR for `host`.
 
@@ -173,7 +185,7 @@ class Relaying:
         self.protocol = _HouseholdRelay(host)
         self.circuit = CircuitV2Transport(host, self.protocol, RelayConfig(roles=RelayRole.STOP))
         host.get_network().transport_manager.add_transport(_CircuitDial(self.circuit))
-        self.dcutr = DCUtRProtocol(host)
+        self.dcutr = _PromptDCUtR(host)
         self.reserved: dict[str, list[str]] = {}  # relay peer id -> our addresses through it
         self.met_relayed: set[str] = set()  # peers we had a relayed connection to (a later direct one was punched)
 

@@ -461,11 +461,11 @@ async def follow_addresses(transport: Libp2pTransport, node: Node, scope: trio.C
             if addrs == announced:
                 continue
             announced = addrs
+            await transport.push_addrs()
+            await node.announce_now()  # before saying so: a `listening on` line is an address peers can find
             say(f"addresses changed: {len(addrs)} now")
             for addr in addrs:
                 say(f"listening on {addr}")
-            await transport.push_addrs()
-            await node.announce_now()
 
 
 async def start_api(nursery: trio.Nursery, settings: NodeSettings, model: OpenModel, transport, discovery,

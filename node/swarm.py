@@ -59,9 +59,10 @@ class NodeProcess:
 
     @classmethod
     async def start(cls, nursery: trio.Nursery, name: str, args: list[str], *, env: dict[str, str] | None = None,
-                    host: Host | None = None) -> NodeProcess:
-        """Start `hearth node ARGS` (on `host`, if given) and collect its output in a task of `nursery`."""
-        argv = [sys.executable, "-m", "node.cli", "node", *args]
+                    host: Host | None = None, command: str = "node") -> NodeProcess:
+        """Start `hearth node ARGS` (or another `command` that prints `listening on` lines, such as
+        `relay`) on `host`, if given, and collect its output in a task of `nursery`."""
+        argv = [sys.executable, "-m", "node.cli", command, *args]
         process = await trio.lowlevel.open_process(
             host.command(argv) if host else argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True, env=env if env is not None or host is None else host.env())

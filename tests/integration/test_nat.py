@@ -1,0 +1,94 @@
+"""Across homes: nodes behind household NATs serve a client in a third home through relays.
+
+The test bed (tools/netbed.py) has an internet LAN with two public hosts, each running `hearth
+relay` (the first is everyone's bootstrap), and three homes, each a LAN behind its own NAT router
+(nftables masquerade; inbound connections dropped): node A serves blocks 0:3 in the first, node B
+blocks 3:6 in the second, the client runs in the third. Nobody can dial a home, so each node
+learns it is private from the relays' dial-back checks, takes a slot on both relays and announces
+its relayed addresses; the client reaches the nodes through a relay, then:
+
+- through cone NATs, hole-punches both (DCUtR: both ends dial each other from their listening
+  ports), runs the answer directly, and loses no token when both relays are killed mid-answer;
+- through symmetric NATs, where no punch can work, runs the answer over a relay, and when that
+  relay is killed mid-answer, replays each hop through the other relay: the same tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from node.swarm import HOST_LISTEN, NodeProcess
+from tests.integration.conftest import NODE_ARGS, local_tokens
+from tests.integration.test_hosts import HostClient
+from tools.netbed import Home
+
+pytestmark = pytest.mark.timeout(300)
+RELAYED_BOTH = "reachable through 2 relays"
+
+
+async def start_swarm(nursery: trio.Nursery, bed, model_dir) -> tuple[list[NodeProcess], list[NodeProcess]]:
+    """Two relays on the public hosts, nodes A (0:3) and B (3:6) in the first two homes; returns
+    (relays, nodes) once both nodes hold a slot on both relays."""
+    first, second, home_a, home_b, _ = bed.hosts
+    relays = [await NodeProcess.start(nursery, "relay1", ["--listen", HOST_LISTEN], host=first, command="relay")]
+    await relays[0].wait_ready()
+    relays.append(await NodeProcess.start(nursery, "relay2", ["--listen", HOST_LISTEN, "--bootstrap", relays[0].addr],
+                                          host=second, command="relay"))
+    await relays[1].wait_ready()
+    bootstrap = [arg for relay in relays for arg in ("--bootstrap", relay.addr)]
+    nodes = [await NodeProcess.start(nursery, name, ["--model", str(model_dir), "--blocks", blocks,
+                                                     "--listen", HOST_LISTEN, *bootstrap, *NODE_ARGS], host=host)
+             for name, blocks, host in (("A", "0:3", home_a), ("B", "3:6", home_b))]
+    for node in nodes:
+        await node.wait_ready()
+        line = await node.wait_for("reachability: private", timeout=60)
+        assert f"seen from outside as /ip4/{bed.hosts[nodes.index(node) + 2].public_addr}" in line, line
+    for node in nodes:
+        await wait_for_text(node, RELAYED_BOTH, timeout=60)
+        await wait_for_text(node, "/p2p-circuit/", timeout=30)  # announced (re-announced within 2 s)
+    return relays, nodes
+
+
+async def wait_for_text(process: NodeProcess, text: str, timeout: float) -> str:
+    with trio.fail_after(timeout):
+        while True:
+            found = [line for line in process.lines if text in line]
+            if found:
+                return found[0]
+            await trio.sleep(0.1)
+
+
+@pytest.mark.parametrize("nat", ["cone", "symmetric"])
+async def test_nodes_in_two_homes_serve_a_third_through_relays(netbed, checkpoint_factory, nat):
+    model_dir = checkpoint_factory("llama")
+    bed = netbed(2, homes=[Home(nat=nat)] * 3)
+    client_home = bed.hosts[4]
+    async with trio.open_nursery() as readers:
+        relays, nodes = await start_swarm(readers, bed, model_dir)
+        try:
+            for node in nodes:  # every address a node announced is its own private one or relayed
+                addrs = [line.split()[-1] for line in node.lines if line.startswith("listening on ")]
+                assert any("/p2p-circuit/" in a for a in addrs), addrs
+            async with HostClient(client_home, "--bootstrap", relays[0].addr, "--model", str(model_dir),
+                                  "--tokens", "24", "--pause-at", "5") as client:
+                await client.event()  # paused before the 5th step to node B: kill relays now
+                doomed = relays if nat == "cone" else relays[:1]
+                for relay in doomed:
+                    await relay.kill()  # SIGKILL, by process id
+                await client.resume()
+                report = await client.report()
+        finally:
+            with trio.CancelScope(shield=True):
+                for process in [*nodes, *relays]:
+                    await process.stop()
+            readers.cancel_scope.cancel()
+    assert report["token_ids"] == local_tokens(model_dir, [5, 17, 33, 2, 9, 71, 4], 24)
+    if nat == "cone":  # punched before the first step, so killing both relays touched nothing
+        assert {hop["path"] for hop in report["hops"]} == {"hole-punched"}, report["hops"]
+        assert report["recoveries"] == [], report
+    else:  # relayed all along; the hops on the killed relay were replayed through the other one
+        assert {hop["path"] for hop in report["hops"]} == {"relayed"}, report["hops"]
+        assert report["recoveries"], "the relay carried the answer: killing it must have cost a replay"
+        assert {r["failed_peer"] for r in report["recoveries"]} <= {n.peer_id for n in nodes}
+        assert {hop["peer_id"] for hop in report["hops"]} == {n.peer_id for n in nodes}
