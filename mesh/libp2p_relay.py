@@ -124,15 +124,15 @@ class _HouseholdRelay(CircuitV2Protocol):
         msg.ClearField("peer")  # reserve for the authenticated peer, never a name it gives
         ip = _remote_ip(stream)
         holders = {p: i for p, i in self._reserved_from.items() if self.resource_manager.has_reservation(p)}
-        self._reserved_from = holders
         if peer not in holders and ip is not None \
                 and sum(1 for i in holders.values() if i == ip) >= self.household.max_reservations_per_ip:
             log.info("relay: refusing a slot to %s: %s holds %d already", peer, ip, self.household.max_reservations_per_ip)
             await self._refuse(stream)
             return
+        if ip is not None:
+            holders[peer] = ip  # before the answer goes out: the next request may come before we return
+        self._reserved_from = holders
         await super()._handle_reserve(stream, msg)
-        if self.resource_manager.has_reservation(peer) and ip is not None:
-            self._reserved_from[peer] = ip
 
     async def _handle_connect(self, stream, msg: HopMessage) -> None:
         source, target = stream.muxed_conn.peer_id, ID(msg.peer.id)
