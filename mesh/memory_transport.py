@@ -74,13 +74,15 @@ __all__ = ["ADDR_PREFIX", "Attachment", "DEFAULT_SEGMENT", "LOOPBACK", "Link", "
 
 PUNCH_ATTEMPT_S = 5.0  # a hole punch that cannot work gives up after this, past its round trip through the relay
 AUTO_PUNCH_TIMEOUT_S = 30.0
+IDLE_CIRCUIT_S = 60.0  # a circuit that carried no stream this long (checked every half of it) is closed
 DIRECT, RELAYED, SILENT = "direct", "relayed", "silent"  # how a new connection would go (`MemoryNetwork.route`)
 log = logging.getLogger("hearth.mesh")
 
 
 class Route(NamedTuple):
     kind: str  # DIRECT, RELAYED, or SILENT: only addresses whose dials get no answer
-    relay: str | None = None
+    relay: str | None = None  # RELAYED: the relay to try first (not frozen, if one is not)
+    relays: tuple[str, ...] = ()  # RELAYED: every usable relay, in that order (the next when one refuses)
 
 
 class MemoryNetwork:
@@ -177,15 +179,15 @@ class MemoryNetwork:
         circuit = self.relays.circuit(src.peer_id, dst_id)
         if circuit is not None:
             return Route(RELAYED, circuit.relay)
-        reasons, silent, relay = [], False, None
+        reasons, silent, relays = [], False, []
         for addr in src.known.get(dst_id, ()):
             via = parse_relayed(addr)
             if not addr.endswith(f"/p2p/{dst_id}"):
                 why = "an address of another peer"
             elif via is not None:
                 why = self._why_not_via(src.peer_id, via)
-                if why is None and (relay is None or (self.is_frozen(relay) and not self.is_frozen(via.relay))):
-                    relay = via.relay
+                if why is None and via.relay not in relays:
+                    relays.append(via.relay)
             else:
                 why = self.why_unreachable(src.peer_id, addr)
                 if why is None:
@@ -195,8 +197,9 @@ class MemoryNetwork:
                     silent = True
             if why is not None:
                 reasons.append(f"{addr}: {why}")
-        if relay is not None:
-            return Route(RELAYED, relay)
+        if relays:
+            relays.sort(key=self.is_frozen)  # a frozen relay last: the dial would hang
+            return Route(RELAYED, relays[0], tuple(relays))
         if silent:
             return Route(SILENT)
         raise DialError(dst_id, f"no reachable address from {src.peer_id} (known: {'; '.join(reasons) or 'none'})")
@@ -331,9 +334,24 @@ class MemoryNetwork:
 
     # --- circuits and hole punching ---
 
+    def _open_any_circuit(self, a: str, b: str, route: Route) -> Circuit:
+        """A circuit through the first of `route`'s relays that grants one (as a dialler tries the next
+        relayed address when one fails); DialError with the last refusal when none does."""
+        for relay in route.relays[:-1]:
+            try:
+                return self.open_circuit(a, b, relay)
+            except DialError:
+                continue
+        return self.open_circuit(a, b, route.relays[-1])
+
     def open_circuit(self, a: str, b: str, relay: str) -> Circuit:
         """A circuit from `a` to `b` through `relay` (DialError naming the limit when it refuses); it
-        ends after the relay's `max_circuit_s`; with `punch_on_relay`, `b` starts punching a hole."""
+        ends after the relay's `max_circuit_s`; with `punch_on_relay`, `b` starts punching a hole.
+        Circuits through `relay` that a direct connection replaced and that carry no stream close first
+        (as an idle relayed connection does once its peers talk directly)."""
+        for idle in self.relays.circuits_via(relay):
+            if idle.b in self.connections(idle.a) and not any(s.circuit is idle and not s.finished for s in self._streams):
+                self.end_circuit(idle, "upgraded")
         try:
             circuit = self.relays.open_circuit(relay, a, b, trio.current_time())
         except RelayRefused as err:
@@ -344,10 +362,22 @@ class MemoryNetwork:
         return circuit
 
     async def _end_circuit_after(self, circuit: Circuit) -> None:
+        """End `circuit` at its lifetime, or once it carried no stream for `IDLE_CIRCUIT_S` (libp2p's
+        connection manager trims idle connections; a relay's per-peer limit would fill up otherwise)."""
         with trio.CancelScope() as circuit.timer:
-            if not circuit.closed:
-                await sleep_until(circuit.opened_at + circuit.limits.max_circuit_s)
-                self.end_circuit(circuit, "lifetime")
+            end = circuit.opened_at + circuit.limits.max_circuit_s
+            idle_since = None
+            while not circuit.closed:
+                now = trio.current_time()
+                if now >= end:
+                    self.end_circuit(circuit, "lifetime")
+                elif any(s.circuit is circuit and not s.finished for s in self._streams):
+                    idle_since = None
+                elif idle_since is not None and now - idle_since >= IDLE_CIRCUIT_S:
+                    self.end_circuit(circuit, "idle")
+                else:
+                    idle_since = now if idle_since is None else idle_since
+                await sleep_until(min(end, now + IDLE_CIRCUIT_S / 2))
 
     def end_circuit(self, circuit: Circuit, why: str) -> None:
         """The relay ends `circuit` (`why`: "lifetime", "bytes", "reset"): its streams reset."""
@@ -373,6 +403,7 @@ class MemoryNetwork:
             if circuit is None or self.is_down(circuit.relay):
                 return False
             done = self._punching[pair] = trio.Event()
+            self.nat_counts["punches_tried"] += 1  # some end by the caller's timeout: tried - succeeded failed
             try:
                 return await self._punch(a, b, circuit)
             finally:
@@ -410,7 +441,7 @@ class MemoryNetwork:
         if route.kind == DIRECT:
             self.connect(src.peer_id, dst_id)
         else:
-            circuit = self.relays.circuit(src.peer_id, dst_id) or self.open_circuit(src.peer_id, dst_id, route.relay)
+            circuit = self.relays.circuit(src.peer_id, dst_id) or self._open_any_circuit(src.peer_id, dst_id, route)
         handler = dst.handlers.get(protocol_id)
         if handler is None:
             raise DialError(dst_id, f"protocol {protocol_id} not supported")

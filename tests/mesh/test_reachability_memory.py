@@ -8,7 +8,7 @@ import trio
 
 from mesh.errors import DialError
 from mesh.memory_nat import NatType
-from mesh.memory_transport import MemoryNetwork, MemoryTransport
+from mesh.memory_transport import MemoryTransport
 from mesh.reachability import (
     PUBLIC_CONFIRMATIONS,
     Answer,
