@@ -25,14 +25,14 @@ and lets a new connection in only as `mesh.memory_nat.admits` says (a full-cone 
 restricted one: hosts it has sent to; port-restricted and symmetric: no one); a dial it drops gets
 no answer, so only the dial's timeout ends it. Only behind a full-cone router is the mapping among
 the peer's `addrs` (libp2p learns it from identify's observed addresses; behind the others it
-would be dialled in vain).
+would be dialled in vain). `mesh.memory_topology` holds these rules, `mesh.memory_nat` the routers'.
 
 Relays (libp2p's circuit relay v2; bookkeeping in `mesh.memory_relay`): a peer that `offer_relay`s
 grants slots to peers with a direct connection to it; `reserve` adds
 `<relay's address>/p2p-circuit/p2p/<holder>` to the holder's `addrs`. A dial to such an address
 opens a circuit: its streams take both legs' latency and the slower leg's bandwidth, stall while
 the relay is frozen or a leg is cut, and reset when the relay crashes or a limit ends the circuit;
-the slot goes with the relay too. `upgrade` punches a hole (`mesh.memory_nat.punch_works`): one
+the slot goes with the relay too, and a circuit idle for `IDLE_CIRCUIT_S` closes. `upgrade` punches a hole (`mesh.memory_nat.punch_works`): one
 round trip through the relay and one direct, then a direct connection that new streams take; open
 relayed streams keep going until their circuit ends. With `punch_on_relay` the holder starts that
 itself on each circuit to it, as libp2p's DCUtR does. `streams_opened` counts streams by protocol

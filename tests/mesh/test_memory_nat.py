@@ -231,6 +231,22 @@ async def test_a_circuit_ends_at_its_byte_and_time_limits(autojump_clock):
         assert network.nat_counts["circuits_ended_lifetime"] == 1
 
 
+async def test_an_idle_circuit_closes_and_a_new_stream_opens_another(autojump_clock):
+    network = world(home=N.SYMMETRIC, relay=N.NONE, client=N.NONE)
+    async with MemoryTransport.open(network, "home") as home, MemoryTransport.open(network, "relay") as relay, \
+            MemoryTransport.open(network, "client") as client:
+        home.set_handler(ECHO, echo_hop)
+        relay.offer_relay(RelayLimits())
+        await home.dial(public_addr(relay), timeout=5)
+        await home.reserve("relay", timeout=5)
+        client.add_peer_addrs("home", home.addrs)
+        await (await ping(client, "home")).aclose()
+        await trio.sleep(120)
+        assert client.path("home") is None and network.nat_counts["circuits_ended_idle"] == 1
+        await ping(client, "home")
+        assert network.nat_counts["circuits"] == 2 and home.relays() == ["relay"]  # the slot stays
+
+
 async def test_a_relay_crash_resets_relayed_streams_and_takes_the_slot_with_it(autojump_clock):
     network = world(home=N.SYMMETRIC, relay=N.NONE, spare=N.NONE, client=N.NONE)
     async with MemoryTransport.open(network, "home") as home, MemoryTransport.open(network, "relay") as relay, \
