@@ -2,7 +2,7 @@
 
 Each scheduled event waits for its time (absolute, or a share of the run) and then acts on the
 world through the same handles churn uses: the virtual network (partition, clog, reset) and the
-swarm (kill). Every action goes into the trace.
+swarm (kill), and the relays (`simulations.nat`). Every action goes into the trace.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from simulations.users import User
 async def run_event(world, event: Event) -> None:
     await trio.sleep_until(event.at.resolve(world.scenario.duration_s))
     handlers = {"datacenter-outage": datacenter_outage, "partition": partition,
-                "flash-crowd": flash_crowd, "swizzle-clog": swizzle_clog, "mass-departure": mass_departure}
+                "flash-crowd": flash_crowd, "swizzle-clog": swizzle_clog, "mass-departure": mass_departure,
+                "relay-failure": relay_failure}
     await handlers[event.kind](world, event)
 
 
@@ -40,6 +41,13 @@ async def mass_departure(world, event: Event) -> None:
     for host in leaving:
         world.swarm.depart(host)
     await world.watch_coverage(f"after {len(leaving)} of {len(households)} hosts left")
+
+
+async def relay_failure(world, event: Event) -> None:
+    """Relays (`[nat] relays`) die at once, for good: those holding the most slots, `hosts` of them (1)."""
+    killed = world.nat.kill_relays(event.hosts or 1)
+    world.trace.record("relay_failure", relays=killed)
+    world.mark(f"relay failure: {', '.join(killed) or 'none left'}")
 
 
 async def partition(world, event: Event) -> None:

@@ -9,6 +9,8 @@ record left to expire), or frozen (silent; then it thaws or dies). A crashed hos
 with its identity and span. Data-center ("cloud") hosts serve the whole model until an outage.
 A frozen or clogged host's announcements do not get out (`HostDirectory`), as on a real network;
 and a host can announce only its own records, as only a peer's key seals a record that verifies.
+With `[nat]`, a household host may sit behind a router and serves beside a real ReachKeeper
+(`simulations.nat`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import trio
 
 from mesh.balance import choose_span
 from mesh.discovery import Discovery, PeerRecord, SealedView
+from mesh.memory_nat import NatType
 from mesh.memory_transport import MemoryTransport
 from node.node import Node
 from node.rebalance import BalanceSettings, served_from
@@ -157,7 +160,9 @@ class Swarm:
     def _new_host(self, peer_id: str, region: str, device: DeviceProfile, kind: str) -> Host:
         host = Host(peer_id, region, device, kind, (0, 1), random.Random(f"{self.world.seed}:host:{peer_id}"))
         self.hosts[peer_id] = host
-        self.network.place(peer_id, region, device)
+        nat = self.world.nat.draw(peer_id, "households") if self.world.nat is not None and kind == "household" \
+            else NatType.NONE
+        self.network.place(peer_id, region, device, nat)
         return host
 
     async def _choose_span(self, device: DeviceProfile) -> tuple[int, int]:
@@ -222,7 +227,11 @@ class Swarm:
                                     blocks=[start, end])
             if self.world.fetch is not None:
                 self.world.fetch.host_up(host)
-            await host.node.run(transport, HostDirectory(self.world.directory, host, self), task_status=task_status)
+            directory = HostDirectory(self.world.directory, host, self)
+            if self.world.nat is not None:  # `[nat]`: the real ReachKeeper beside the node (`simulations.nat`)
+                await self.world.nat.serve(host, transport, host.node, directory, task_status=task_status)
+            else:
+                await host.node.run(transport, directory, task_status=task_status)
 
     async def _session(self, host: Host, session_s: float) -> str:
         """Serve for `session_s`, thawing from freezes; returns how the session ends."""

@@ -11,7 +11,9 @@ only timeouts notice). Randomness comes from the `random.Random` passed in.
 
 Every host and user is on one segment, `PUBLIC` (the internet: regions set latency, not
 reachability), and listens on it by wildcard, so a record carries the host's public and loopback
-addresses and a client reaches a host only through the public one, as `MemoryNetwork` enforces.
+addresses and a client reaches a host only through the public one, as `MemoryNetwork` enforces;
+except those placed behind a router (`[nat]`, `simulations.nat`): they are on a home segment of
+their own and reach `PUBLIC` through it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 
+from mesh.memory_nat import NatType
 from mesh.memory_transport import Link, MemoryNetwork
 from simulations.scenario import DeviceProfile, NetworkSpec
 
@@ -38,10 +41,14 @@ class VirtualNetwork(MemoryNetwork):
         self.messages = 0
         self.losses = 0
 
-    def place(self, peer_id: str, region: str, device: DeviceProfile) -> None:
-        """Say where `peer_id` lives and what its access link is (before it opens its transport)."""
+    def place(self, peer_id: str, region: str, device: DeviceProfile, nat: NatType = NatType.NONE) -> None:
+        """Say where `peer_id` lives, what its access link is and what router it is behind (before it
+        opens its transport)."""
         self.hosts[peer_id] = (region, device)
-        self.attach(peer_id, (PUBLIC,))
+        if nat is NatType.NONE:
+            self.attach(peer_id, (PUBLIC,))
+        else:
+            self.attach(peer_id, (f"home-{peer_id}",), nat=nat, outside=PUBLIC)
 
     def region(self, peer_id: str) -> str:
         return self.hosts[peer_id][0]

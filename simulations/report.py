@@ -1,5 +1,5 @@
-"""What a run says: `report.json` (sessions, throughput, recoveries, coverage, spot checks,
-invariants, trace hash) and the summary table printed at the end. Percentiles interpolate linearly
+"""What a run says: `report.json` (sessions, throughput, recoveries, coverage, spot checks, NAT
+traversal, invariants, trace hash) and the summary table printed at the end. Percentiles interpolate linearly
 between ranks.
 """
 
@@ -176,6 +176,47 @@ def verification_summary(result: RunResult) -> dict | None:
                             "max": _round(max(detection) if detection else None)}}
 
 
+def nat_summary(result: RunResult) -> dict | None:
+    """Households behind NAT (`[nat]`, `simulations.nat`): the transport's counts (inference streams
+    by path, slots, circuits, punches), the keepers' verdicts, coverage by hosts a newcomer could
+    reach (share of blocks, mean over samples, and the share of samples with every block), the
+    completion rate, and the sessions started after the first relay failure."""
+    if not result.nat:
+        return None
+    reachable = [s.reachable_covered for s in result.samples if s.reachable_covered is not None]
+    hops = result.nat["hops"]
+    total = sum(hops.values())
+    failures = [t for t, label in result.marks if label.startswith("relay failure")]
+    after = [s for s in result.sessions if failures and s.started >= failures[0]]
+    return {**result.nat,
+            "hop_shares": {k: _round(v / total, 4) for k, v in hops.items()} if total else None,
+            "coverage_reachable": {"mean": _round(sum(reachable) / len(reachable), 4) if reachable else None,
+                                   "min": _round(min(reachable), 4) if reachable else None,
+                                   "fully_covered_share": _round(sum(r == 1.0 for r in reachable) / len(reachable), 4)
+                                   if reachable else None},
+            "completion_rate": session_summary(result.sessions)["completion_rate"],
+            "after_relay_failure": ({"since_s": round(failures[0], 1), **session_summary(after)} if failures else None)}
+
+
+def nat_line(n: dict) -> str:
+    behind = ", ".join(f"{k} {v}" for k, v in n["behind_nat"]["households"].items())
+    c, h = n["counts"], n["hops"]
+    cov = n["coverage_reachable"]
+    line = (f"NAT: households {behind}; {n['relays']} relays ({len(n['relays_killed'])} killed); verdicts "
+            f"{', '.join(f'{k} {v}' for k, v in n['verdicts'].items())}; hops direct {h['direct']}, hole-punched "
+            f"{h['hole-punched']}, relayed {h['relayed']}; slots {c.get('reservations', 0)} (refused "
+            f"{c.get('reservations_refused', 0)}), circuits {c.get('circuits', 0)} (refused "
+            f"{c.get('circuits_refused', 0)}), punches {c.get('punches_succeeded', 0)} of {c.get('punches_tried', 0)} "
+            f"worked; blocks served by reachable hosts "
+            f"{_fmt(None if cov['mean'] is None else 100 * cov['mean'], '%')} on average, all of them in "
+            f"{_fmt(None if cov['fully_covered_share'] is None else 100 * cov['fully_covered_share'], '%')} of samples")
+    after = n["after_relay_failure"]
+    if after:
+        line += (f"; sessions started after the relay failure (t={after['since_s']:g} s): {after['started']}, "
+                 f"completed {after['completed']}, failed {after['failed_with_error']}, hung {after['hung']}")
+    return line
+
+
 def after_first_fault(result: RunResult) -> dict | None:
     """Sessions started after the first scheduled fault: the share that completed."""
     if not result.marks:
@@ -241,7 +282,7 @@ def build_report(result: RunResult, *, scenario_arg: str = "") -> dict:
         "recovery": recovery_summary(result.sessions), "coverage": coverage_summary(result),
         "balance": balance_summary(result),
         "hosts": result.hosts, "network": result.network, "hostile": result.hostile or None,
-        "verification": verification_summary(result), "fetch": result.fetch or None,
+        "verification": verification_summary(result), "fetch": result.fetch or None, "nat": nat_summary(result),
         "events": {k: v for k, v in sorted(result.counts.items()) if not k.startswith(("session", "sample"))},
         "marks": [{"t": round(t, 1), "label": label} for t, label in result.marks],
         "invariants": {"ok": result.ok, "violations": result.violations[:50], "count": len(result.violations)},
@@ -299,6 +340,8 @@ def summary(report: dict) -> str:
                      + (f"every block served again after {r['after_s']:g} s" if r["restored"] else "NOT restored"))
     if report.get("fetch"):
         lines.append(fetch_line(report["fetch"]))
+    if report.get("nat"):
+        lines.append(nat_line(report["nat"]))
     if report["sessions"]["errors"]:
         lines.append("errors: " + ", ".join(f"{k} x{v}" for k, v in report["sessions"]["errors"].items()))
     if report.get("hostile"):

@@ -49,6 +49,7 @@ class RunResult:
     restorations: list[dict] = field(default_factory=list)
     hostile: dict = field(default_factory=dict)  # `HostileSwarm.summary`; empty without hostile hosts
     fetch: dict = field(default_factory=dict)  # `Downloads.summary`; empty without `[fetch]` seeds
+    nat: dict = field(default_factory=dict)  # `simulations.nat.Reach.summary`; empty without `[nat]`
 
     @property
     def ok(self) -> bool:
@@ -135,4 +136,5 @@ def _result(world: World, wall: float) -> RunResult:
                      {h.peer_id: h.region for h in world.swarm.hosts.values()}, world.trace.lines,
                      world.joins, world.restorations,
                      world.hostile.summary(world.sessions) if world.hostile is not None else {},
-                     world.fetch.summary(world.sessions) if world.fetch is not None else {})
+                     world.fetch.summary(world.sessions) if world.fetch is not None else {},
+                     world.nat.summary() if world.nat is not None else {})

@@ -3,7 +3,8 @@
 A scenario names the model (its real shape: blocks, widths, bytes), the regions and their round
 trips, device profiles (compute per block per token, memory, links), household churn (Weibull
 session lengths, how sessions end), the day/night pattern, data-center nodes, the users,
-scheduled fault events, and hostile hosts (`[hostile]`, `simulations.hostile`). Durations are
+scheduled fault events, hostile hosts (`[hostile]`, `simulations.hostile`) and households behind
+NAT with the relays they use (`[nat]`, `simulations.nat`). Durations are
 written "250ms", "30s", "20m", "2h"; the times of events may also be a share of the run ("25%"),
 so a scenario keeps its shape at any `--duration`.
 Unknown keys are errors (a typo must not silently fall back to a default).
@@ -19,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
-EVENT_KINDS = ("datacenter-outage", "partition", "flash-crowd", "swizzle-clog", "mass-departure")
+EVENT_KINDS = ("datacenter-outage", "partition", "flash-crowd", "swizzle-clog", "mass-departure", "relay-failure")
 SPAN_POLICIES = ("weakest", "balanced", "random")
 HOSTILE_BEHAVIOURS = ("forge", "hoard", "stall", "corrupt")
+NAT_TYPES = ("full-cone", "restricted", "port-restricted", "symmetric")  # mesh.memory_nat.NatType's values
+PUNCH_MODES = ("client", "on-connect")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)\s*$")
 _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
@@ -270,6 +273,37 @@ class HostileSpec:
 
 
 @dataclass(frozen=True)
+class NatSpec:
+    """Households behind routers (issue 24; `simulations.nat`): `households` of the household hosts
+    (and `clients` of the users) sit behind a router of a kind drawn from `types` (weights; see
+    `mesh.memory_nat.NatType`), on a home segment of their own. `relays` public hosts serving no
+    blocks relay for them (`hearth relay`); public households relay too unless `public_relay` is
+    false (a ReachKeeper's default: only when peers can dial it). Every host runs the real
+    `mesh.reachability.ReachKeeper` (dial-back checks every `check_every`, `want_relays` relay slots
+    watched every `watch_every`) after connecting to the relays and `bootstrap` other hosts, as the
+    DHT would. Hole punching: "client" when the client asks for it (`Transport.upgrade`),
+    "on-connect" also when a relayed connection comes in (libp2p's DCUtR). All zero: no NAT, and
+    no draw taken (the plain run, hash for hash)."""
+
+    households: float = 0.0
+    clients: float = 0.0
+    types: dict[str, float] = field(default_factory=lambda: {"full-cone": 0.2, "restricted": 0.2,
+                                                            "port-restricted": 0.35, "symmetric": 0.25})
+    relays: int = 0
+    relay_device: str = "datacenter"
+    public_relay: bool = True
+    want_relays: int = 2
+    check_every_s: float = _duration(300.0)
+    watch_every_s: float = _duration(5.0)
+    bootstrap: int = 3
+    punch: str = "client"
+
+    @property
+    def enabled(self) -> bool:
+        return self.households > 0 or self.clients > 0 or self.relays > 0
+
+
+@dataclass(frozen=True)
 class Event:
     kind: str
     at: Moment
@@ -278,7 +312,7 @@ class Event:
     clients: int = 0  # flash-crowd: this many extra users,
     crowd: float = 0.0  # or this many times clients.count
     think: Moment = Moment(5.0)  # flash-crowd: their mean pause between requests
-    hosts: int = 0  # swizzle-clog: this many hosts clogged one by one
+    hosts: int = 0  # swizzle-clog: this many hosts clogged one by one; relay-failure: this many relays killed (1)
     share: float = 0.0  # mass-departure: this share of the household hosts leave at once
     interval: Moment = Moment(10.0)  # swizzle-clog: between one clog (or unclog) and the next
 
@@ -302,6 +336,7 @@ class Scenario:
     checks: ChecksSpec = ChecksSpec()
     hostile: HostileSpec = HostileSpec()
     fetch: FetchSpec = FetchSpec()
+    nat: NatSpec = NatSpec()
     events: tuple[Event, ...] = ()
 
     def scaled(self, *, nodes: int | None = None, clients: int | None = None,
@@ -372,7 +407,7 @@ def scenario_from_dict(raw: dict[str, Any], where: str = "scenario", *, default_
                                f"{where}: devices.{name}")
     sections = {"model": ModelShape, "network": NetworkSpec, "churn": ChurnSpec, "day_night": DayNight,
                 "cloud": CloudSpec, "clients": ClientSpec, "balance": BalanceSpec, "checks": ChecksSpec,
-                "hostile": HostileSpec, "fetch": FetchSpec}
+                "hostile": HostileSpec, "fetch": FetchSpec, "nat": NatSpec}
     built: dict[str, Any] = {name: _build(cls, _table(raw.pop(name, {}), f"{where}: {name}"), f"{where}: {name}")
                              for name, cls in sections.items()}
     events = tuple(_event(e, f"{where}: events[{i}]") for i, e in enumerate(raw.pop("events", [])))
@@ -469,9 +504,39 @@ def _check(s: Scenario, where: str) -> None:
                             f"{s.model.max_length}")
     s.device(s.hostile.device)
     _check_fetch(s, f"{where}: fetch")
+    _check_nat(s, f"{where}: nat")
     for event in s.events:
         if event.kind == "mass-departure" and not 0 < event.share <= 1:
             raise ScenarioError(f"{where}: events", f"mass-departure needs 0 < share <= 1, got {event.share}")
+        if event.kind == "relay-failure" and (s.nat.relays == 0 or not 0 <= event.hosts <= s.nat.relays):
+            raise ScenarioError(f"{where}: events", f"relay-failure needs nat.relays >= 1 and 0 <= hosts <= "
+                                f"nat.relays = {s.nat.relays}, got hosts {event.hosts}")
+
+
+def _check_nat(s: Scenario, where: str) -> None:
+    n = s.nat
+    for name in ("households", "clients"):
+        value = getattr(n, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ScenarioError(where, f"{name} is the share behind NAT, in [0, 1]; got {value!r}")
+    if not isinstance(n.types, dict) or set(n.types) - set(NAT_TYPES) \
+            or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in n.types.values()) \
+            or sum(n.types.values()) <= 0:
+        raise ScenarioError(where, f"types maps some of {', '.join(NAT_TYPES)} to weights >= 0, not all 0; "
+                            f"got {n.types!r}")
+    for name in ("relays", "want_relays", "bootstrap"):
+        value = getattr(n, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ScenarioError(where, f"{name} must be a whole number >= 0, got {value!r}")
+    if not isinstance(n.public_relay, bool):
+        raise ScenarioError(where, f"public_relay must be true or false, got {n.public_relay!r}")
+    if n.punch not in PUNCH_MODES:
+        raise ScenarioError(where, f"punch must be one of {', '.join(PUNCH_MODES)}, not {n.punch!r}")
+    if n.check_every_s <= 0 or n.watch_every_s <= 0:
+        raise ScenarioError(where, "check_every and watch_every must be positive")
+    if n.households > 0 and n.relays == 0 and not n.public_relay:
+        raise ScenarioError(where, "households behind NAT need relays: set relays >= 1 or public_relay = true")
+    s.device(n.relay_device)
 
 
 def _check_fetch(s: Scenario, where: str) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import trio
 
 from mesh.client import Client, ClientOptions, GenerationReport
+from mesh.memory_nat import NatType
 from mesh.memory_transport import MemoryTransport
 from mesh.pipeline import GenerationFailed
 from mesh.routing import NoRouteError
@@ -81,7 +82,8 @@ class User:
         self.think_s, self.until = think_s, until
         self.rng = random.Random(f"{world.seed}:user:{peer_id}")
         self.generations = 0  # generations drafted for (speculation)
-        world.network.place(peer_id, region, world.scenario.device(world.scenario.clients.device))
+        nat = world.nat.draw(peer_id, "clients") if world.nat is not None else NatType.NONE
+        world.network.place(peer_id, region, world.scenario.device(world.scenario.clients.device), nat)
 
     def options(self) -> ClientOptions:
         spec = self.world.scenario.clients

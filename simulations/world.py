@@ -2,7 +2,7 @@
 
 `World.simulate` is the whole run inside `trio.run` under a virtual clock (`simulations.runner`): hosts start
 (then the hostile ones, if the scenario has any: `simulations.hostile`), churn and faults are
-scheduled, users ask for completions until the scenario's duration, then the world waits for the
+scheduled (with `[nat]`, the relay hosts start first: `simulations.nat`), users ask for completions until the scenario's duration, then the world waits for the
 sessions in flight (each bounded by its deadline plus the hang grace) and stops. A sampler records
 block coverage, throughput and the KV-budget invariant as it goes.
 """
@@ -19,6 +19,7 @@ from simulations import churn, faults
 from simulations.fetch import Downloads
 from simulations.hostile import HostileSwarm
 from simulations.hosts import Swarm
+from simulations.nat import Reach
 from simulations.network import VirtualNetwork
 from simulations.progress import Progress
 from simulations.scenario import Scenario, hostile_hosts
@@ -35,6 +36,7 @@ class Sample:
     in_flight: int
     tokens_per_s: float  # generated over the interval that ended at t
     replicas: list[int] = field(default_factory=list)
+    reachable_covered: float | None = None  # `[nat]`: share of blocks served by a host a newcomer could reach
 
 
 class World:
@@ -44,6 +46,7 @@ class World:
         self.network = VirtualNetwork(scenario.network, self.rng("network"), bandwidth_scale=model.bandwidth_scale)
         self.directory = MemoryDirectory(trio.current_time)
         self.fetch = Downloads(self) if scenario.fetch.seeds else None  # none: every host has the files
+        self.nat = Reach(self) if scenario.nat.enabled else None  # none: no draw taken, no ReachKeeper run
         self.swarm = Swarm(self)
         self.hostile = HostileSwarm(self) if hostile_hosts(scenario) else None  # none: not a draw taken
         self.sessions: list[SessionRecord] = []
@@ -73,6 +76,8 @@ class World:
     async def simulate(self) -> None:
         end = self.scenario.duration_s
         async with trio.open_nursery() as nursery:
+            if self.nat is not None:
+                await self.nat.start(nursery)
             await self.swarm.start(nursery)
             if self.hostile is not None:
                 await self.hostile.start(nursery)
@@ -142,7 +147,11 @@ class World:
         rate = self.tokens_generated / since if since > 0 else 0.0
         self.tokens_generated = 0
         covered = sum(1 for r in replicas if r > 0) / len(replicas)
-        self.samples.append(Sample(now, len(live), min(replicas), covered, self.in_flight, rate, replicas))
+        reachable = None
+        if self.nat is not None:
+            served = {b for h in live if self.nat.reachable(h.peer_id) for b in range(*h.span)}
+            reachable = len(served) / len(replicas)
+        self.samples.append(Sample(now, len(live), min(replicas), covered, self.in_flight, rate, replicas, reachable))
         self.trace.record("sample", live=len(live), min_replicas=min(replicas), in_flight=self.in_flight)
         self._check_kv_budgets()
 
