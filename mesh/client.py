@@ -50,7 +50,7 @@ log = logging.getLogger("hearth.client")
 
 SPAN_CACHE_MAX = 1 << 14  # peers whose last span info a client keeps (for planning), before it starts over
 RELAYED_RTT_FACTOR = 2.0  # a relayed hop's round trip, as routing weighs it: direct hops are preferred
-UPGRADE_RETRY_S = 60.0  # after hole punching to a peer failed, it is not tried again for this long
+UPGRADE_RETRY_S = 600.0  # after hole punching to a peer failed, it is not tried again for this long (NATs rarely change)
 KEEP_ROOM = 1024  # positions at least, for a route kept for prefix reuse: room for the conversation's next turn
 
 

@@ -71,8 +71,8 @@ class RelayLimits:
     max_reservations: int = 16  # peers holding a slot at once
     max_reservations_per_ip: int = 4  # of which behind one address (one home)
     reservation_ttl_s: float = 3600.0  # a slot lasts this long unless renewed
-    max_circuits: int = 32  # relayed connections at once, in all
-    max_circuits_per_peer: int = 4  # of which to or from one peer
+    max_circuits: int = 64  # relayed connections at once, in all
+    max_circuits_per_peer: int = 16  # of which to or from one peer (a node behind NAT: about its sessions)
     max_circuit_s: float = 4 * 3600.0  # one relayed connection's lifetime
     max_circuit_bytes: int = 1 << 30  # and what it may carry, both ways together
 
