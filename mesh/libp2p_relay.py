@@ -12,7 +12,7 @@ ships works once these measured traps are worked around:
 - A relay took a reservation in the name of whatever peer id the request carried, so any peer
   could use up the slots in others' names: `_HouseholdRelay` reserves for the connection's
   authenticated peer only, and adds the limits 0.8.1 leaves unenforced (reservations per IP
-  address, relayed connections in all and per peer).
+  address, relayed connections in all and per peer, bytes per second each way).
 - The library's reservation refresher spins when a refresh fails; reservations are renewed by
   the caller instead (`mesh.reachability.ReachKeeper` re-reserves what `relays()` no longer lists,
   `RENEW_BEFORE_S` ahead of expiry or as soon as the relay's connection drops).
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 
 import multiaddr
 import trio
@@ -108,6 +109,7 @@ class _HouseholdRelay(CircuitV2Protocol):
         self.household = RelayLimits()
         self._reserved_from: dict[ID, str] = {}  # reservation holder -> the IP address it asked from
         self._circuits: dict[ID, int] = {}  # peer -> relayed connections it is an end of
+        self._buckets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # stream -> (credit, when)
 
     def offer(self, limits: RelayLimits) -> None:
         self.household = limits
@@ -151,6 +153,20 @@ class _HouseholdRelay(CircuitV2Protocol):
                 self._circuits[peer] -= 1
                 if not self._circuits[peer]:
                     del self._circuits[peer]
+
+    async def _read_stream_with_retry(self, stream, *args, **kwargs) -> bytes | None:
+        """What the relay forwards, read no faster than `max_circuit_bytes_per_s` per stream (each
+        direction of a circuit is one stream): a token bucket of one second's worth."""
+        data = await super()._read_stream_with_retry(stream, *args, **kwargs)
+        rate = self.household.max_circuit_bytes_per_s
+        if data and rate > 0:
+            now = trio.current_time()
+            credit, then = self._buckets.get(stream, (float(rate), now))
+            credit = min(float(rate), credit + (now - then) * rate) - len(data)
+            self._buckets[stream] = (credit, now)
+            if credit < 0:
+                await trio.sleep(-credit / rate)
+        return data
 
     async def _refuse(self, stream) -> None:
         from libp2p.relay.circuit_v2.protocol_buffer import StatusCode

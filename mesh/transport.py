@@ -75,6 +75,7 @@ class RelayLimits:
     max_circuits_per_peer: int = 16  # of which to or from one peer (a node behind NAT: about its sessions)
     max_circuit_s: float = 4 * 3600.0  # one relayed connection's lifetime
     max_circuit_bytes: int = 1 << 30  # and what it may carry, both ways together
+    max_circuit_bytes_per_s: int = 4 << 20  # and how fast, each way (a household uplink is 1-5 MB/s)
 
 
 class Transport(abc.ABC):

@@ -102,3 +102,31 @@ async def test_a_keeper_with_two_peers_reaching_it_is_public_and_relays() -> Non
             assert keeper.reachability is Reachability.PUBLIC and keeper.relaying and changes
             assert node.relays() == []
             nursery.cancel_scope.cancel()
+
+
+async def test_a_relay_paces_each_way_of_a_circuit_to_its_rate() -> None:
+    """600 kB through a relay allowing 200 kB/s (a second's worth at once): at least 2 s."""
+    size, rate = 600_000, 200_000
+    got = trio.Event()
+
+    async def sink(stream) -> None:
+        received = 0
+        while received < size:
+            data = await stream.receive_some(1 << 16)
+            if not data:
+                return
+            received += len(data)
+        got.set()
+
+    async with Libp2pTransport(listen=LOOPBACK) as relay, Libp2pTransport(listen=LOOPBACK) as private, \
+            Libp2pTransport(listen=LOOPBACK) as dialler:
+        relay.offer_relay(RelayLimits(max_circuit_bytes_per_s=rate))
+        private.set_handler("/test/sink/1", sink)
+        await private.dial(relay.addrs[0], timeout=5)
+        dialler.add_peer_addrs(private.peer_id, await private.reserve(relay.peer_id, timeout=5))
+        stream = await dialler.open_stream(private.peer_id, "/test/sink/1", timeout=5)
+        began = trio.current_time()
+        with trio.fail_after(30):
+            await stream.send_all(b"x" * size)
+            await got.wait()
+        assert trio.current_time() - began >= (size - rate) / rate * 0.9
