@@ -1,12 +1,15 @@
 """Decode speed across homes: direct, hole-punched and relayed hops against loopback, in one run.
 
 Builds a random Llama (default h512, 8 layers, vocab 32000; or takes --model DIR) and starts four
-2-node swarms, each node serving half of the blocks (`hearth node --quant int8 --threads 1`), each
-with a client of its own, all at once:
+2-node swarms, each node serving half of the blocks (`hearth node --quant int8 --threads 1`), and
+five clients, one per arm, all at once:
 
   loopback      both nodes and the client on this machine's 127.0.0.1 (the baseline);
   direct        the nodes on two public hosts of a test bed (tools/netbed.py), the client on a
-                third: one plain LAN, no NAT;
+                third: one plain LAN, no NAT; steps on the node's sealed TCP data channel;
+  direct-libp2p a second client of the direct arm's nodes, on the same host, with the data channel
+                off (steps on libp2p streams): the control for the two below, since a hop
+                reached through a NAT or a relay never gets the data channel;
   hole-punched  two `hearth relay` processes on public hosts, the nodes in two homes behind cone
                 NATs, the client in a third cone home: the client reaches each node through a
                 relay, then hole-punches it (its hops must report path "hole-punched");
@@ -22,15 +25,17 @@ timing every token after the first (decode only) and, per decode step, each hop'
 the compute its node reported (the wire cost of the hop: encoding, the way there and back,
 decoding). Activations travel as fp16 (--codec fp16, the default; --codec auto lets each session
 pick, and the codecs seen are printed either way). The arms alternate within each of --rounds
-rounds (the machine is shared and noisy): every figure is read as a ratio against the loopback arm
+rounds, in ABBA order (the machine is shared and noisy): every figure is read as a ratio against the loopback arm
 of the same run. Every arm must produce the same token ids, and each arm's hops the path its
 topology implies; the script says so and exits 1 where one does not.
 
 Every process it starts is stopped, then killed, by process id, and every test bed brought down,
-also on errors and Ctrl-C; every wait is bounded. Needs root, `ip` and `nft` (exits 2 without them).
+also on errors, Ctrl-C and SIGTERM (exit 130); every wait is bounded. --arms runs a subset.
+--record writes the table to benchmarks/RESULTS.md (benchmarks/results.py), replacing the section
+"Across homes: direct, hole-punched and relayed hops (issue 24)". Needs root, `ip` and `nft` (exits 2 without them).
 
     python benchmarks/bench_nat.py [--model DIR] [--hidden 512] [--layers 8] [--quant int8] [--codec fp16]
-                                   [--tokens 48] [--rounds 4] [--prompt-tokens 32] [--record]
+                                   [--tokens 48] [--rounds 4] [--prompt-tokens 32] [--arms ...] [--record]
 """
 
 from __future__ import annotations
