@@ -59,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from node.swarm import HOST_LISTEN, LOOPBACK_LISTEN, NodeProcess  # noqa: E402
+from protocol import Codec  # noqa: E402
 
 ARMS = ("loopback", "direct", "direct-libp2p", "hole-punched", "relayed")
 EXPECTED_PATH = {"loopback": "direct", "direct": "direct", "direct-libp2p": "direct", "hole-punched": "hole-punched",
@@ -81,7 +82,7 @@ async def worker(args: argparse.Namespace) -> None:
     from mesh.client import ClientOptions, GenerationReport
     from mesh.join import connect
     from mesh.session import HopSession
-    from protocol import AUTO, Codec
+    from protocol import AUTO
     from shard.config import load_config
     from shard.sampling import SamplingParams
 
@@ -401,7 +402,8 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=512, help="of the random Llama")
     parser.add_argument("--layers", type=int, default=8, help="of the random Llama")
     parser.add_argument("--quant", default="int8", choices=("none", "int8", "int4"), help="the nodes' --quant")
-    parser.add_argument("--codec", default="fp16", help="activations on the wire: fp32, fp16, bf16, ... or auto")
+    parser.add_argument("--codec", default="fp16", choices=[*(c.name.lower() for c in Codec), "auto"],
+                        help="activations on the wire (auto: each session picks)")
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per generation")
     parser.add_argument("--rounds", type=int, default=4, help="each arm generates once per round")
     parser.add_argument("--prompt-tokens", type=int, default=32)
