@@ -80,8 +80,9 @@ async def test_nodes_in_two_homes_serve_a_third_through_relays(netbed, checkpoin
                 report = await client.report()
         finally:
             with trio.CancelScope(shield=True):
-                for process in [*nodes, *relays]:
-                    await process.stop()
+                async with trio.open_nursery() as stopping:
+                    for process in [*nodes, *relays]:
+                        stopping.start_soon(process.stop)
             readers.cancel_scope.cancel()
     assert report["token_ids"] == local_tokens(model_dir, [5, 17, 33, 2, 9, 71, 4], 24)
     if nat == "cone":  # punched before the first step, so killing both relays touched nothing
