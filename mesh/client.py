@@ -128,6 +128,7 @@ class HopReport:
     total_s: float = 0.0  # round trips including compute
     times: HopTimes = field(default_factory=HopTimes)  # where total_s went besides compute
     path: str = PathKind.DIRECT.value  # how the hop's session travelled: direct, hole-punched or relayed
+    relay: str | None = None  # the relay's peer id, for a relayed hop (it saw when and how much, not what)
 
 
 @dataclass
@@ -621,7 +622,7 @@ class RowLogits:
 
 
 def _hop_reports(hops: list[HopSession]) -> list[HopReport]:
-    return [HopReport(h.peer_id, h.start, h.end, h.compute_seconds, h.wall_seconds, replace(h.times), h.path.value)
+    return [HopReport(h.peer_id, h.start, h.end, h.compute_seconds, h.wall_seconds, replace(h.times), h.path.value, h.relay)
             for h in hops]
 
 

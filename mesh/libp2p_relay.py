@@ -270,6 +270,22 @@ class Relaying:
                 return PathKind.RELAYED
         return PathKind.PUNCHED if str(peer) in self.met_relayed else PathKind.DIRECT
 
+    def relay_of(self, peer: ID) -> str | None:
+        """The relay our relayed connection to `peer` runs through, when that is the only way;
+        read from the connection's address (`/p2p/<relay>/p2p-circuit/p2p/<peer>`)."""
+        if self.path(peer) is not PathKind.RELAYED:
+            return None
+        for conn in self.host.get_network().get_connections(peer):
+            try:
+                addrs = [str(a) for a in conn.get_transport_addresses()]
+            except Exception:  # a connection type 0.8.1 could not describe
+                continue
+            for addr in addrs:
+                head = addr.split(CIRCUIT, 1)[0] if CIRCUIT in addr else ""
+                if "/p2p/" in head:
+                    return head.rsplit("/p2p/", 1)[1]
+        return None
+
     async def upgrade(self, peer: ID, *, timeout: float) -> bool:
         """Hole punching to `peer` now (DCUtR), within `timeout`; True when a direct connection is up."""
         if self.path(peer) is not PathKind.RELAYED:

@@ -338,6 +338,12 @@ class Libp2pTransport(Transport):
     async def upgrade(self, peer_id: str, *, timeout: float) -> bool:
         return await self.relaying.upgrade(_parse_peer_id(peer_id), timeout=timeout)
 
+    def relay_of(self, peer_id: str) -> str | None:
+        try:
+            return self.relaying.relay_of(_parse_peer_id(peer_id))
+        except DialError:
+            return None
+
     async def _connect(self, peer: ID, target: str, timeout: float) -> None:
         """Connect to `peer` within `timeout` or raise DialError naming `target`."""
         network = self.host.get_network()

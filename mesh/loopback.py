@@ -73,6 +73,9 @@ class LoopbackTransport(Transport):
     def connected_peers(self) -> list[str]:
         return self.inner.connected_peers()
 
+    def relay_of(self, peer_id: str) -> str | None:
+        return None if peer_id == self.peer_id else self.inner.relay_of(peer_id)
+
     async def upgrade(self, peer_id: str, *, timeout: float) -> bool:
         return peer_id == self.peer_id or await self.inner.upgrade(peer_id, timeout=timeout)
 

@@ -581,6 +581,10 @@ class MemoryTransport(Transport):
     def connected_peers(self) -> list[str]:
         return self.network.connected_peers(self.peer_id)
 
+    def relay_of(self, peer_id: str) -> str | None:
+        circuit = self.network.relays.circuit(self.peer_id, peer_id)
+        return circuit.relay if circuit is not None and self.path(peer_id) is PathKind.RELAYED else None
+
     async def upgrade(self, peer_id: str, *, timeout: float) -> bool:
         return await self.network.punch(self.peer_id, peer_id, timeout)
 

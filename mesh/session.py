@@ -127,6 +127,7 @@ class HopSession:
     rewinding: bool = False  # the next step starts before the node's end: it says so (Step.rewind)
     answer: WireTensor | None = None  # the last step's output as it arrived: the next hop may be sent it as is
     path: PathKind = PathKind.DIRECT  # how the session's stream travels (a data channel is direct)
+    relay: str | None = None  # the relay it runs through, when RELAYED
 
     @property
     def length(self) -> int:
@@ -299,7 +300,8 @@ async def open_hop(transport: Transport, peer_id: str, start: int, end: int, *, 
         stream = await _to_data_channel(stream, reply, timeout=min(timeout, DATA_CHANNEL_TIMEOUT_S))
     return HopSession(peer_id, start, end, stream, session_id, codec, replays_chunks=agreement.supports(REPLAY_CHUNKS),
                       links=links, rewinds_steps=agreement.supports(REWIND_STEPS),
-                      chunk_invariant=agreement.supports(CHUNK_INVARIANT), path=path)
+                      chunk_invariant=agreement.supports(CHUNK_INVARIANT), path=path,
+                      relay=transport.relay_of(peer_id) if path is PathKind.RELAYED else None)
 
 
 async def _to_data_channel(stream: MessageStream, opened: SessionOpened, *, timeout: float) -> MessageStream:

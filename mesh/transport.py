@@ -136,6 +136,10 @@ class Transport(abc.ABC):
         """Peers with a connection open now."""
         return []
 
+    def relay_of(self, peer_id: str) -> str | None:
+        """The relay a RELAYED path to `peer_id` runs through (who sees that traffic); else None."""
+        return None
+
     async def upgrade(self, peer_id: str, *, timeout: float) -> bool:
         """Try to replace a relayed connection to `peer_id` by a direct one (hole punching, both ends
         taking part); True when new streams to it now travel directly."""

@@ -55,7 +55,7 @@ def report_json(report: GenerationReport) -> dict:
         "finish_reason": report.finish_reason, "tokens_per_s": round(report.tokens_per_s, 2),
         "route": report.route, "local_blocks": report.local_blocks,
         "hops": [{"peer_id": h.peer_id, "start": h.start, "end": h.end, "compute_s": round(h.compute_s, 4),
-                  "round_trip_s": round(h.total_s, 4), "path": h.path} for h in report.hops],
+                  "round_trip_s": round(h.total_s, 4), "path": h.path, "relay": h.relay} for h in report.hops],
         "recoveries": [r.to_json() for r in report.recoveries],
         "verification": report.verification.to_json(),
         "speculation": report.speculation.to_json(),

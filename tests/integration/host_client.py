@@ -2,8 +2,9 @@
 
 The test process stays in this machine's own network, so the client it drives runs here, inside a
 host's namespace: `python -m tests.integration.host_client --bootstrap ADDR --model DIR ...`. It
-prints one JSON object per line: with `--pause-at N`, `{"event": "pause", "peer_id": ...}` just
-before it sends its N-th step to the hop that ends at the last block, then waits for a line on
+prints one JSON object per line: with `--pause-at N`, `{"event": "pause", "peer_id": ..., "relay": ...}`
+just before it sends its N-th step to the hop that ends at the last block (and the relay that hop
+runs through, or null), then waits for a line on
 stdin (the test kills that node meanwhile); at the end `{"event": "report", ...}` with the tokens,
 the route and the recoveries.
 """
@@ -36,7 +37,7 @@ def pause_before(step: int, last_block: int) -> None:
     async def step_or_pause(self, hidden, position, **kwargs):
         if not paused and self.step_number == step and self.end == last_block:
             paused.append(self.peer_id)
-            say(event="pause", peer_id=self.peer_id)
+            say(event="pause", peer_id=self.peer_id, relay=self.relay)  # the relay it runs through, if any
             await trio.to_thread.run_sync(sys.stdin.readline)
         return await original(self, hidden, position, **kwargs)
 

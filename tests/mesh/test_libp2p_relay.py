@@ -41,9 +41,10 @@ async def test_a_peer_is_reached_through_its_relay_slot_then_directly() -> None:
         dialler.add_peer_addrs(private.peer_id, relayed)  # nothing but the relayed address
         await ping(dialler, private.peer_id)
         assert dialler.path(private.peer_id) is PathKind.RELAYED
+        assert dialler.relay_of(private.peer_id) == relay.peer_id
 
         assert await dialler.upgrade(private.peer_id, timeout=15)
-        assert dialler.path(private.peer_id) is PathKind.PUNCHED
+        assert dialler.path(private.peer_id) is PathKind.PUNCHED and dialler.relay_of(private.peer_id) is None
         await ping(dialler, private.peer_id)  # a new stream: over the direct connection
 
 

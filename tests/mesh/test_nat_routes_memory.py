@@ -104,7 +104,7 @@ async def test_a_relay_crashing_mid_answer_is_replaced_by_the_nodes_other_relay(
                                                                                 nursery, expected):
     swarm = NatSwarm(checkpoint_factory("llama"), nursery, home=NatType.SYMMETRIC, client=NatType.SYMMETRIC)
     await swarm.start("home")
-    manager, network, calls = swarm.nodes["home"].manager, swarm.network, [0]
+    manager, network, calls, recovery_relay = swarm.nodes["home"].manager, swarm.network, [0], []
     original = manager.step
 
     async def crash_its_relay_at_the_fifth_step(*args, **kwargs):
@@ -112,6 +112,7 @@ async def test_a_relay_crashing_mid_answer_is_replaced_by_the_nodes_other_relay(
         if calls[0] == 5:
             used = [relay for relay in ("r1", "r2") if network.relays.circuits_via(relay)]
             network.crash(used[0])
+            recovery_relay.append(used[0])
         return await original(*args, **kwargs)
 
     manager.step = crash_its_relay_at_the_fifth_step
@@ -121,3 +122,4 @@ async def test_a_relay_crashing_mid_answer_is_replaced_by_the_nodes_other_relay(
     [recovery] = report.recoveries
     assert (recovery.failed_peer, recovery.replacements) == ("home", ["home"])  # not banned: the relay failed
     assert [(hop.peer_id, hop.path) for hop in report.hops] == [("home", "relayed")]
+    assert report.hops[0].relay in ("r1", "r2") and report.hops[0].relay != recovery_relay[0]
