@@ -1,7 +1,7 @@
 """Across homes: nodes behind household NATs serve a client in a third home through relays.
 
 The test bed (tools/netbed.py) has an internet LAN with two public hosts, each running `hearth
-relay` (the first is everyone's bootstrap), and three homes, each a LAN behind its own NAT router
+relay` (the nodes' bootstrap addresses; the client's is the first), and three homes, each a LAN behind its own NAT router
 (nftables masquerade; inbound connections dropped): node A serves blocks 0:3 in the first, node B
 blocks 3:6 in the second, the client runs in the third. Nobody can dial a home, so each node
 learns it is private from the relays' dial-back checks, takes a slot on both relays and announces
@@ -31,11 +31,10 @@ async def start_swarm(nursery: trio.Nursery, bed, model_dir) -> tuple[list[NodeP
     """Two relays on the public hosts, nodes A (0:3) and B (3:6) in the first two homes; returns
     (relays, nodes) once both nodes hold a slot on both relays."""
     first, second, home_a, home_b, _ = bed.hosts
-    relays = [await NodeProcess.start(nursery, "relay1", ["--listen", HOST_LISTEN], host=first, command="relay")]
-    await relays[0].wait_ready()
-    relays.append(await NodeProcess.start(nursery, "relay2", ["--listen", HOST_LISTEN, "--bootstrap", relays[0].addr],
-                                          host=second, command="relay"))
-    await relays[1].wait_ready()
+    relays = [await NodeProcess.start(nursery, name, ["--listen", HOST_LISTEN], host=host, command="relay")
+              for name, host in (("relay1", first), ("relay2", second))]  # they meet through the nodes
+    for relay in relays:
+        await relay.wait_ready()
     bootstrap = [arg for relay in relays for arg in ("--bootstrap", relay.addr)]
     nodes = [await NodeProcess.start(nursery, name, ["--model", str(model_dir), "--blocks", blocks,
                                                      "--listen", HOST_LISTEN, *bootstrap, *NODE_ARGS], host=host)
