@@ -198,6 +198,7 @@ class ReachKeeper:
         self.observed = ""
         self.relaying = False
         self._refused: dict[str, float] = {}  # relay candidate -> when it may be asked again
+        self._held: list[str] = []  # the relays we held a slot on at the last look
         self._checked = trio.Event()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -257,10 +258,10 @@ class ReachKeeper:
         return self.reachability
 
     async def keep_relays(self) -> None:
-        """Hold `want_relays` relay slots: try connected peers that have not refused lately."""
-        held = self.transport.relays()
-        if len(held) >= self.settings.want_relays:
-            return
+        """Hold `want_relays` relay slots: try connected peers that have not refused lately (a slot
+        lost with its relay, or due for renewal, is taken again here); `on_change` when the set of
+        relays we hold a slot on changed."""
+        before, held = self._held, self.transport.relays()
         now = trio.current_time()
         for peer_id in self._peers():
             if len(held) >= self.settings.want_relays:
@@ -274,7 +275,10 @@ class ReachKeeper:
                 log.debug("no relay slot on %s: %s", peer_id, err)
                 continue
             held = self.transport.relays()
-            log.info("relay slot on %s: reachable at %s", peer_id, " ".join(relayed))
+            if peer_id not in before:
+                log.info("relay slot on %s: reachable at %s", peer_id, " ".join(relayed))
+        self._held = held
+        if set(held) != set(before):
             self.on_change()
 
     def _offer_relay(self) -> None:
