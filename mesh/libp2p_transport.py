@@ -162,7 +162,7 @@ class Libp2pTransport(Transport):
                  connection_config: ConnectionConfig | None = None, inbound_limits: InboundLimits | None = None):
         route_libp2p_logging()
         self.key_pair = load_or_create_identity(identity_path)
-        self.listen = [multiaddr.Multiaddr(addr) for addr in listen]
+        self.listen = [_listen_addr(addr) for addr in listen]
         self.enable_mdns = enable_mdns
         self.peer_cache = peer_cache
         self.host: IHost = new_host(
@@ -505,6 +505,13 @@ def _strip_p2p(maddr: multiaddr.Multiaddr, peer: ID) -> multiaddr.Multiaddr:
     if is_relayed_addr(str(maddr)):
         return maddr  # the circuit transport reads the peer from the address itself
     return multiaddr.Multiaddr(str(maddr).rsplit("/p2p/", 1)[0])
+
+
+def _listen_addr(addr: str) -> multiaddr.Multiaddr:
+    try:
+        return multiaddr.Multiaddr(addr)
+    except Exception as err:  # multiaddr raises several error types
+        raise ListenError(f"cannot listen on {addr!r}: not a multiaddr like /ip4/0.0.0.0/tcp/4001 ({err})") from err
 
 
 def _is_loopback(addr: multiaddr.Multiaddr) -> bool:

@@ -96,6 +96,21 @@ async def test_address_in_use_is_a_listen_error():
                 pass
 
 
+async def test_a_port_held_by_another_libp2p_host_is_a_listen_error():
+    """libp2p's listeners set SO_REUSEPORT (for hole punching): a second one on the same port would
+    bind silently and share its connections."""
+    async with Libp2pTransport(listen=["/ip4/127.0.0.1/tcp/0"]) as first:
+        port = first.addrs[0].split("/")[4]
+        with pytest.raises(ListenError, match=f"{port}: address in use"):
+            async with Libp2pTransport(listen=[f"/ip4/127.0.0.1/tcp/{port}"]):
+                pass
+
+
+def test_a_listen_address_that_is_not_a_multiaddr_is_a_listen_error():
+    with pytest.raises(ListenError, match="not a multiaddr like /ip4/0.0.0.0/tcp/4001"):
+        Libp2pTransport(listen=["/ip4/not-an-ip/tcp/1"])
+
+
 def test_libp2p_logging_is_relayed_under_mesh_and_demoted(caplog):
     route_libp2p_logging()
     caplog.set_level(logging.DEBUG, logger="mesh.libp2p")
