@@ -251,8 +251,8 @@ class Bench:
                 bootstrap = [arm.nodes[0].addr]  # the first node is the second's and the client's bootstrap
         if arm.relays:
             for node in arm.nodes:  # holding a slot on both relays, and announcing a relayed address
-                await wait_for_text(node, RELAYED_BOTH, START_TIMEOUT_S)
-                await wait_for_text(node, "/p2p-circuit/", 60)
+                await node.wait_for_text(RELAYED_BOTH, START_TIMEOUT_S)
+                await node.wait_for_text("/p2p-circuit/", 60)
         arm.client_host, arm.bootstrap = client_host, bootstrap
         return await self.start_client(arm)
 
@@ -291,17 +291,6 @@ class Bench:
                 if process.running:
                     with trio.move_on_after(15):
                         await process.kill()
-
-
-async def wait_for_text(process: NodeProcess, text: str, timeout: float) -> str:
-    with trio.fail_after(timeout):
-        while True:
-            found = [line for line in process.lines if text in line]
-            if found:
-                return found[0]
-            if not process.running:
-                raise RuntimeError(f"{process.name} exited:\n" + "\n".join(process.lines[-20:]))
-            await trio.sleep(0.1)
 
 
 async def run(args: argparse.Namespace) -> list[Arm]:

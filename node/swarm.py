@@ -123,6 +123,19 @@ class NodeProcess:
                 await self._news.wait()
         raise NodeStartError(f"node {self.name} printed no {prefix!r} within {timeout:g} s:\n" + self._tail())
 
+    async def wait_for_text(self, text: str, timeout: float) -> str:
+        """The first kept output line holding `text` anywhere (a `listening on` line with a relayed
+        address, say), waiting up to `timeout` seconds; NodeStartError if it exits first or never."""
+        with trio.move_on_after(timeout):
+            while True:
+                found = next((line for line in self._lines if text in line), None)
+                if found is not None:
+                    return found
+                if self._ended:
+                    raise NodeStartError(f"node {self.name} exited ({await self.process.wait()}):\n" + self._tail())
+                await self._news.wait()
+        raise NodeStartError(f"node {self.name} printed no line with {text!r} within {timeout:g} s:\n" + self._tail())
+
     async def wait_ready(self, timeout: float = 120.0) -> str:
         """The node's address, from its `listening on` line."""
         self.addr = (await self.wait_for(READY_PREFIX, timeout))[len(READY_PREFIX):].strip()

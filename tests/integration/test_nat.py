@@ -44,18 +44,9 @@ async def start_swarm(nursery: trio.Nursery, bed, model_dir) -> tuple[list[NodeP
         line = await node.wait_for("reachability: private", timeout=60)
         assert f"seen from outside as /ip4/{bed.hosts[nodes.index(node) + 2].public_addr}" in line, line
     for node in nodes:
-        await wait_for_text(node, RELAYED_BOTH, timeout=60)
-        await wait_for_text(node, "/p2p-circuit/", timeout=30)  # announced (re-announced within 2 s)
+        await node.wait_for_text(RELAYED_BOTH, timeout=60)
+        await node.wait_for_text("/p2p-circuit/", timeout=30)  # announced (re-announced within 2 s)
     return relays, nodes
-
-
-async def wait_for_text(process: NodeProcess, text: str, timeout: float) -> str:
-    with trio.fail_after(timeout):
-        while True:
-            found = [line for line in process.lines if text in line]
-            if found:
-                return found[0]
-            await trio.sleep(0.1)
 
 
 @pytest.mark.parametrize("nat", ["cone", "symmetric"])

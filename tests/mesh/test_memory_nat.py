@@ -43,6 +43,17 @@ async def ping(transport: MemoryTransport, peer_id: str, nonce: int = 1, timeout
     return stream
 
 
+async def serve_through(relay: MemoryTransport, home: MemoryTransport, client: MemoryTransport,
+                        limits: RelayLimits = RelayLimits()) -> None:
+    """`home` echoes, holds a slot on `relay` (which relays within `limits`), and `client` knows its
+    addresses: the relayed one among them."""
+    home.set_handler(ECHO, echo_hop)
+    relay.offer_relay(limits)
+    await home.dial(public_addr(relay), timeout=5)
+    await home.reserve(relay.peer_id, timeout=5)
+    client.add_peer_addrs(home.peer_id, home.addrs)
+
+
 def test_the_rules_admit_and_punch_as_routers_do():
     assert admits(N.NONE, mapped=False, contacted=False)
     assert not admits(N.FULL_CONE, mapped=False, contacted=False)  # no mapping yet: nothing to come in on
@@ -210,11 +221,7 @@ async def test_a_circuit_ends_at_its_byte_and_time_limits(autojump_clock):
     network = world(home=N.SYMMETRIC, relay=N.NONE, client=N.NONE)
     async with MemoryTransport.open(network, "home") as home, MemoryTransport.open(network, "relay") as relay, \
             MemoryTransport.open(network, "client") as client:
-        home.set_handler(ECHO, echo_hop)
-        relay.offer_relay(RelayLimits(max_circuit_bytes=2000, max_circuit_s=60))
-        await home.dial(public_addr(relay), timeout=5)
-        await home.reserve("relay", timeout=5)
-        client.add_peer_addrs("home", home.addrs)
+        await serve_through(relay, home, client, RelayLimits(max_circuit_bytes=2000, max_circuit_s=60))
         stream = await ping(client, "home")
         with pytest.raises(StreamClosed, match="over 2000 bytes"):
             for nonce in range(2, 200):
@@ -235,11 +242,7 @@ async def test_an_idle_circuit_closes_and_a_new_stream_opens_another(autojump_cl
     network = world(home=N.SYMMETRIC, relay=N.NONE, client=N.NONE)
     async with MemoryTransport.open(network, "home") as home, MemoryTransport.open(network, "relay") as relay, \
             MemoryTransport.open(network, "client") as client:
-        home.set_handler(ECHO, echo_hop)
-        relay.offer_relay(RelayLimits())
-        await home.dial(public_addr(relay), timeout=5)
-        await home.reserve("relay", timeout=5)
-        client.add_peer_addrs("home", home.addrs)
+        await serve_through(relay, home, client)
         await (await ping(client, "home")).aclose()
         await trio.sleep(120)
         assert client.path("home") is None and network.nat_counts["circuits_ended_idle"] == 1
@@ -315,11 +318,7 @@ async def test_the_holder_punches_by_itself_when_told_to(autojump_clock):
     network = world(punch_on_relay=True, client=N.PORT_RESTRICTED, home=N.RESTRICTED, relay=N.NONE)
     async with MemoryTransport.open(network, "home") as home, MemoryTransport.open(network, "relay") as relay, \
             MemoryTransport.open(network, "client") as client:
-        home.set_handler(ECHO, echo_hop)
-        relay.offer_relay(RelayLimits())
-        await home.dial(public_addr(relay), timeout=5)
-        await home.reserve("relay", timeout=5)
-        client.add_peer_addrs("home", home.addrs)
+        await serve_through(relay, home, client)
         await ping(client, "home")
         await trio.sleep(1)
         assert client.path("home") is PathKind.PUNCHED and network.nat_counts["punches_succeeded"] == 1
