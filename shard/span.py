@@ -27,7 +27,7 @@ from shard.errors import CorruptCheckpoint, InvalidInput, PromptTooLong, Quantiz
 from shard.interfaces import ROW_EXACT_TOKENS, BatchStep
 from shard.kv_cache import KVCache
 from shard.model_dir import QUANT_CHOICES, OpenModel, open_model_dir, resolve_quant
-from shard import qkernels
+from shard import block_step, qkernels
 from shard.quant import QUANT_MODES, Int4Linear
 from shard.quant_swap import empty_quantized_linears_, quantize_linears_
 from shard.rope import inverse_frequencies, rotary_tables
@@ -79,10 +79,24 @@ class SpanModel(nn.Module):
         cos, sin = rotary_tables(self.inv_freq, positions, self.dtype)
         mask = attention_mask(cache.length, T, self.config.sliding_window)
         x = hidden.to(self.dtype)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, layer, mask)
+        compiled = self._compiled_step(B * T, x, cache)
+        if compiled is not None:  # the same kernels in one call: the same bits (shard.block_step)
+            config = self.config
+            x = block_step.step(compiled, x, cache, cos, sin, heads=config.num_heads, kv_heads=config.num_kv_heads,
+                                head_dim=config.head_dim, window=config.sliding_window)
+        else:
+            for layer, block in enumerate(self.blocks):
+                x = block(x, cos, sin, cache, layer, mask)
         cache.advance(T)
         return x
+
+    def _compiled_step(self, rows: int, x: torch.Tensor, cache: KVCache) -> list[block_step.BlockWeights] | None:
+        """The blocks' weights for `shard.block_step` where it can run this step, else None."""
+        if (rows > block_step.MAX_ROWS or self.quant not in ROW_EXACT or x.dtype != torch.float32
+                or cache.keys.dtype != torch.float32 or torch.is_grad_enabled()):
+            return None
+        weights = [block_step.weights_of(block) for block in self.blocks]
+        return None if any(w is None for w in weights) else weights
 
     def forward_batch(self, items: Sequence[BatchItem]) -> list[torch.Tensor]:
         """Several sessions' steps (`shard.batch.BatchItem`s) in one pass; see `shard.batch`."""

@@ -29,7 +29,7 @@
 #define PREFETCH 4096  /* bytes ahead in a weight stream (int4 decode from memory: 1.4x at one thread) */
 #define ROWS 4     /* activation rows sharing one pass over a weight row */
 
-int hq_abi(void) { return 5; }  /* 5: int4 tiles of 16 rows, int8 row sums given */
+int hq_abi(void) { return 6; }  /* 6: hb_blocks_step (block_step.c) */
 
 const char *hq_isa(void) {
 #if defined(HQ_SIMD) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
