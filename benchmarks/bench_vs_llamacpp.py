@@ -22,7 +22,7 @@ build llama.cpp without AMX (its AVX-512 VNNI and repacked Q4_0 paths, its faste
     python benchmarks/bench_vs_llamacpp.py [--threads 1 2] [--rounds 2] [--tokens 32] [--model DIR]
                                            [--work DIR]  (keeps the GGUF files for the next run)
     python benchmarks/bench_vs_llamacpp.py --quality   (the demo model's perplexity at int8 and int4)
-    python benchmarks/bench_vs_llamacpp.py --breakdown --model DIR   (Hearth's decode time: matmuls / rest)
+    python benchmarks/bench_vs_llamacpp.py --breakdown --model DIR   (Hearth's decode time: block step / LM head / rest)
 """
 
 from __future__ import annotations
@@ -261,21 +261,27 @@ def demo_quality() -> None:
 
 
 def breakdown(model_dir: Path, threads: list[int], tokens: int) -> None:
-    """Where a Hearth decode step goes (no llama.cpp): per token, the time inside the compiled
-    quantized matmuls (timed around each call) and the rest (attention, norms, Python and torch
-    dispatch), for each pair's quantization."""
-    from shard import qkernels
+    """Where a Hearth decode step goes (no llama.cpp): per token, the time inside the compiled step
+    of the blocks (shard.block_step: their matmuls, attention and the rest, in one call), inside the
+    other compiled quantized matmuls (the LM head; a block's where the step cannot run), and the
+    rest (embedding, Python and torch dispatch), for each pair's quantization."""
+    from shard import block_step, qkernels
 
-    spent = [0.0, 0]
-    for cls in (qkernels.Int4Weights, qkernels.Int8Weights):
-        def timed(self, x, _linear=cls.linear):
+    spent = {"step": [0.0, 0], "matmuls": [0.0, 0]}
+
+    def timed(function, into):
+        def run(*args, **kwargs):
             started = time.perf_counter()
             try:
-                return _linear(self, x)
+                return function(*args, **kwargs)
             finally:
-                spent[0] += time.perf_counter() - started
-                spent[1] += 1
-        cls.linear = timed
+                into[0] += time.perf_counter() - started
+                into[1] += 1
+        return run
+
+    block_step.step = timed(block_step.step, spent["step"])
+    for cls in (qkernels.Int4Weights, qkernels.Int8Weights):
+        cls.linear = timed(cls.linear, spent["matmuls"])
     import json
 
     prompt = prompt_ids(json.loads((model_dir / "config.json").read_text())["vocab_size"])
@@ -288,16 +294,20 @@ def breakdown(model_dir: Path, threads: list[int], tokens: int) -> None:
                 pipeline.forward(torch.tensor([prompt]))
                 for i in range(4):  # warm-up
                     pipeline.forward(torch.tensor([[prompt[i]]]))
-                spent[:], steps = [0.0, 0], []
+                for into in spent.values():
+                    into[:] = [0.0, 0]
+                steps = []
                 for i in range(tokens):  # one decode step each: the blocks and the LM head
                     started = time.perf_counter()
                     pipeline.forward(torch.tensor([[prompt[i]]]))
                     steps.append(time.perf_counter() - started)
-            mean, matmuls = statistics.fmean(steps), spent[0] / tokens
+            mean = statistics.fmean(steps)
+            (step_s, step_calls), (matmul_s, matmul_calls) = spent["step"], spent["matmuls"]
             label = quant if quant == "int8" else f"{quant} g{group}"
             print(f"threads {count} {label:<9} decode {statistics.median(steps) * 1e3:6.1f} ms/token median, "
-                  f"{mean * 1e3:6.1f} mean: quantized matmuls {matmuls * 1e3:5.1f} ms ({spent[1] // tokens} "
-                  f"calls), the rest {(mean - matmuls) * 1e3:5.1f} ms", flush=True)
+                  f"{mean * 1e3:6.1f} mean: compiled block step {step_s / tokens * 1e3:5.1f} ms ({step_calls // tokens} "
+                  f"calls), other quantized matmuls {matmul_s / tokens * 1e3:5.1f} ms ({matmul_calls // tokens} calls), "
+                  f"the rest {(mean - (step_s + matmul_s) / tokens) * 1e3:5.1f} ms", flush=True)
             del pipeline
 
 
@@ -308,7 +318,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--breakdown", action="store_true", help="only Hearth: time per decoded token in "
-                        "the quantized matmuls and in the rest (needs --model; no llama.cpp)")
+                        "the compiled block step, the other quantized matmuls and the rest (needs --model; no llama.cpp)")
     parser.add_argument("--quality", action="store_true", help="only the demo model's perplexity and "
                         "top-1 agreement at int8 and int4 against fp32 (seconds; needs no llama.cpp)")
     parser.add_argument("--work", type=Path, help="keep the model and its GGUF files here and reuse "
