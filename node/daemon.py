@@ -433,9 +433,8 @@ async def serve(settings: NodeSettings, model: OpenModel | None) -> None:
                     say(f"metrics listening on {url}")
                 for addr in transport.addrs:
                     say(f"listening on {addr}")
-                await keep_reachable(nursery, host, settings.reach)  # NAT: relay slots, announced as they come
-                watch = trio.CancelScope()
-                nursery.start_soon(follow_addresses, host, node, watch)
+                watch = trio.CancelScope()  # what follows the network, until the node drains
+                await nursery.start(watch_network, host, node, settings.reach, watch)
                 async for signum in signals:
                     say(f"{signal.Signals(signum).name}: draining")
                     watch.cancel()
@@ -447,25 +446,34 @@ async def serve(settings: NodeSettings, model: OpenModel | None) -> None:
     say("stopped")
 
 
-async def follow_addresses(transport: Libp2pTransport, node: Node, scope: trio.CancelScope,
-                           poll_s: float = ADDRESS_POLL_S) -> None:
-    """Until `scope` is cancelled, re-announce at once when the host's addresses change (a laptop
-    moving between networks, a DHCP renewal): print the new `listening on` lines, tell connected
-    peers (identify push) and publish the record with the new addresses instead of waiting for
-    the next refresh."""
-    announced = transport.addrs
+async def watch_network(transport: Libp2pTransport, node: Node, reach: ReachSettings, scope: trio.CancelScope,
+                        *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Until `scope` is cancelled (the node drains): keep the node reachable (NAT: relay slots,
+    announced as they come) and follow its addresses. Both stop with the scope, so a drained node
+    exits (before, the reachability keeper outlived SIGTERM until a SIGKILL)."""
     with scope:
-        while True:
-            await trio.sleep(poll_s)
-            addrs = transport.addrs
-            if addrs == announced:
-                continue
-            announced = addrs
-            await transport.push_addrs()
-            await node.announce_now()  # before saying so: a `listening on` line is an address peers can find
-            say(f"addresses changed: {len(addrs)} now")
-            for addr in addrs:
-                say(f"listening on {addr}")
+        async with trio.open_nursery() as nursery:
+            await keep_reachable(nursery, transport, reach)
+            task_status.started()
+            await follow_addresses(transport, node)
+
+
+async def follow_addresses(transport: Libp2pTransport, node: Node, poll_s: float = ADDRESS_POLL_S) -> None:
+    """Re-announce at once when the host's addresses change (a laptop moving between networks, a
+    DHCP renewal): print the new `listening on` lines, tell connected peers (identify push) and
+    publish the record with the new addresses instead of waiting for the next refresh."""
+    announced = transport.addrs
+    while True:
+        await trio.sleep(poll_s)
+        addrs = transport.addrs
+        if addrs == announced:
+            continue
+        announced = addrs
+        await transport.push_addrs()
+        await node.announce_now()  # before saying so: a `listening on` line is an address peers can find
+        say(f"addresses changed: {len(addrs)} now")
+        for addr in addrs:
+            say(f"listening on {addr}")
 
 
 async def start_api(nursery: trio.Nursery, settings: NodeSettings, model: OpenModel, transport, discovery,

@@ -58,6 +58,12 @@ async def test_three_nodes_equal_hearth_run_exactly(local_swarm, monkeypatch):
     assert remote_out["local_blocks"] == 1  # the command's default (auto): block 0 ran in the client
     assert [hop["start"] for hop in remote_out["route"]] == [1, 2, 4] and remote_out["recoveries"] == []
 
+    # SIGTERM drains each node and it exits by itself (the NAT reachability keeper once kept a
+    # drained node alive until the SIGKILL after its grace period)
+    for node in local_swarm.nodes:
+        assert await node.stop(grace=5.0) == 0
+        await node.wait_for_text("stopped", 5.0)
+
 
 async def test_four_concurrent_clients_each_get_their_own_output_then_the_sync_client_and_connect(local_swarm):
     await local_swarm.start(local_swarm.spans(2))
