@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shard import qkernels
+from shard import huge_pages, qkernels
 from shard.errors import QuantizationError
 
 QUANT_MODES = ("none", "int8", "int4")
@@ -194,6 +194,7 @@ class Int8Linear(nn.Module):
             return cached
         if not qkernels.i8_fits(self.in_features):
             return None
+        weight = self._buffers["weight"] = huge_pages.copy(weight)  # streamed at every step: 2 MiB pages
         self._compiled = qkernels.Int8Weights(weight, scales)
         return self._compiled
 
@@ -390,6 +391,7 @@ class Int4Linear(nn.Module):
             return None
         cached = self.__dict__.get("_compiled")
         if cached is None or cached.tiles is not tiles:
+            tiles = self._buffers["kernel_tiles"] = huge_pages.copy(tiles)  # streamed at every step: 2 MiB pages
             cached = self._compiled = qkernels.Int4Weights.of_tiles(
                 tiles, self.out_features, self.in_features, self.group_size)
         return cached

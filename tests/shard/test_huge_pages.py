@@ -1,0 +1,63 @@
+"""shard.huge_pages: quantized weights copied into memory advised for 2 MiB pages, values unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shard import huge_pages, qkernels
+from shard.quant import Int4Linear, Int8Linear
+
+
+def anon_huge_kib(address: int) -> int:
+    """AnonHugePages of the mapping holding `address` (/proc/self/smaps), in KiB."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(part, 16) for part in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    return 0
+
+
+def test_a_copy_holds_the_same_values_from_a_huge_page_boundary():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (3000, 2048), dtype=torch.int8, generator=generator)  # 5.9 MiB
+    moved = huge_pages.copy(weight)
+    assert torch.equal(moved, weight) and moved.dtype == weight.dtype and moved.shape == weight.shape
+    if not huge_pages.supported():
+        assert moved is weight
+        pytest.skip("this kernel has transparent huge pages off: the tensor stays where it is")
+    assert moved.data_ptr() % huge_pages.HUGE_PAGE == 0 and moved.data_ptr() != weight.data_ptr()
+    moved.add_(0)  # touched, as a forward reads it
+    assert anon_huge_kib(moved.data_ptr()) >= 2048  # whole 2 MiB pages; the tail stays on small ones
+
+
+def test_small_or_strided_tensors_are_left_alone():
+    small = torch.zeros(1000, dtype=torch.int8)
+    strided = torch.zeros(4096, 1024, dtype=torch.int8)[:, ::2]
+    assert huge_pages.copy(small) is small and huge_pages.copy(strided) is strided
+
+
+@pytest.mark.skipif(not qkernels.available(), reason=f"no compiled kernels: {qkernels.why_unavailable()}")
+@pytest.mark.parametrize("layer", ["int8", "int4"])
+def test_quantized_layers_run_on_the_copies_with_the_same_bits(monkeypatch, layer):
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(2048, 2048, generator=generator) * 0.02  # int8: 4 MiB; int4 tiles: 2.1 MiB
+    x = torch.randn(3, 2048, generator=generator)
+
+    def make():
+        return Int8Linear.from_float(weight) if layer == "int8" else Int4Linear.from_float(weight, group_size=64)
+
+    monkeypatch.setattr(huge_pages, "_SUPPORTED", False)
+    expected = make()(x)
+    monkeypatch.setattr(huge_pages, "_SUPPORTED", huge_pages.supported())
+    quantized = make()
+    assert torch.equal(quantized(x), expected)
+    held = quantized._buffers["weight" if layer == "int8" else "kernel_tiles"]
+    assert quantized.compiled() is not None and quantized.path(1) == "compiled"
+    if huge_pages.supported():
+        assert held.data_ptr() % huge_pages.HUGE_PAGE == 0
