@@ -16,10 +16,11 @@ from torch import nn
 from shard.batch import exact_batch_rows
 from shard.blocks import RMSNorm
 from shard.checkpoint import Checkpoint
+from shard.compute import return_free_memory
 from shard.config import ModelConfig
 from shard.errors import CorruptCheckpoint, InvalidInput, QuantizationError
 from shard.model_dir import OpenModel, open_model_dir
-from shard.quant import QUANT_MODES, Int4Linear, Int8Linear
+from shard.quant import QUANT_MODES, Int4Linear, Int8Linear, prepare_kernels_
 from shard.quant_swap import quantize_linears_
 
 EMBED_NAME, NORM_NAME, LM_HEAD_NAME = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
@@ -92,6 +93,9 @@ def load_head(model_dir: OpenModel | str | Path, *, quant: str = "none", group_s
     lm_head.weight = nn.Parameter(head_weight if quant == "none" else head_weight.to(torch.float32), requires_grad=False)
     container = nn.Sequential(lm_head)
     quantize_linears_(container, quant, group_size)
+    if quant != "none":
+        prepare_kernels_(container)  # its weights to huge pages now, and the fp32 copy's memory back
+        return_free_memory()
     return ClientHead(config, embed, norm, container[0])
 
 

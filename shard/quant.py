@@ -144,6 +144,15 @@ def int8_w8a8_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     return torch._int_mm(codes, weight.t()).float() * step * scales.float()  # [M, out]
 
 
+def prepare_kernels_(module: nn.Module) -> None:
+    """Build each quantized linear's compiled view inside `module` now rather than at its first
+    forward, so that its weights move to huge pages (`shard.huge_pages`) while a loader still holds
+    the memory they leave: the loader then hands it back (`shard.compute.return_free_memory`)."""
+    for layer in module.modules():
+        if isinstance(layer, (Int8Linear, Int4Linear)):
+            layer.compiled()
+
+
 class Int8Linear(nn.Module):
     """Linear layer with int8 weights, symmetric per output channel; fp32 in, fp32 out.
 

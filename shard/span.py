@@ -28,7 +28,7 @@ from shard.interfaces import ROW_EXACT_TOKENS, BatchStep
 from shard.kv_cache import KVCache
 from shard.model_dir import QUANT_CHOICES, OpenModel, open_model_dir, resolve_quant
 from shard import block_step, qkernels
-from shard.quant import QUANT_MODES, Int4Linear
+from shard.quant import QUANT_MODES, Int4Linear, prepare_kernels_
 from shard.quant_swap import empty_quantized_linears_, quantize_linears_
 from shard.rope import inverse_frequencies, rotary_tables
 
@@ -210,6 +210,7 @@ def load_span(model_dir: OpenModel | str | Path, start: int, end: int, *, quant:
                  for name, meta in block.state_dict().items()}
         block.load_state_dict(state, assign=True)
         quantize_linears_(block, quant, group_size)
+        prepare_kernels_(block)  # the kernels' weights to huge pages now, before the memory goes back
         if quant != "none":  # own the norms' weights (views of the mapped file until now) and let
             for param in block.parameters():  # the file go: the next block's pages replace this one's
                 param.data = param.data.clone()
@@ -287,6 +288,8 @@ def load_saved_span(path: str | Path) -> tuple[SpanModel, str]:
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise CorruptCheckpoint(f"{path} does not match its header: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    prepare_kernels_(model)
+    return_free_memory()
     return model, header.get("source_digest", "")
 
 
