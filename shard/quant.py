@@ -148,8 +148,16 @@ def prepare_kernels_(module: nn.Module) -> None:
     """Build each quantized linear's compiled view inside `module` now rather than at its first
     forward, so that its weights move to huge pages (`shard.huge_pages`) while a loader still holds
     the memory they leave: the loader then hands it back (`shard.compute.return_free_memory`)."""
+    if not huge_pages.supported():
+        return  # nothing would move: the views are built at the first forward, as before
     for layer in module.modules():
-        if isinstance(layer, (Int8Linear, Int4Linear)):
+        if isinstance(layer, Int8Linear):
+            weight = layer._buffers["weight"]
+        elif isinstance(layer, Int4Linear):
+            weight = layer._buffers["kernel_tiles"]
+        else:
+            continue
+        if weight is not None and weight.nbytes >= huge_pages.HUGE_PAGE:
             layer.compiled()
 
 

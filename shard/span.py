@@ -210,13 +210,13 @@ def load_span(model_dir: OpenModel | str | Path, start: int, end: int, *, quant:
                  for name, meta in block.state_dict().items()}
         block.load_state_dict(state, assign=True)
         quantize_linears_(block, quant, group_size)
-        prepare_kernels_(block)  # the kernels' weights to huge pages now, before the memory goes back
         if quant != "none":  # own the norms' weights (views of the mapped file until now) and let
             for param in block.parameters():  # the file go: the next block's pages replace this one's
                 param.data = param.data.clone()
             checkpoint.release()
     if quant != "none":
-        return_free_memory()  # the fp32 temporaries of quantizing
+        prepare_kernels_(model)  # the kernels' weights to huge pages now, before the memory goes back
+        return_free_memory()  # the fp32 temporaries of quantizing, and what the weights left
     return model
 
 
