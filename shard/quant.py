@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shard import huge_pages, qkernels
+from shard.compute import return_free_memory
 from shard.errors import QuantizationError
 
 QUANT_MODES = ("none", "int8", "int4")
@@ -159,6 +160,7 @@ def prepare_kernels_(module: nn.Module) -> None:
             continue
         if weight is not None and weight.nbytes >= huge_pages.HUGE_PAGE:
             layer.compiled()
+            return_free_memory()  # the old copy's pages, before the next layer's move
 
 
 class Int8Linear(nn.Module):
