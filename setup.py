@@ -1,6 +1,6 @@
 """Builds shard/_qkernels (shard/csrc/qmatmul.c, attention.c, block_ops.c, block_step.c), the quantized
 matmuls shard/quant.py and the attention, rotary embedding, SwiGLU and whole-step calls shard/blocks.py
-and shard/fused.py make through ctypes. Everything else is in pyproject.toml.
+and shard/block_step.py make through ctypes. Everything else is in pyproject.toml.
 
 The library is compiled for the CPU that installs it (-march=native: AVX2, and VNNI where the CPU
 has it). It is optional: where no C compiler or OpenMP is found, pip still installs Hearth and

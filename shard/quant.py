@@ -146,9 +146,11 @@ def int8_w8a8_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
 
 
 def prepare_kernels_(module: nn.Module) -> None:
-    """Build each quantized linear's compiled view inside `module` now rather than at its first
-    forward, so that its weights move to huge pages (`shard.huge_pages`) while a loader still holds
-    the memory they leave: the loader then hands it back (`shard.compute.return_free_memory`)."""
+    """Build the compiled view of each quantized linear inside `module` whose weights fill a huge
+    page or more, now rather than at its first forward: its weights move to huge pages
+    (`shard.huge_pages`) while a loader runs, and the pages they leave go back to the system
+    (`shard.compute.return_free_memory`) before the next layer moves. Smaller layers, and every
+    layer where THP is off, get their views at the first forward as before."""
     if not huge_pages.supported():
         return  # nothing would move: the views are built at the first forward, as before
     for layer in module.modules():

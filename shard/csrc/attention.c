@@ -15,6 +15,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include "kernels.h"  /* the prototypes block_step.c calls: the compiler holds them to these definitions */
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>

@@ -7,6 +7,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include "kernels.h"  /* the prototypes block_step.c calls: the compiler holds them to these definitions */
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>

@@ -1,4 +1,4 @@
-/* A step of a chain of Llama decoder blocks in one call (shard/fused.py builds the arguments).
+/* A step of a chain of Llama decoder blocks in one call (shard/block_step.py builds the arguments).
  *
  * A decode step's arithmetic is the quantized matmuls, and they are compiled; what a step spent
  * besides them was about 5 ms a token of issue 16's model in Python and torch dispatch between
@@ -6,7 +6,7 @@
  * (RMSNorm, the fused qkv matmul, rotary embedding, the cache write, attention, o_proj and its
  * residual add, RMSNorm, gate/up, SwiGLU, down and its residual add), on the same values, so every
  * output and cache entry has exactly the bits of the module path: what batching, replay and spot
- * checks rely on (tests/shard/test_fused.py compares them).
+ * checks rely on (tests/shard/test_block_step.py compares them).
  */
 #include <stdint.h>
 #include <stdlib.h>

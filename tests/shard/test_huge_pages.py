@@ -61,3 +61,18 @@ def test_quantized_layers_run_on_the_copies_with_the_same_bits(monkeypatch, laye
     assert quantized.compiled() is not None and quantized.path(1) == "compiled"
     if huge_pages.supported():
         assert held.data_ptr() % huge_pages.HUGE_PAGE == 0
+
+
+@pytest.mark.skipif(not qkernels.available(), reason=f"no compiled kernels: {qkernels.why_unavailable()}")
+def test_a_loaded_span_holds_its_large_weights_on_huge_pages_before_any_forward(checkpoint_factory):
+    from shard.span import load_span
+
+    # gate_up of 2 x 1024 outputs by 1024 inputs: 2 MiB of int8; the others stay below a huge page
+    span = load_span(checkpoint_factory("llama", hidden_size=1024, intermediate_size=1024), 0, 2, quant="int8")
+    mlp = span.blocks[0].mlp
+    large, small = mlp.gate_up_proj._buffers["weight"], mlp.down_proj._buffers["weight"]
+    assert large.nbytes >= huge_pages.HUGE_PAGE > small.nbytes
+    if not huge_pages.supported():
+        pytest.skip("this kernel has transparent huge pages off: the weights stay where they are")
+    assert large.data_ptr() % huge_pages.HUGE_PAGE == 0 and anon_huge_kib(large.data_ptr()) >= 2048
+    assert "_compiled" not in mlp.down_proj.__dict__  # small layers: their view comes at the first forward
