@@ -214,9 +214,9 @@ def load_span(model_dir: OpenModel | str | Path, start: int, end: int, *, quant:
             for param in block.parameters():  # the file go: the next block's pages replace this one's
                 param.data = param.data.clone()
             checkpoint.release()
+            return_free_memory()  # and the block's fp32 temporaries: freed, not yet the system's
     if quant != "none":
-        prepare_kernels_(model)  # the kernels' weights to huge pages now, before the memory goes back
-        return_free_memory()  # the fp32 temporaries of quantizing, and what the weights left
+        prepare_kernels_(model)  # the kernels' weights to huge pages now (each move gives its pages back)
     return model
 
 

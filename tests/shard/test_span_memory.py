@@ -69,5 +69,7 @@ def test_a_quantized_span_keeps_no_pages_of_the_checkpoint(tmp_path):
     for quant in ("int8", "int4"):
         measured = load_in_child(model_dir, 0, 8, quant)
         assert measured["rss"] < 2.5 * measured["tensors"] + 16 * 2**20, (quant, measured)
-        # the peak never holds the whole checkpoint besides the span (it did: 153-167 MB here)
+        # the peak never holds the whole checkpoint besides the span (it did: 153-167 MB here, and
+        # 164 MB in CI while each block's freed fp32 temporaries stayed in the heap until the end;
+        # 70-78 MB here since the loader gives them back block by block, THP "always" or "madvise")
         assert measured["peak"] < measured["tensors"] + checkpoint_bytes + 24 * 2**20, (quant, measured)
