@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from shard import block_step
 from shard.blocks import Attention, DecoderBlock, attention_mask
 from shard.errors import InvalidInput, SpanOutOfRange
 from shard.interfaces import ROW_EXACT_TOKENS
@@ -81,6 +82,26 @@ def forward_batch(span: torch.nn.Module, items: Sequence[BatchItem]) -> list[tor
         # float spans run short steps token by token (`SpanModel.forward`, `ROW_EXACT_TOKENS`): so here
         return [_view(span, item)(item.hidden, item.cache) for item in items]
     steps = [_step(span, item) for item in items]
+    compiled = span.compiled_blocks(sum(step.rows for step in steps), [item.cache for item in items])
+    if compiled is not None:  # the whole pass in one compiled call, with the module path's bits
+        outputs = _compiled_pass(span, compiled, steps)
+    else:
+        outputs = _module_pass(span, steps)
+    for step in steps:
+        step.item.cache.advance(step.tokens)
+    return outputs
+
+
+def _compiled_pass(span: torch.nn.Module, weights: list, steps: list[_Step]) -> list[torch.Tensor]:
+    config = span.config
+    segments = [block_step.Segment(step.item.hidden.to(torch.float32), step.item.cache, step.cos, step.sin,
+                                   step.item.start - span.start, step.item.end - span.start) for step in steps]
+    return block_step.run(weights, segments, heads=config.num_heads, kv_heads=config.num_kv_heads,
+                          head_dim=config.head_dim, window=config.sliding_window)
+
+
+def _module_pass(span: torch.nn.Module, steps: list[_Step]) -> list[torch.Tensor]:
+    items = [step.item for step in steps]
     bounds = _offsets([step.rows for step in steps])
     D = span.config.hidden_size
     x = torch.cat([item.hidden.to(span.dtype).reshape(-1, D) for item in items])  # [N, D], N = sum of B * T
@@ -93,8 +114,6 @@ def forward_batch(span: torch.nn.Module, items: Sequence[BatchItem]) -> list[tor
             rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in active])
             part = x.index_select(0, rows)  # [M, D], the active items' rows
             x.index_copy_(0, rows, _block_forward(span, block, part, [steps[i] for i in active], block_index))
-    for step in steps:
-        step.item.cache.advance(step.tokens)
     return [x[bounds[i] : bounds[i + 1]].view(step.batch, step.tokens, -1) for i, step in enumerate(steps)]
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from shard.errors import QuantizationError
 
-ABI = 6
+ABI = 7
 BLOCK = 32  # activation values per scale, as in the C file
 TILE = 16  # int4 output rows per weight tile, as in the C file
 # Largest K for which the int8 path's int32 sums cannot overflow (255 * 128 * K < 2**31: the

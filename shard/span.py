@@ -79,7 +79,7 @@ class SpanModel(nn.Module):
         cos, sin = rotary_tables(self.inv_freq, positions, self.dtype)
         mask = attention_mask(cache.length, T, self.config.sliding_window)
         x = hidden.to(self.dtype)
-        compiled = self._compiled_step(B * T, x, cache)
+        compiled = self.compiled_blocks(B * T, [cache])
         if compiled is not None:  # the same kernels in one call: the same bits (shard.block_step)
             config = self.config
             x = block_step.step(compiled, x, cache, cos, sin, heads=config.num_heads, kv_heads=config.num_kv_heads,
@@ -90,10 +90,11 @@ class SpanModel(nn.Module):
         cache.advance(T)
         return x
 
-    def _compiled_step(self, rows: int, x: torch.Tensor, cache: KVCache) -> list[block_step.BlockWeights] | None:
-        """The blocks' weights for `shard.block_step` where it can run this step, else None."""
-        if (rows > block_step.MAX_ROWS or self.quant not in ROW_EXACT or x.dtype != torch.float32
-                or cache.keys.dtype != torch.float32 or torch.is_grad_enabled()):
+    def compiled_blocks(self, rows: int, caches: Sequence[KVCache]) -> list[block_step.BlockWeights] | None:
+        """The blocks' weights for `shard.block_step` where it can run a pass of `rows` rows over
+        `caches` (one session's, or a batch's: `shard.batch`), else None."""
+        if (rows > block_step.MAX_ROWS or self.quant not in ROW_EXACT or self.dtype != torch.float32
+                or any(cache.keys.dtype != torch.float32 for cache in caches) or torch.is_grad_enabled()):
             return None
         weights = [block_step.weights_of(block) for block in self.blocks]
         return None if any(w is None for w in weights) else weights

@@ -30,7 +30,7 @@
 #define PREFETCH 4096  /* bytes ahead in a weight stream (int4 decode from memory: 1.4x at one thread) */
 #define ROWS 4     /* activation rows sharing one pass over a weight row */
 
-int hq_abi(void) { return 6; }  /* 6: hb_blocks_step (block_step.c) */
+int hq_abi(void) { return 7; }  /* 7: hb_blocks_run (block_step.c): several sessions a call */
 
 const char *hq_isa(void) {
 #if defined(HQ_SIMD) && defined(__AVX512VNNI__) && defined(__AVX512VL__)

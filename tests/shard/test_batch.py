@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from shard import block_step
 from shard.batch import BatchItem, forward_batch
 from shard.errors import CacheFull, InvalidInput, SpanOutOfRange
 from shard.kv_cache import KVCache
@@ -90,6 +91,34 @@ def test_int8_batch_beyond_the_kernel_rows_is_still_bit_identical(spans):
     steps = [(16, 1, 5, 1, 1), (1, 1, 1, 1, 1)]
     for ours, ref, _, _ in run_steps(spans("llama", "int8"), steps, sessions):
         assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+
+
+# Decoding sessions of 7 rows in all (a pass the compiled step takes), over different blocks.
+DECODERS = [(1, 2, 1, 3), (2, 6, 2, 7), (1, 6, 1, 5), (1, 6, 1, 0), (3, 5, 2, 11)]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_pass_of_up_to_8_rows_is_one_compiled_call_with_the_modules_bits(spans, monkeypatch, family, quant):
+    # mistral: one kv head for four query heads and a sliding window of 5 (crossed here); qwen2: qkv
+    # bias; the sessions run different blocks, so most blocks see only some of them
+    span = spans(family, quant)
+    steps = [(1, 1, 1, 1, 1), (2, 1, 1, 1, 1), (1, 1, 1, 2, 1), *[(1, 1, 1, 1, 1)] * 3]
+    calls = []
+    real = block_step.run
+    with monkeypatch.context() as patch:
+        patch.setattr(block_step, "run", lambda weights, segments, **k: calls.append(len(segments))
+                      or real(weights, segments, **k))
+        compiled = list(run_steps(span, steps, DECODERS))
+    assert calls.count(len(DECODERS)) == len(steps)  # each pass one call (and each session alone one)
+    with monkeypatch.context() as patch:
+        patch.setattr(SpanModel, "compiled_blocks", lambda self, *a: None)
+        modules = list(run_steps(span, steps, DECODERS))
+    for (ours, alone, caches, alone_caches), (theirs, _, ref_caches, _) in zip(compiled, modules):
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(ours, theirs, alone))
+        assert all(same_cache_state(cache_state(a), cache_state(b)) and same_cache_state(cache_state(a), cache_state(c))
+                   for a, b, c in zip(caches, ref_caches, alone_caches))
+    assert [cache.length for cache in caches] == [3 + 7, 7 + 6, 5 + 6, 0 + 7, 11 + 6]
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])

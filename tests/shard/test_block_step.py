@@ -38,7 +38,7 @@ def run(span: SpanModel, steps: list[tuple[int, int]], *, compiled: bool, monkey
         if compiled:
             patch.setattr(block_step, "step", lambda *a, **k: calls.append(1) or real(*a, **k))
         else:
-            patch.setattr(SpanModel, "_compiled_step", lambda self, *a: None)
+            patch.setattr(SpanModel, "compiled_blocks", lambda self, *a: None)
         generator = torch.Generator().manual_seed(7)
         cache = span.new_cache(steps[0][0], 48)
         outputs = [span(torch.randn(batch, tokens, span.config.hidden_size, generator=generator), cache)
@@ -95,3 +95,32 @@ def test_a_step_that_does_not_fit_is_refused_before_any_cache_moves(spans):
     with pytest.raises(QuantizationError, match="at length 4"):
         block_step.step(weights, hidden, cache, cos, sin, **shape)
     assert not cache.keys.any() and not cache.values.any()
+
+
+def test_a_pass_that_does_not_fit_is_refused_before_any_cache_moves(spans):
+    span = spans("llama", "int8")
+    weights = [block_step.weights_of(block) for block in span.blocks]
+    config = span.config
+    shape = dict(heads=config.num_heads, kv_heads=config.num_kv_heads, head_dim=config.head_dim, window=None)
+    cos = sin = torch.zeros(1, config.head_dim)
+
+    def segment(batch: int, first: int = 0, last: int | None = None, layers: int | None = None):
+        """A decode step of `batch` sequences through blocks [first, last), over a cache of `layers`
+        layers (by default as many as it runs)."""
+        if layers is None:
+            layers = (len(weights) if last is None else last) - first
+        cache = span.new_cache(batch, 4)
+        cache.keys, cache.values = cache.keys[:layers].contiguous(), cache.values[:layers].contiguous()
+        return block_step.Segment(torch.randn(batch, 1, config.hidden_size), cache, cos, sin, first, last)
+
+    for segments, message in [
+        ([segment(4), segment(4), segment(1)], "9 rows, at most 8"),
+        ([segment(1), segment(1, 2, len(weights) + 1)], r"through blocks \[2, 6\) of 5"),
+        ([segment(1, 3, 3, layers=1)], r"through blocks \[3, 3\) of 5"),
+        ([segment(1, 0, 2), segment(1, 1, 4, layers=2)], r"\(2, 1, 2, 4, 16\) at length 0, through blocks \[1, 4\)"),
+    ]:
+        with pytest.raises(QuantizationError, match=message):
+            block_step.run(weights, segments, **shape)
+        assert not any(s.cache.keys.any() or s.cache.values.any() for s in segments)
+    with pytest.raises(QuantizationError, match="0 segments"):
+        block_step.run(weights, [], **shape)
