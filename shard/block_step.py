@@ -156,7 +156,7 @@ def run(weights: Sequence[BlockWeights], segments: Sequence[Segment], *, heads: 
     keys and values at positions cache.length .. + T - 1 (the caller advances the caches)."""
     if not weights or not segments:
         raise QuantizationError(f"compiled step of {len(segments)} segments over {len(weights)} blocks")
-    D = segments[0].hidden.shape[-1]
+    D = weights[0].width  # each segment's hidden states are checked against it
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     for block in weights:
         (qkv_n, qkv_k), (o_n, o_k), (gu_n, gu_k), (down_n, down_k) = block.shape
